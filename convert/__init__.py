@@ -1,0 +1,1 @@
+"""HF → checkpoint conversion and LoRA loaders (installed as trtbuild.convert)."""

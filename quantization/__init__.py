@@ -1,0 +1,1 @@
+"""Quantization recipes: RTN, GPTQ, AWQ, SmoothQuant, KV-cache calibration (installed as trtbuild.quantization)."""

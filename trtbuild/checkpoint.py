@@ -1,0 +1,206 @@
+"""The checkpoint format: TensorRT-LLM's layout (config.json + rank{N}.safetensors + tokenizer/).
+
+Tensor names (per layer i, prefix `transformer.layers.{i}.`), linear weights stored [out, in]:
+  transformer.vocab_embedding.weight        [vocab, hidden]
+  transformer.position_embedding.weight     [max_pos, hidden]          (learned positions, GPT-2)
+  .input_layernorm.weight / .bias           [hidden]                   (bias for layer_norm only)
+  .attention.qkv.weight / .bias             [(heads + 2*kv_heads)*head_size, hidden]
+  .attention.dense.weight / .bias           [hidden, heads*head_size]
+  .post_layernorm.weight / .bias            [hidden]
+  .mlp.fc.weight / .bias                    [inter, hidden]   (gate_proj; GPT-2's c_fc)
+  .mlp.gate.weight                          [inter, hidden]   (up_proj; gated MLPs only)
+  .mlp.proj.weight / .bias                  [hidden, inter]   (down_proj; GPT-2's c_proj)
+  transformer.ln_f.weight / .bias           [hidden]
+  lm_head.weight                            [vocab, hidden]   (absent when tie_word_embeddings)
+Quantized linears add tensors beside `.weight` (see trtbuild.quantization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtbuild.errors import TrtbuildError
+from trtbuild.version import CHECKPOINT_FORMAT_VERSION, __version__
+
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+@dataclass
+class Mapping:
+    """How the model is split over ranks. tp_size/pp_size are 1 today; the layout is per-rank."""
+
+    world_size: int = 1
+    tp_size: int = 1
+    pp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size != self.tp_size * self.pp_size:
+            raise TrtbuildError(
+                f"mapping: world_size {self.world_size} != tp_size {self.tp_size} * pp_size {self.pp_size}")
+
+
+@dataclass
+class QuantConfig:
+    """TensorRT-LLM's `quantization` block. quant_algo None means floating point."""
+
+    quant_algo: str | None = None  # W8A16, W4A16, W4A16_GPTQ, W4A16_AWQ, W8A8_SQ_*, ...
+    kv_cache_quant_algo: str | None = None  # INT8
+    group_size: int = 128  # used when per_group; -1 / 0 means per-channel
+    has_zero_point: bool = False
+    pre_quant_scale: bool = False
+    exclude_modules: list[str] | None = None
+    smoothquant_val: float | None = None
+    per_group: bool = False
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_algo is not None or self.kv_cache_quant_algo is not None
+
+
+@dataclass
+class PretrainedConfig:
+    """The checkpoint's config.json: what the network builder needs, nothing from HF's classes."""
+
+    architecture: str
+    dtype: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    intermediate_size: int
+    hidden_act: str  # silu | gelu_new | gelu | relu ...
+    norm_type: str  # rms_norm | layer_norm
+    norm_epsilon: float
+    position_embedding_type: str  # rope_gpt_neox | learned_absolute
+    max_position_embeddings: int
+    rotary_base: float = 10000.0
+    rotary_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor": ..., ...}
+    rotary_dim: int | None = None  # partial rotary; None = head_size
+    attn_bias: bool = False  # bias on qkv
+    dense_bias: bool = False  # bias on attention.dense
+    mlp_bias: bool = False
+    gated_mlp: bool = True  # SwiGLU-style fc (gate) * gate (up)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    mapping: Mapping = field(default_factory=Mapping)
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    format_version: int = CHECKPOINT_FORMAT_VERSION
+    trtbuild_version: str = __version__
+    producer: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = CONFIG_NAME) -> "PretrainedConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrtbuildError(f"{source}: unknown checkpoint config fields {unknown}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                         and f.name not in d)
+        if missing:
+            raise TrtbuildError(f"{source}: missing checkpoint config fields {missing}")
+        d["mapping"] = Mapping(**d.get("mapping", {}))
+        d["quantization"] = QuantConfig(**d.get("quantization", {}))
+        return cls(**d)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_size
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_size
+
+
+def save_config(config: PretrainedConfig, out_dir: str | os.PathLike) -> None:
+    with open(Path(out_dir) / CONFIG_NAME, "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")
+
+
+def load_config(ckpt_dir: str | os.PathLike) -> PretrainedConfig:
+    """Read and validate a checkpoint's config.json."""
+    path = Path(ckpt_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise TrtbuildError(f"{path} not found: --checkpoint_dir must be a dir written by convert_checkpoint.py")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrtbuildError(f"{path} is not valid JSON ({e})") from None
+    if "format_version" not in raw:
+        raise TrtbuildError(f"{path} has no format_version: not a trtbuild checkpoint; re-run convert_checkpoint.py")
+    if raw["format_version"] != CHECKPOINT_FORMAT_VERSION:
+        raise TrtbuildError(
+            f"{path} is checkpoint format {raw['format_version']} (trtbuild {raw.get('trtbuild_version')}); "
+            f"this trtbuild {__version__} reads format {CHECKPOINT_FORMAT_VERSION}: re-run convert_checkpoint.py")
+    return PretrainedConfig.from_dict(raw, source=str(path))
+
+
+def expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every floating-point tensor a checkpoint of this config must hold."""
+    c = config
+    H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (V, H)}
+    if c.position_embedding_type == "learned_absolute":
+        shapes["transformer.position_embedding.weight"] = (c.max_position_embeddings, H)
+    norm_bias = c.norm_type == "layer_norm"
+    for i in range(c.num_hidden_layers):
+        p = f"transformer.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_layernorm.weight"] = (H,)
+        if norm_bias:
+            shapes[p + "input_layernorm.bias"] = (H,)
+            shapes[p + "post_layernorm.bias"] = (H,)
+        shapes[p + "attention.qkv.weight"] = (c.q_dim + 2 * c.kv_dim, H)
+        if c.attn_bias:
+            shapes[p + "attention.qkv.bias"] = (c.q_dim + 2 * c.kv_dim,)
+        shapes[p + "attention.dense.weight"] = (H, c.q_dim)
+        if c.dense_bias:
+            shapes[p + "attention.dense.bias"] = (H,)
+        shapes[p + "mlp.fc.weight"] = (I, H)
+        if c.gated_mlp:
+            shapes[p + "mlp.gate.weight"] = (I, H)
+        shapes[p + "mlp.proj.weight"] = (H, I)
+        if c.mlp_bias:
+            shapes[p + "mlp.fc.bias"] = (I,)
+            if c.gated_mlp:
+                shapes[p + "mlp.gate.bias"] = (I,)
+            shapes[p + "mlp.proj.bias"] = (H,)
+    shapes["transformer.ln_f.weight"] = (H,)
+    if norm_bias:
+        shapes["transformer.ln_f.bias"] = (H,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+def linear_names(config: PretrainedConfig) -> list[str]:
+    """The checkpoint prefixes (without `.weight`) of every linear layer that quantization touches."""
+    names = []
+    for i in range(config.num_hidden_layers):
+        p = f"transformer.layers.{i}."
+        names += [p + "attention.qkv", p + "attention.dense", p + "mlp.fc"]
+        if config.gated_mlp:
+            names.append(p + "mlp.gate")
+        names.append(p + "mlp.proj")
+    return names

@@ -1,0 +1,8 @@
+"""The trtbuild version, written into every artifact and checked when one is loaded."""
+
+__version__ = "0.1.0"
+
+# Bumped whenever the checkpoint layout changes incompatibly.
+CHECKPOINT_FORMAT_VERSION = 1
+# Bumped whenever the engine dir layout or the engine's inputs/outputs change incompatibly.
+ENGINE_FORMAT_VERSION = 1
