@@ -1,0 +1,147 @@
+"""Attention with KV cache: the gpt_attention plugin.
+
+Fused form: com.microsoft::GroupQueryAttention on packed qkv, rotary fused, one fixed-capacity KV
+buffer per layer shared between past and present ([batch, kv_heads, max_seq_len, head_size]),
+per-row lengths in `seqlens_k`; int8 cache with static per-tensor k/v scales.
+Standard form: ONNX RotaryEmbedding-23 + Attention-23 with an explicit boolean mask, the KV
+concat outside the Attention node (TensorRT accepts only its one-output form).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from trtbuild.checkpoint import PretrainedConfig
+from trtbuild.onnx_graph import GraphBuilder
+
+
+def rope_inv_freq(config: PretrainedConfig) -> np.ndarray:
+    """Inverse frequencies as transformers computes them (float32), with llama3/linear scaling."""
+    dim = config.rotary_dim or config.head_size
+    inv_freq = (1.0 / (np.float32(config.rotary_base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = config.rotary_scaling or {}
+    if scaling.get("type") == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif scaling.get("type") == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cache(config: PretrainedConfig, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin caches [max_len, rotary_dim / 2] (float32)."""
+    freqs = np.arange(max_len, dtype=np.float32)[:, None] * rope_inv_freq(config)[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+@dataclass
+class AttentionInputs:
+    """Graph-level values shared by every layer's attention."""
+
+    fused: bool
+    position_ids: str
+    cos: str | None = None
+    sin: str | None = None
+    # fused form
+    seqlens_k: str | None = None
+    total_sequence_length: str | None = None
+    # standard form: boolean mask [batch, 1, seq, total]
+    mask: str | None = None
+
+
+def kv_io_names(layer: int) -> tuple[str, str, str, str]:
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+            f"present.{layer}.key", f"present.{layer}.value")
+
+
+def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max_seq_len: int,
+                     position_ids: str, input_ids: str, float_dtype: np.dtype) -> AttentionInputs:
+    """Declare the attention-specific graph inputs and build what all layers share."""
+    inputs = AttentionInputs(fused=fused, position_ids=position_ids)
+    if config.position_embedding_type.startswith("rope"):
+        cos, sin = rope_cache(config, max_seq_len)
+        inputs.cos = g.weight("rope.cos_cache", cos.astype(float_dtype))
+        inputs.sin = g.weight("rope.sin_cache", sin.astype(float_dtype))
+    if fused:
+        inputs.seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch_size"])
+        inputs.total_sequence_length = g.input("total_sequence_length", TensorProto.INT32, [])
+        return inputs
+    attention_mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    # key j is visible from query i (at cache index past + i) iff j <= past + i and mask[b, j].
+    total = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
+    seq = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)
+    keys = g.op("Range", [g.const(0), total, g.const(1)])
+    queries = g.op("Range", [g.op("Sub", [total, seq]), total, g.const(1)])
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [keys, g.const([0])]),
+                                  g.op("Unsqueeze", [queries, g.const([1])])])
+    padding = g.op("Unsqueeze", [g.op("Cast", [attention_mask], to=TensorProto.BOOL), g.const([1, 2])])
+    inputs.mask = g.op("And", [causal, padding], name="attention_mask_4d")
+    return inputs
+
+
+def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, shared: AttentionInputs,
+              cache_type: int, kv_scales: np.ndarray | None) -> str:
+    """Self-attention of one layer over packed qkv [batch, seq, (H + 2 KV) * D] → [batch, seq, H * D].
+
+    Declares the layer's past/present KV graph inputs/outputs. `kv_scales` (k_scale, v_scale)
+    turns on the int8 cache.
+    """
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
+    past_k, past_v, present_k, present_v = kv_io_names(layer)
+    cache_len = "max_sequence_length" if shared.fused else "past_sequence_length"
+    present_len = "max_sequence_length" if shared.fused else "total_sequence_length"
+    g.input(past_k, cache_type, ["batch_size", KV, cache_len, D])
+    g.input(past_v, cache_type, ["batch_size", KV, cache_len, D])
+    g.output(present_k, cache_type, ["batch_size", KV, present_len, D])
+    g.output(present_v, cache_type, ["batch_size", KV, present_len, D])
+    rope = shared.cos is not None
+    p = f"transformer.layers.{layer}.attention"
+    k_scale = v_scale = None
+    if kv_scales is not None:
+        k_scale = g.weight(f"{p}.k_cache_scale", np.asarray(kv_scales[:1], np.float32))
+        v_scale = g.weight(f"{p}.v_cache_scale", np.asarray(kv_scales[1:2], np.float32))
+    if shared.fused:
+        inputs = [qkv, "", "", past_k, past_v, shared.seqlens_k, shared.total_sequence_length,
+                  shared.cos or "", shared.sin or "", "", "", "", k_scale or "", v_scale or ""]
+        while inputs[-1] == "":
+            inputs.pop()
+        quant = {"k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR", "kv_cache_bit_width": 8} \
+            if kv_scales is not None else {}
+        out = g.op("GroupQueryAttention", inputs, num_outputs=3, domain="com.microsoft", name=f"{p}/GQA",
+                   outputs=[f"{p}/GQA/out", present_k, present_v],
+                   num_heads=H, kv_num_heads=KV, do_rotary=int(rope), rotary_interleaved=0, **quant)
+        return out[0]
+
+    q, k, v = g.op("Split", [qkv, g.const([H * D, KV * D, KV * D])], num_outputs=3, axis=-1, name=f"{p}/split")
+    if rope:
+        q = g.op("RotaryEmbedding", [q, shared.cos, shared.sin, shared.position_ids], num_heads=H, name=f"{p}/rope_q")
+        k = g.op("RotaryEmbedding", [k, shared.cos, shared.sin, shared.position_ids], num_heads=KV, name=f"{p}/rope_k")
+
+    def heads(x: str, n: int) -> str:  # [B, S, n*D] → [B, n, S, D]
+        return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, D])])], perm=[0, 2, 1, 3])
+
+    q, k, v = heads(q, H), heads(k, KV), heads(v, KV)
+    if kv_scales is not None:
+        zero = g.const(np.zeros(1, np.int8), dtype=np.int8)
+        k8 = g.op("Concat", [past_k, g.op("QuantizeLinear", [k, k_scale, zero])], axis=2, outputs=[present_k])
+        v8 = g.op("Concat", [past_v, g.op("QuantizeLinear", [v, v_scale, zero])], axis=2, outputs=[present_v])
+        k_all = g.op("DequantizeLinear", [k8, k_scale, zero])
+        v_all = g.op("DequantizeLinear", [v8, v_scale, zero])
+    else:
+        k_all = g.op("Concat", [past_k, k], axis=2, outputs=[present_k])
+        v_all = g.op("Concat", [past_v, v], axis=2, outputs=[present_v])
+    y = g.op("Attention", [q, k_all, v_all, shared.mask], name=f"{p}/Attention")
+    y = g.op("Transpose", [y], perm=[0, 2, 1, 3])
+    return g.op("Reshape", [y, g.const([0, 0, H * D])])

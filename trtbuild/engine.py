@@ -1,0 +1,98 @@
+"""The engine dir: config.json {version, pretrained_config, build_config} + rank{N}.engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtbuild.checkpoint import PretrainedConfig
+from trtbuild.errors import TrtbuildError
+from trtbuild.version import ENGINE_FORMAT_VERSION, __version__
+
+PLUGIN_CHOICES = ("auto", "disable", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class PluginConfig:
+    """TensorRT-LLM's plugin flags; after the build each holds a dtype or None (disabled)."""
+
+    gemm_plugin: str | None = "auto"
+    gpt_attention_plugin: str | None = "auto"
+    norm_plugin: str | None = "auto"
+    lora_plugin: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    lora_dir: list[str] = field(default_factory=list)  # as stored in the engine dir: lora/{i}
+    max_lora_rank: int = 0
+    lora_target_modules: list[str] = field(default_factory=list)
+    max_loras: int = 0  # adapter slots (built-in adapters plus room for add_lora)
+
+
+@dataclass
+class BuildConfig:
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    max_num_tokens: int | None = None
+    plugin_config: PluginConfig = field(default_factory=PluginConfig)
+    lora_config: LoraConfig = field(default_factory=LoraConfig)
+    backend: str = "onnxruntime"
+    compute_dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
+        d = dict(d)
+        d["plugin_config"] = PluginConfig(**d.get("plugin_config", {}))
+        d["lora_config"] = LoraConfig(**d.get("lora_config", {}))
+        return cls(**d)
+
+
+@dataclass
+class EngineConfig:
+    pretrained_config: PretrainedConfig
+    build_config: BuildConfig
+    version: str = __version__
+    format_version: int = ENGINE_FORMAT_VERSION
+    built_by: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def kv_cache_layout(self) -> str:
+        """'shared_buffer' (fused attention: fixed [B, KV, max_seq_len, D]) or 'concat' (growing)."""
+        return "shared_buffer" if self.build_config.plugin_config.gpt_attention_plugin else "concat"
+
+
+def save_engine_config(config: EngineConfig, engine_dir: Path) -> None:
+    with open(engine_dir / "config.json", "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")
+
+
+def load_engine_config(engine_dir: str | Path) -> EngineConfig:
+    """Read an engine dir's config.json; a mismatched version says what to rebuild."""
+    path = Path(engine_dir) / "config.json"
+    if not path.is_file():
+        raise TrtbuildError(f"{path} not found: --engine_dir must be a dir written by trt-build")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrtbuildError(f"{path} is not valid JSON ({e})") from None
+    version = raw.get("version")
+    if raw.get("format_version") != ENGINE_FORMAT_VERSION or version != __version__:
+        raise TrtbuildError(
+            f"{engine_dir} was built by trtbuild {version} (engine format {raw.get('format_version')}); this is "
+            f"trtbuild {__version__} (format {ENGINE_FORMAT_VERSION}): rebuild it with trt-build --checkpoint_dir ... "
+            f"--output_dir {engine_dir} --force")
+    try:
+        return EngineConfig(pretrained_config=PretrainedConfig.from_dict(raw["pretrained_config"], str(path)),
+                            build_config=BuildConfig.from_dict(raw["build_config"]),
+                            version=version, format_version=raw["format_version"], built_by=raw.get("built_by", {}))
+    except (KeyError, TypeError) as e:
+        raise TrtbuildError(f"{path} is not a valid engine config ({e}); rebuild the engine") from None

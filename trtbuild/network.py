@@ -1,0 +1,119 @@
+"""The decoder network as an ONNX graph, written from the checkpoint's tensors (not traced).
+
+Graph inputs: input_ids [B, S], position_ids [B, S], logits_positions [B, K] (which positions'
+logits to return: the last token of each row while generating, every position for scoring),
+plus the attention plugin's inputs (see trtbuild.plugins.attention) and per-layer KV cache.
+Output: logits [B, K, vocab] float32 and present KV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+from tqdm import tqdm
+
+from trtbuild.checkpoint import PretrainedConfig
+from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
+from trtbuild.plugins.attention import add_graph_inputs, attention
+from trtbuild.plugins.gemm import linear
+from trtbuild.plugins.norm import add_norm, norm
+
+
+@dataclass
+class NetworkOptions:
+    """What the builder decided: compute dtype and which plugins are fused."""
+
+    dtype: str = "float32"  # compute dtype of the graph
+    fused_attention: bool = True
+    fused_gemm: bool = True
+    fused_norm: bool = True
+    max_seq_len: int = 2048
+    lora: "LoraNetworkOptions | None" = None
+
+
+def _activation(g: GraphBuilder, x: str, act: str) -> str:
+    if act == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x])])
+    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return g.op("Gelu", [x], approximate="tanh")
+    if act == "gelu":
+        return g.op("Gelu", [x])
+    if act == "relu":
+        return g.op("Relu", [x])
+    raise ValueError(f"unsupported activation {act}")
+
+
+def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], options: NetworkOptions,
+                  onnx_path: Path, progress: bool = True) -> Path:
+    """Write the decoder for `config` with weights `tensors` to onnx_path (+ onnx_path.data)."""
+    dtype = np.dtype(options.dtype) if options.dtype != "bfloat16" else np.dtype("float32")
+    float_type = NP_TO_ONNX[dtype]
+    quant = config.quantization
+    g = GraphBuilder(onnx_path)
+    try:
+        input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        position_ids = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        logits_positions = g.input("logits_positions", TensorProto.INT64, ["batch_size", "num_logits"])
+        shared = add_graph_inputs(g, config, options.fused_attention, options.max_seq_len, position_ids, input_ids,
+                                  dtype)
+        lora_inputs = options.lora.add_graph_inputs(g) if options.lora else None
+
+        def w(name: str) -> str:
+            return g.weight(name, np.asarray(tensors[name], dtype=dtype))
+
+        def opt_w(name: str) -> str | None:
+            return w(name) if name in tensors else None
+
+        embedding = w("transformer.vocab_embedding.weight")
+        h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
+        if config.position_embedding_type == "learned_absolute":
+            pos = g.op("Gather", [w("transformer.position_embedding.weight"), position_ids], axis=0)
+            h = g.op("Add", [h, pos])
+
+        def lin(x: str, prefix: str) -> str:
+            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant.quant_algo)
+            if lora_inputs is not None:
+                y = options.lora.apply(g, x, y, prefix, lora_inputs)
+            return y
+
+        cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
+        eps, norm_type, fused_norm = config.norm_epsilon, config.norm_type, options.fused_norm
+        residual = None
+        pending = None  # output of the previous block, still to be added to the residual
+        for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer", disable=not progress):
+            p = f"transformer.layers.{i}."
+            ln_w, ln_b = w(p + "input_layernorm.weight"), opt_w(p + "input_layernorm.bias")
+            if pending is None:
+                x, residual = norm(g, h, ln_w, ln_b, norm_type, eps, fused_norm), h
+            else:
+                x, residual = add_norm(g, pending, residual, ln_w, ln_b, norm_type, eps, fused_norm)
+            qkv = lin(x, p + "attention.qkv")
+            kv_scales = tensors.get(p + "attention.kv_cache_scaling_factor")
+            attn = attention(g, qkv, i, config, shared, cache_type, kv_scales)
+            attn = lin(attn, p + "attention.dense")
+            x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
+                                   opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
+            if config.gated_mlp:
+                mlp = g.op("Mul", [_activation(g, lin(x, p + "mlp.fc"), config.hidden_act), lin(x, p + "mlp.gate")])
+            else:
+                mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
+            pending = lin(mlp, p + "mlp.proj")
+        h = g.op("Add", [pending, residual]) if pending is not None else h
+        # Only the requested positions go through the final norm and lm_head.
+        picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
+        h = norm(g, picked, w("transformer.ln_f.weight"), opt_w("transformer.ln_f.bias"), norm_type, eps, fused_norm)
+        lm_head = embedding if config.tie_word_embeddings else w("lm_head.weight")
+        flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
+        logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")
+        shape = g.op("Concat", [g.op("Shape", [logits_positions]), g.const([config.vocab_size])], axis=0)
+        logits = g.op("Reshape", [logits, shape])
+        if dtype != np.float32:
+            logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+        g.op("Identity", [logits], outputs=["logits"])
+        g.output("logits", TensorProto.FLOAT, ["batch_size", "num_logits", config.vocab_size])
+        return g.save()
+    finally:
+        g.close()

@@ -1,0 +1,67 @@
+"""KV caches bound to the engine's past/present inputs with IO binding (no per-step copies).
+
+SharedKVCache (attention plugin on): one preallocated buffer per layer and K/V,
+[max_batch, kv_heads, max_seq_len, head_size]; a step over slots [start, start + n) binds the same
+memory as past input and present output, and the attention op writes new keys in place.
+ConcatKVCache (standard attention): present = concat(past, new) is produced by the engine and
+bound as the next step's past, as TensorRT's one-output Attention requires.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from trtbuild.plugins.attention import kv_io_names
+
+
+class SharedKVCache:
+    def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_seq_len: int, head_size: int,
+                 dtype: np.dtype):
+        shape = (max_batch, kv_heads, max_seq_len, head_size)
+        self.num_layers = num_layers
+        self.buffers = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(num_layers)]
+        self._values: dict[tuple[int, int], list[tuple[ort.OrtValue, ort.OrtValue]]] = {}
+
+    def _ortvalues(self, start: int, count: int) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        key = (start, count)
+        if key not in self._values:  # OrtValues over numpy views share the buffer's memory
+            self._values[key] = [(ort.OrtValue.ortvalue_from_numpy(k[start:start + count]),
+                                  ort.OrtValue.ortvalue_from_numpy(v[start:start + count]))
+                                 for k, v in self.buffers]
+        return self._values[key]
+
+    def bind(self, io: ort.IOBinding, start: int, count: int) -> None:
+        for layer, (k, v) in enumerate(self._ortvalues(start, count)):
+            past_k, past_v, present_k, present_v = kv_io_names(layer)
+            io.bind_ortvalue_input(past_k, k)
+            io.bind_ortvalue_input(past_v, v)
+            io.bind_ortvalue_output(present_k, k)
+            io.bind_ortvalue_output(present_v, v)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot src's first `length` cached positions into slot dst (compaction)."""
+        for k, v in self.buffers:
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+class ConcatKVCache:
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_size: int, dtype: np.dtype):
+        empty = np.zeros((batch, kv_heads, 0, head_size), dtype)
+        self.num_layers = num_layers
+        self.past = [(ort.OrtValue.ortvalue_from_numpy(empty), ort.OrtValue.ortvalue_from_numpy(empty))
+                     for _ in range(num_layers)]
+
+    def bind(self, io: ort.IOBinding) -> None:
+        for layer, (k, v) in enumerate(self.past):
+            past_k, past_v, present_k, present_v = kv_io_names(layer)
+            io.bind_ortvalue_input(past_k, k)
+            io.bind_ortvalue_input(past_v, v)
+            io.bind_output(present_k)
+            io.bind_output(present_v)
+
+    def update(self, io: ort.IOBinding) -> None:
+        """The presents this step produced become the next step's past (no copy)."""
+        outputs = io.get_outputs()
+        self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.num_layers)]
