@@ -1,0 +1,290 @@
+"""Calibration: read local text, make token samples, collect per-linear statistics layer by layer.
+
+`--calib_dataset PATH` reads .txt (the whole file, one document), .json (a list of strings or
+records, or {column: [...]}), .jsonl (one record a line) and .parquet. From records the `text`
+field is used, else the longest string field of the first record (e.g. `article` of
+summarize.jsonl rather than its `id`). Documents are tokenized without special tokens, joined,
+and cut into `calib_size` samples of `calib_max_seq_length` tokens.
+
+Statistics are collected one decoder layer at a time over all samples (the hidden states of every
+sample are kept between layers, not every layer's activations), so memory stays at one layer's
+Gram matrices whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from trtbuild.checkpoint import PretrainedConfig
+from trtbuild.errors import TrtbuildError
+
+from .reference_model import ReferenceModel
+
+log = logging.getLogger("trtbuild.quantization")
+
+CALIB_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+
+
+# -- reading ---------------------------------------------------------------------------------
+def _pick_field(record: dict, path: Path) -> str:
+    if isinstance(record.get("text"), str):
+        return "text"
+    strings = [(len(v), k) for k, v in record.items() if isinstance(v, str)]
+    if not strings:
+        raise TrtbuildError(f"--calib_dataset {path}: records have no string field (expected a 'text' field)")
+    return max(strings, key=lambda t: t[0])[1]
+
+
+def _texts_from_records(records: Sequence, path: Path) -> list[str]:
+    if not records:
+        return []
+    if all(isinstance(r, str) for r in records):
+        return list(records)
+    if not all(isinstance(r, dict) for r in records):
+        raise TrtbuildError(f"--calib_dataset {path}: expected a list of strings or of JSON objects")
+    key = _pick_field(records[0], path)
+    return [r[key] for r in records if isinstance(r.get(key), str)]
+
+
+def read_calib_texts(path: str | os.PathLike) -> list[str]:
+    """The documents of a local calibration file; TrtbuildError naming the file if missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrtbuildError(f"--calib_dataset {p}: no such file (give a local .txt, .json, .jsonl or .parquet file)")
+    suffix = p.suffix.lower()
+    if suffix not in CALIB_SUFFIXES:
+        raise TrtbuildError(f"--calib_dataset {p}: unknown format {suffix!r} (use {', '.join(CALIB_SUFFIXES)})")
+    try:
+        if suffix == ".txt":
+            texts = [p.read_text(encoding="utf-8", errors="replace")]
+        elif suffix == ".jsonl":
+            records = []
+            with open(p, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise TrtbuildError(f"--calib_dataset {p}: line {n} is not JSON ({e})") from None
+            texts = _texts_from_records(records, p)
+        elif suffix == ".json":
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TrtbuildError(f"--calib_dataset {p}: not valid JSON ({e})") from None
+            if isinstance(data, dict):
+                lists = {k: v for k, v in data.items() if isinstance(v, list)}
+                if "text" in lists:
+                    data = lists["text"]
+                elif len(lists) == 1:
+                    data = next(iter(lists.values()))
+                elif lists and len({len(v) for v in lists.values()}) == 1:  # columns
+                    n = len(next(iter(lists.values())))
+                    data = [{k: v[i] for k, v in lists.items()} for i in range(n)]
+                else:
+                    raise TrtbuildError(f"--calib_dataset {p}: expected a list of records or a 'text' list")
+            if not isinstance(data, list):
+                raise TrtbuildError(f"--calib_dataset {p}: expected a list of records or a 'text' list")
+            texts = _texts_from_records(data, p)
+        else:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise TrtbuildError(f"--calib_dataset {p}: reading parquet needs pyarrow "
+                                    "(pip install 'trtbuild[eval]')") from None
+            try:
+                table = pq.read_table(p)
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                raise TrtbuildError(f"--calib_dataset {p}: cannot read parquet ({e})") from None
+            texts = _texts_from_records(table.to_pylist(), p)
+    except UnicodeDecodeError as e:
+        raise TrtbuildError(f"--calib_dataset {p}: not UTF-8 text ({e})") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise TrtbuildError(f"--calib_dataset {p}: holds no text to calibrate on")
+    return texts
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a dir holding one."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise TrtbuildError(f"{f}: no tokenizer.json (calibration needs the model's fast tokenizer)")
+    return Tokenizer.from_file(str(f))
+
+
+def make_calib_samples(texts: Iterable[str], tokenizer, calib_size: int, seq_len: int,
+                       vocab_size: Optional[int] = None, source: str = "calibration text") -> torch.Tensor:
+    """[N, seq_len] int64 token ids, N ≤ calib_size: documents tokenized, joined, cut in order.
+
+    If the text holds fewer than calib_size * seq_len tokens, fewer samples are made (with a
+    warning); if it holds less than one sample, one shorter sample.
+    """
+    need = calib_size * seq_len
+    ids: list[int] = []
+    sep = None
+    for t in texts:
+        enc = tokenizer.encode(t, add_special_tokens=False).ids
+        if sep is None:
+            nl = tokenizer.encode("\n\n", add_special_tokens=False).ids
+            sep = nl if nl else []
+        if ids and sep:
+            ids.extend(sep)
+        ids.extend(enc)
+        if len(ids) >= need:
+            break
+    if not ids:
+        raise TrtbuildError(f"{source}: tokenizes to no tokens")
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise TrtbuildError(f"{source}: the tokenizer gives id {max(ids)} ≥ the model's vocab_size {vocab_size}: "
+                            "is it the model's tokenizer?")
+    n = min(calib_size, len(ids) // seq_len)
+    if n == 0:
+        log.warning("%s: only %d tokens, less than one sample of %d", source, len(ids), seq_len)
+        return torch.tensor([ids], dtype=torch.long)
+    if n < calib_size:
+        log.warning("%s: %d tokens make %d samples of %d tokens, not the %d asked for",
+                    source, len(ids), n, seq_len, calib_size)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+
+
+# -- statistics ------------------------------------------------------------------------------
+@dataclass
+class InputStats:
+    """Statistics of one linear's input x [tokens, in] over the calibration samples."""
+
+    want_gram: bool = False
+    n: int = 0
+    abs_max: Optional[torch.Tensor] = None  # [in]
+    abs_sum: Optional[torch.Tensor] = None  # [in]
+    gram: Optional[torch.Tensor] = None  # [in, in] float64, sum of x x^T
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        amax, asum = a.amax(dim=0), a.sum(dim=0, dtype=torch.float64)
+        if self.abs_max is None:
+            self.abs_max, self.abs_sum = amax, asum
+        else:
+            self.abs_max = torch.maximum(self.abs_max, amax)
+            self.abs_sum += asum
+        if self.want_gram:
+            g = (x.t() @ x).double()
+            self.gram = g if self.gram is None else self.gram + g
+        self.n += x.shape[0]
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's H = 2/N · Σ x xᵀ (float32)."""
+        return (2.0 / max(self.n, 1) * self.gram).float()
+
+
+@dataclass
+class LayerStats:
+    inputs: dict[str, InputStats] = field(default_factory=dict)  # by the first linear of each input group
+    k_amax: Optional[torch.Tensor] = None  # [kv_heads * head_size], max |K| (after rotary) per channel
+    v_amax: Optional[torch.Tensor] = None  # [kv_heads * head_size], max |V| per channel
+
+    def add_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [B, kv_heads, T, D] → per channel (head, d)
+        ka = k.abs().amax(dim=(0, 2)).reshape(-1).float()
+        va = v.abs().amax(dim=(0, 2)).reshape(-1).float()
+        self.k_amax = ka if self.k_amax is None else torch.maximum(self.k_amax, ka)
+        self.v_amax = va if self.v_amax is None else torch.maximum(self.v_amax, va)
+
+
+def input_groups(config: PretrainedConfig, i: int) -> list[list[str]]:
+    """Linears of layer i grouped by shared input, in execution order: qkv, dense, fc(+gate), proj."""
+    p = f"transformer.layers.{i}."
+    mlp = [p + "mlp.fc", p + "mlp.gate"] if config.gated_mlp else [p + "mlp.fc"]
+    return [[p + "attention.qkv"], [p + "attention.dense"], mlp, [p + "mlp.proj"]]
+
+
+def _batches(n: int, seq_len: int, max_tokens: int = 4096) -> list[slice]:
+    bs = max(1, max_tokens // max(seq_len, 1))
+    return [slice(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+
+class LayerwiseCalibrator:
+    """Runs calibration samples through the reference model one layer at a time.
+
+    for i, stats in cal.layers(): ...quantize layer i (may change model.weights)...
+    After the body, the next layer's inputs are recomputed through layer i when `sequential`
+    (so later layers see the quantized earlier ones, as GPTQ does); otherwise the float outputs
+    from the statistics pass are used.
+    """
+
+    def __init__(self, model: ReferenceModel, samples: torch.Tensor, *, gram: bool = False, kv: bool = False,
+                 sequential: bool = False, progress: bool = True, desc: str = "calibrating"):
+        self.model = model
+        self.samples = samples
+        self.gram = gram
+        self.kv = kv
+        self.sequential = sequential
+        self.progress = progress
+        self.desc = desc
+
+    @torch.no_grad()
+    def layers(self) -> Iterable[tuple[int, LayerStats]]:
+        from tqdm.auto import tqdm
+
+        m, cfg = self.model, self.model.config
+        batches = _batches(self.samples.shape[0], self.samples.shape[1])
+        hidden = [m.embed(self.samples[b]) for b in batches]
+        bar = tqdm(range(cfg.num_hidden_layers), desc=self.desc, unit="layer", disable=not self.progress,
+                   postfix={"tokens": self.samples.numel()})
+        for i in bar:
+            groups = input_groups(cfg, i)
+            stats = LayerStats(inputs={g[0]: InputStats(want_gram=self.gram) for g in groups})
+
+            def linear_hook(name: str, x: torch.Tensor) -> None:
+                s = stats.inputs.get(name)
+                if s is not None:
+                    s.add(x)
+
+            outs = [m.layer(i, h, linear_hook, (lambda _i, k, v: stats.add_kv(k, v)) if self.kv else None)
+                    for h in hidden]
+            yield i, stats
+            hidden = [m.layer(i, h) for h in hidden] if self.sequential else outs
+        bar.close()
+
+
+def run_float_stats(model: ReferenceModel, samples: torch.Tensor, progress: bool = True,
+                    gram: bool = False, kv: bool = True, desc: str = "calibrating") -> dict[int, LayerStats]:
+    """Per-layer statistics of the float model in one pass (for SmoothQuant and the KV cache)."""
+    return {i: s for i, s in LayerwiseCalibrator(model, samples, gram=gram, kv=kv, progress=progress,
+                                                 desc=desc).layers()}
+
+
+def calib_samples_for(config: PretrainedConfig, calib_texts, tokenizer, calib_size: int, seq_len: int,
+                      what: str) -> torch.Tensor:
+    """Samples from a list of texts or a path; TrtbuildError when calibration input is missing."""
+    if calib_texts is None:
+        raise TrtbuildError(f"{what} needs calibration text: pass --calib_dataset PATH "
+                            "(a local .txt/.json/.jsonl/.parquet file, e.g. ../shared/data/ppl.txt)")
+    source = "calibration text"
+    if isinstance(calib_texts, (str, os.PathLike)):
+        source = f"--calib_dataset {calib_texts}"
+        calib_texts = read_calib_texts(calib_texts)
+    texts = [t for t in calib_texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise TrtbuildError(f"{what}: the calibration text is empty")
+    if tokenizer is None:
+        raise TrtbuildError(f"{what} needs the model's tokenizer to calibrate (tokenizer.json beside the model)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    return make_calib_samples(texts, tokenizer, calib_size, seq_len, config.vocab_size, source)
+
