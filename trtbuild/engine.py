@@ -43,6 +43,7 @@ class BuildConfig:
     lora_config: LoraConfig = field(default_factory=LoraConfig)
     backend: str = "onnxruntime"
     compute_dtype: str = "float32"
+    trt_compute_capabilities: list[str] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":

@@ -32,6 +32,7 @@ def atomic_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
     final = Path(output_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary dir
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,172 @@
+"""Bad input: one clear line naming what is wrong, exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from trtbuild.cli import build as build_cli
+from trtbuild.cli import run as run_cli
+from trtbuild.convert import cli as convert_cli
+
+
+def run_main(main, argv, capsys) -> str:
+    """Run a command's main; assert exit 2 with exactly one error line; return it."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad") / "ckpt"
+    convert_cli.main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    out = ckpt.parent / "engine"
+    build_cli.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--max_batch_size", "2",
+                    "--max_input_len", "16", "--max_seq_len", "64"])
+    return out
+
+
+def leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_model_dir_without_config(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    line = run_main(convert_cli.main, ["--model_dir", str(tmp_path / "model"), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "config.json" in line and "model" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_lists_the_supported(tiny_models, tmp_path, capsys):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "FalconForCausalLM" in line and "LlamaForCausalLM" in line and "GPT2LMHeadModel" in line
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_corrupt_safetensors_names_the_file(tiny_models, tmp_path, capsys, damage):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], d)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
+    line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "model.safetensors" in line
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
+
+
+def test_missing_tensor_is_named(tiny_models, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], d)
+    state = load_file(str(d / "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(d / "model.safetensors"))
+    line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "model.layers.1.mlp.down_proj.weight" in line
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
+
+
+def test_wrongly_shaped_tensor_is_named(tiny_models, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], d)
+    state = load_file(str(d / "model.safetensors"))
+    state["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 32)
+    save_file(state, str(d / "model.safetensors"))
+    line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "model.layers.0.self_attn.o_proj.weight" in line and "(64, 32)" in line
+
+
+def test_damaged_checkpoint_at_build(ckpt, tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    f = bad / "rank0.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    line = run_main(build_cli.main, ["--checkpoint_dir", str(bad), "--output_dir", str(tmp_path / "e")], capsys)
+    assert "rank0.safetensors" in line and "truncated" in line
+    assert not (tmp_path / "e").exists() and not leftovers(tmp_path, "e")
+
+
+def test_checkpoint_missing_tensor_at_build(ckpt, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    state = load_file(str(bad / "rank0.safetensors"))
+    del state["transformer.layers.0.mlp.gate.weight"]
+    save_file(state, str(bad / "rank0.safetensors"))
+    line = run_main(build_cli.main, ["--checkpoint_dir", str(bad), "--output_dir", str(tmp_path / "e")], capsys)
+    assert "transformer.layers.0.mlp.gate.weight" in line
+
+
+def test_output_dir_exists_needs_force(ckpt, engine, tmp_path, capsys):
+    line = run_main(build_cli.main, ["--checkpoint_dir", str(ckpt), "--output_dir", str(engine)], capsys)
+    assert "--force" in line and str(engine) in line
+    line = run_main(convert_cli.main, ["--model_dir", str(ckpt), "--output_dir", str(ckpt)], capsys)
+    assert "--force" in line
+
+
+def test_build_limits_are_checked(ckpt, tmp_path, capsys):
+    line = run_main(build_cli.main, ["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "e"),
+                                     "--max_seq_len", "100000"], capsys)
+    assert "--max_seq_len" in line and "max_position_embeddings" in line
+
+
+def test_prompt_longer_than_max_input_len(engine, capsys):
+    line = run_main(run_cli.main, ["--engine_dir", str(engine), "--input_text", "word " * 40], capsys)
+    assert "max_input_len" in line
+
+
+def test_more_prompts_than_max_batch_size(engine, capsys):
+    line = run_main(run_cli.main, ["--engine_dir", str(engine), "--input_text", "a", "b", "c"], capsys)
+    assert "max_batch_size" in line
+
+
+def test_engine_from_another_version(engine, tmp_path, capsys):
+    e = tmp_path / "engine"
+    shutil.copytree(engine, e)
+    cfg = json.loads((e / "config.json").read_text())
+    cfg["version"] = "0.0.1"
+    (e / "config.json").write_text(json.dumps(cfg))
+    line = run_main(run_cli.main, ["--engine_dir", str(e), "--input_text", "hi"], capsys)
+    assert "0.0.1" in line and "rebuild" in line
+
+
+def test_interrupted_build_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    from trtbuild.backends import onnxruntime_backend
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnxruntime_backend, "compile_engine", boom)
+    with pytest.raises(SystemExit) as e:
+        build_cli.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "e")])
+    assert e.value.code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_existing_engine_atomically(ckpt, engine, tmp_path):
+    e = tmp_path / "engine"
+    shutil.copytree(engine, e)
+    build_cli.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(e), "--force", "--max_batch_size", "3"])
+    assert json.loads((e / "config.json").read_text())["build_config"]["max_batch_size"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]

@@ -1,0 +1,195 @@
+"""The user's workflow on tiny models of every architecture: convert → build → run → compare with transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from trtbuild.builder import build_engine
+from trtbuild.convert.converter import convert_checkpoint
+from trtbuild.engine import BuildConfig, PluginConfig
+from trtbuild.runtime import ModelRunner, SamplingConfig
+from trtbuild.tensor_file import read_tensors
+
+from conftest import TINY_ARCHS, make_tiny_model
+
+torch.set_num_threads(1)
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [100], [300, 301, 302, 303, 304]]
+NEW_TOKENS = 32
+
+
+def build(ckpt, out, attention="auto", max_batch_size=4):
+    plugins = PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention)
+    cfg = BuildConfig(max_batch_size=max_batch_size, max_input_len=64, max_seq_len=128, plugin_config=plugins)
+    build_engine(ckpt, out, cfg, progress=False)
+    return ModelRunner.from_dir(out, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models, tmp_path_factory):
+    """arch → (hf model, fused runner, standard runner)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for arch in TINY_ARCHS:
+        convert_checkpoint(tiny_models[arch], root / arch / "ckpt", progress=False)
+        fused = build(root / arch / "ckpt", root / arch / "fused", "auto")
+        standard = build(root / arch / "ckpt", root / arch / "standard", "disable")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+        out[arch] = (hf, fused, standard)
+    return out
+
+
+def hf_logits(hf, prompt):
+    with torch.no_grad():
+        return hf(torch.tensor([prompt])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_logits_match_transformers(engines, arch):
+    hf, fused, standard = engines[arch]
+    fused_scores, standard_scores = fused.score(PROMPTS), standard.score(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        ref = hf_logits(hf, p)
+        np.testing.assert_allclose(fused_scores[i, :len(p)], ref, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(standard_scores[i, :len(p)], ref, atol=1e-3, rtol=0)
+        # last-token logits as generation sees them
+        last = fused.prefill([p])[0, 0]
+        np.testing.assert_allclose(last, ref[-1], atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_matches_generate_and_batch_matches_singles(engines, arch):
+    hf, fused, standard = engines[arch]
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    batch_fused = fused.generate(PROMPTS, sampling).output_ids
+    batch_standard = standard.generate(PROMPTS, sampling).output_ids
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                              do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        single = fused.generate([p], sampling).output_ids[0]
+        assert batch_fused[i] == ref, f"{arch} prompt {i}: batch != transformers"
+        assert single == ref, f"{arch} prompt {i}: single != transformers"
+        assert batch_standard[i] == ref, f"{arch} prompt {i}: attention plugin off != on"
+
+
+def test_end_id_and_stop_words_end_rows_independently(engines):
+    _, fused, _ = engines["llama"]
+    free = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=12)).output_ids
+    end_id = free[0][3]  # the 4th token of row 0 becomes the end id
+    out = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=12, end_id=end_id))
+    assert out.output_ids[0] == free[0][:free[0].index(end_id)]
+    assert out.finish_reasons[0] == "end_id"
+    stop = free[1][4:6]
+    out = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=12, stop_words=[stop]))
+    assert out.output_ids[1][-2:] == stop and out.finish_reasons[1] == "stop_words"
+    # rows that did not stop are unaffected by others leaving the batch
+    for i in (2, 3):
+        if stop not in [free[i][j:j + 2] for j in range(len(free[i]) - 1)]:
+            assert out.output_ids[i] == free[i]
+
+
+def test_sampling_is_reproducible_and_varies_with_seed(engines):
+    _, fused, _ = engines["llama"]
+
+    def run(seed):
+        s = SamplingConfig(max_new_tokens=16, temperature=1.5, top_k=50, top_p=0.95, random_seed=seed,
+                           repetition_penalty=1.1)
+        return fused.generate(PROMPTS[:2], s).output_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_streaming_callback_sees_every_token(engines):
+    _, fused, _ = engines["qwen2"]
+    seen: dict[int, list[int]] = {}
+    out = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=8),
+                         streaming_callback=lambda i, ids: seen.setdefault(i, []).extend(ids))
+    assert [seen[i] for i in range(len(PROMPTS))] == out.output_ids
+
+
+def test_plugin_forms_have_the_expected_ops(engines, tmp_path):
+    import onnx
+
+    _, fused, standard = engines["llama"]
+    fused_ops = {n.op_type for n in onnx.load(str(fused.engine_dir / "rank0.engine"), load_external_data=False).graph.node}
+    standard_ops = {n.op_type for n in onnx.load(str(standard.engine_dir / "rank0.engine"),
+                                                 load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in fused_ops and "Attention" not in fused_ops
+    assert "Attention" in standard_ops and "GroupQueryAttention" not in standard_ops
+    assert "RotaryEmbedding" in standard_ops
+
+
+def save_bin_shards(state: dict, out, shards: int) -> None:
+    """pytorch_model-0000k-of-0000n.bin + index, as older transformers wrote them (5.x only writes safetensors)."""
+    out.mkdir(parents=True)
+    names = list(state)
+    weight_map = {}
+    for k in range(shards):
+        fname = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n].clone() for n in names[k::shards]}
+        torch.save(part, out / fname)
+        weight_map.update({n: fname for n in part})
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_safetensors_and_bin_convert_to_the_same_checkpoint(tmp_path):
+    import transformers
+
+    src = make_tiny_model("qwen2", tmp_path / "single")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    save_bin_shards(model.state_dict(), tmp_path / "bin", shards=3)
+    shutil.copy(src / "config.json", tmp_path / "bin" / "config.json")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert any((tmp_path / "bin").glob("pytorch_model-*.bin"))
+    ref = None
+    for name in ("single", "sharded", "bin"):
+        d = tmp_path / name
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if not (d / f).exists():
+                shutil.copy(src / f, d / f)
+        convert_checkpoint(d, tmp_path / f"ckpt_{name}", progress=False)
+        tensors = {k: np.array(v) for k, v in read_tensors(tmp_path / f"ckpt_{name}" / "rank0.safetensors").items()}
+        if ref is None:
+            ref = tensors
+        assert tensors.keys() == ref.keys()
+        for k in ref:
+            np.testing.assert_array_equal(tensors[k], ref[k], err_msg=f"{name}: {k}")
+
+
+def test_transformers4_config_fields_give_the_same_checkpoint_config(tiny_models, tmp_path):
+    d = tmp_path / "v4"
+    shutil.copytree(tiny_models["llama3"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    (d / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(tiny_models["llama3"], tmp_path / "c5", progress=False)
+    convert_checkpoint(d, tmp_path / "c4", progress=False)
+    c5 = json.loads((tmp_path / "c5" / "config.json").read_text())
+    c4 = json.loads((tmp_path / "c4" / "config.json").read_text())
+    for c in (c4, c5):
+        c.pop("producer")
+    assert c4 == c5
+    assert c4["rotary_scaling"]["type"] == "llama3" and c4["rotary_base"] == 500000.0
+
+
+def test_half_precision_checkpoints_build_and_run(tiny_models, tmp_path):
+    for dtype in ("float16", "bfloat16"):
+        convert_checkpoint(tiny_models["llama"], tmp_path / dtype, dtype=dtype, progress=False)
+        cfg = json.loads((tmp_path / dtype / "config.json").read_text())
+        assert cfg["dtype"] == dtype
+        runner = build(tmp_path / dtype, tmp_path / f"e_{dtype}")
+        out = runner.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=4)).output_ids
+        assert all(len(o) == 4 for o in out)

@@ -1,0 +1,72 @@
+"""trt-build: compile a checkpoint dir into an engine dir (TensorRT-LLM's trtllm-build flags)."""
+
+from __future__ import annotations
+
+import argparse
+
+from trtbuild.builder import BACKENDS, build_engine
+from trtbuild.engine import PLUGIN_CHOICES, BuildConfig, LoraConfig, PluginConfig
+from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trt-build", description=__doc__)
+    p.add_argument("--checkpoint_dir", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--max_batch_size", type=int, default=8)
+    p.add_argument("--max_input_len", type=int, default=None, help="default: min(1024, max_seq_len)")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="prompt + output tokens per sequence (default: min(2048, max_position_embeddings))")
+    p.add_argument("--max_num_tokens", type=int, default=None, help="tokens per prefill batch")
+    p.add_argument("--gpt_attention_plugin", default="auto", choices=PLUGIN_CHOICES)
+    p.add_argument("--gemm_plugin", default="auto", choices=PLUGIN_CHOICES)
+    p.add_argument("--norm_plugin", default="auto", choices=PLUGIN_CHOICES,
+                   help="fused residual-add + RMSNorm/LayerNorm")
+    p.add_argument("--lora_plugin", default=None, choices=PLUGIN_CHOICES)
+    p.add_argument("--lora_dir", nargs="+", default=None, help="PEFT adapter dirs stored in the engine")
+    p.add_argument("--max_lora_rank", type=int, default=64)
+    p.add_argument("--lora_target_modules", nargs="+", default=None)
+    p.add_argument("--max_loras", type=int, default=None, help="adapter slots (default: adapters given + 4)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--trt_compute_capabilities", nargs="+", default=None, help="tensorrt backend: SM targets")
+    p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
+    p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
+    p.add_argument("--log_level", default="info")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        from trtbuild.checkpoint import load_config
+
+        max_seq_len = min(2048, load_config(args.checkpoint_dir).max_position_embeddings)
+        if args.max_input_len is not None:
+            max_seq_len = max(max_seq_len, args.max_input_len)
+    max_input_len = args.max_input_len if args.max_input_len is not None else min(1024, max_seq_len)
+    if args.lora_dir and args.lora_plugin in (None, "disable"):
+        args.lora_plugin = "auto"
+    if args.lora_plugin not in (None, "disable") and not args.lora_dir:
+        raise TrtbuildError("--lora_plugin needs --lora_dir with at least one adapter")
+    lora = LoraConfig()
+    if args.lora_dir:
+        lora = LoraConfig(lora_dir=list(args.lora_dir), max_lora_rank=args.max_lora_rank,
+                          lora_target_modules=list(args.lora_target_modules or []),
+                          max_loras=args.max_loras or len(args.lora_dir) + 4)
+    build = BuildConfig(
+        max_batch_size=args.max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+        max_num_tokens=args.max_num_tokens,
+        plugin_config=PluginConfig(gemm_plugin=args.gemm_plugin, gpt_attention_plugin=args.gpt_attention_plugin,
+                                   norm_plugin=args.norm_plugin,
+                                   lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
+        lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities)
+    summary = build_engine(args.checkpoint_dir, args.output_dir, build, force=args.force, keep_onnx=args.keep_onnx,
+                           lora_dirs=args.lora_dir)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
