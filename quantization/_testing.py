@@ -69,6 +69,7 @@ def tiny_gpt2(seed: int = 0, *, hidden: int = 64, layers: int = 2, heads: int = 
 
     torch.manual_seed(seed)
     hf_cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                        bos_token_id=0, eos_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(hf_cfg).eval()
     with torch.no_grad():
