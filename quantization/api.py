@@ -27,7 +27,7 @@ from trtbuild.checkpoint import PretrainedConfig, QuantConfig, linear_names
 from trtbuild.errors import TrtbuildError
 
 from .awq import awq_quantize, awq_search_scales
-from .calibration import LayerwiseCalibrator, calib_samples_for, input_groups
+from .calibration import LayerwiseCalibrator, calib_samples_for, check_calib_path, input_groups
 from .gptq import gptq_quantize
 from .layout import check_group_size, dequantize_linear, quantize_rtn, to_weight_only_tensors
 from .reference_model import ReferenceModel
@@ -57,6 +57,7 @@ class QuantRecipe:
     per_channel: bool = False
     per_token: bool = False
     int8_kv_cache: bool = False
+    calib_dataset: Optional[str] = None  # used when quantize_checkpoint gets no calib_texts
     calib_size: int = DEFAULT_CALIB_SIZE
     calib_max_seq_length: int = DEFAULT_CALIB_MAX_SEQ_LENGTH
     gptq_act_order: bool = False
@@ -114,8 +115,11 @@ class QuantRecipe:
             parts.append("INT8 KV cache")
         return ", ".join(parts) or "none"
 
-    def validate(self) -> None:
-        """TrtbuildError naming the flag for any inconsistent choice."""
+    def validate(self, require_calibration: bool = False) -> None:
+        """TrtbuildError naming the flag for any inconsistent choice.
+
+        require_calibration: also check that a recipe needing calibration has a --calib_dataset file
+        (what a command line checks before doing any work)."""
         if self.weight_only_precision not in WEIGHT_ONLY_PRECISIONS:
             raise TrtbuildError(f"--weight_only_precision {self.weight_only_precision!r} is not one of "
                                 f"{', '.join(WEIGHT_ONLY_PRECISIONS)}")
@@ -141,6 +145,18 @@ class QuantRecipe:
             raise TrtbuildError(f"--calib_max_seq_length {self.calib_max_seq_length}: must be at least 2")
         if not 0.0 < self.gptq_percdamp < 1.0:
             raise TrtbuildError(f"GPTQ percdamp {self.gptq_percdamp}: must be in (0, 1)")
+        if require_calibration and self.needs_calibration:
+            if self.calib_dataset is None:
+                raise TrtbuildError(f"{self.calibration_flag} needs calibration text: pass --calib_dataset PATH "
+                                    "(a local .txt/.json/.jsonl/.parquet file, e.g. ../shared/data/ppl.txt)")
+            check_calib_path(self.calib_dataset)
+
+    @property
+    def calibration_flag(self) -> str:
+        """The flag that asked for calibration (for messages)."""
+        if self.method in ("gptq", "awq"):
+            return f"--weight_only_precision {self.weight_only_precision}"
+        return "--smoothquant" if self.method == "smoothquant" else "--int8_kv_cache"
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -168,10 +184,11 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def recipe_from_args(args: argparse.Namespace) -> QuantRecipe:
-    """QuantRecipe from parsed add_quant_args flags (missing attributes take their defaults); validated."""
+    """QuantRecipe from parsed add_quant_args flags (missing attributes take their defaults); validated,
+    including that --calib_dataset names an existing file of a known format when the recipe needs one."""
     names = {f.name for f in dataclasses.fields(QuantRecipe)}
     recipe = QuantRecipe(**{k: v for k, v in vars(args).items() if k in names and (v is not None or k == "smoothquant")})
-    recipe.validate()
+    recipe.validate(require_calibration=True)
     return recipe
 
 
@@ -240,10 +257,10 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
     method = recipe.method
     samples = None
     if recipe.needs_calibration:
-        what = (f"--weight_only_precision {recipe.weight_only_precision}" if method in ("gptq", "awq")
-                else "--smoothquant" if method == "smoothquant" else "--int8_kv_cache")
+        if calib_texts is None:
+            calib_texts = recipe.calib_dataset
         samples = calib_samples_for(config, calib_texts, tokenizer, recipe.calib_size,
-                                    recipe.calib_max_seq_length, what)
+                                    recipe.calib_max_seq_length, recipe.calibration_flag)
         log.info("calibrating on %d samples of %d tokens", samples.shape[0], samples.shape[1])
 
     out = dict(weights)

@@ -53,14 +53,20 @@ def _texts_from_records(records: Sequence, path: Path) -> list[str]:
     return [r[key] for r in records if isinstance(r.get(key), str)]
 
 
-def read_calib_texts(path: str | os.PathLike) -> list[str]:
-    """The documents of a local calibration file; TrtbuildError naming the file if missing or empty."""
+def check_calib_path(path: str | os.PathLike) -> Path:
+    """The calibration file exists and has a known format (cheap; reading it may find it empty)."""
     p = Path(path)
     if not p.is_file():
         raise TrtbuildError(f"--calib_dataset {p}: no such file (give a local .txt, .json, .jsonl or .parquet file)")
+    if p.suffix.lower() not in CALIB_SUFFIXES:
+        raise TrtbuildError(f"--calib_dataset {p}: unknown format {p.suffix.lower()!r} (use {', '.join(CALIB_SUFFIXES)})")
+    return p
+
+
+def read_calib_texts(path: str | os.PathLike) -> list[str]:
+    """The documents of a local calibration file; TrtbuildError naming the file if missing or empty."""
+    p = check_calib_path(path)
     suffix = p.suffix.lower()
-    if suffix not in CALIB_SUFFIXES:
-        raise TrtbuildError(f"--calib_dataset {p}: unknown format {suffix!r} (use {', '.join(CALIB_SUFFIXES)})")
     try:
         if suffix == ".txt":
             texts = [p.read_text(encoding="utf-8", errors="replace")]

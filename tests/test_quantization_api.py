@@ -162,14 +162,17 @@ def _parse(argv):
     return recipe_from_args(add_quant_args(argparse.ArgumentParser()).parse_args(argv))
 
 
-def test_trtllm_flags_build_the_recipe():
-    r = _parse("--use_weight_only --weight_only_precision int4_awq --per_group --group_size 64 "
-               "--int8_kv_cache --calib_size 16 --calib_max_seq_length 256".split())
-    assert (r.method, r.quant_algo, r.effective_group_size, r.int8_kv_cache, r.calib_size) == (
-        "awq", "W4A16_AWQ", 64, True, 16)
-    r = _parse("--smoothquant 0.8 --per_token --per_channel".split())
+def test_trtllm_flags_build_the_recipe(tmp_path):
+    f = tmp_path / "calib.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    r = _parse(f"--use_weight_only --weight_only_precision int4_awq --per_group --group_size 64 "
+               f"--int8_kv_cache --calib_size 16 --calib_max_seq_length 256 --calib_dataset {f}".split())
+    assert (r.method, r.quant_algo, r.effective_group_size, r.int8_kv_cache, r.calib_size, r.calib_dataset) == (
+        "awq", "W4A16_AWQ", 64, True, 16, str(f))
+    r = _parse(f"--smoothquant 0.8 --per_token --per_channel --calib_dataset {f}".split())
     assert r.quant_algo == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN" and r.smoothquant == 0.8
-    assert _parse(["-sq", "0.5"]).quant_algo == "W8A8_SQ_PER_TENSOR_PLUGIN"
+    assert _parse(["-sq", "0.5", "--calib_dataset", str(f)]).quant_algo == "W8A8_SQ_PER_TENSOR_PLUGIN"
+    assert _parse(["--use_weight_only", "--weight_only_precision", "int4"]).method == "rtn"  # no calibration
     assert _parse([]).is_noop
 
 
@@ -184,6 +187,9 @@ def test_trtllm_flags_build_the_recipe():
     ("--per_group", "--use_weight_only"),
     ("--use_weight_only --gptq_act_order", "int4_gptq"),
     ("--int8_kv_cache --calib_size 0", "--calib_size 0"),
+    ("--use_weight_only --weight_only_precision int4_gptq", "--weight_only_precision int4_gptq needs calibration"),
+    ("--smoothquant 0.5", "--smoothquant needs calibration text: pass --calib_dataset PATH"),
+    ("--int8_kv_cache --calib_dataset /nonexistent/c.txt", r"--calib_dataset /nonexistent/c\.txt: no such file"),
 ])
 def test_bad_flags_are_clear_errors(argv, match):
     with pytest.raises(TrtbuildError, match=match):
