@@ -370,7 +370,7 @@ def test_build_for_engine_dir_takes_the_profile_from_the_build_limits(tmp_path, 
               [nh.from_array(rng.standard_normal((hidden, hidden)).astype(np.float16), "W")])
     p = save(m, tmp_path / "rank0.onnx")
     build_cfg = SimpleNamespace(max_batch_size=4, max_input_len=32, max_seq_len=64, max_num_tokens=None,
-                                compute_dtype="float16", compute_capabilities=["SM86"])
+                                compute_dtype="float16", trt_compute_capabilities=["SM86"])
     info = tb.build_for_engine_dir(p, tmp_path / "rank0.engine", config=None, build=build_cfg)
     prof = {t["name"]: t["profile"] for t in info["inputs"]}
     assert prof["x"] == {"min": [1, 1, hidden], "opt": [2, 16, hidden], "max": [4, 32, hidden]}

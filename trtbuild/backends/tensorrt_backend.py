@@ -17,6 +17,8 @@ Measured here (tensorrt_rtx 1.7.1.116 from PyPI, polygraphy 0.53.6, onnx 1.23.2,
   RMSNormalization-23 (fp16 and fp32); RotaryEmbedding-23 (4-D, 3-D with num_heads, interleaved,
   position_ids + [max_pos, D/2] caches, or [B,S,D/2] cos/sin inputs); TensorScatter-24 (writing
   KV into a fixed-capacity cache). A chain of fp16 MatMuls with 1 GiB of weights: 2.6 s.
+  End to end, `trt-build --backend tensorrt` on SmolLM2-135M fp16 (30 layers; batch 8, input
+  1024, seq 2048): 274 MiB engine, 21 s build (10 s CPU on a loaded box), 1.5 GiB peak RSS.
 - Rejected at parse (we name the node and op): a non-zero int4 zero point ("Non-zero zero point is
   not supported"); any uint4 initializer (a graph-level error, node -1, "Failed to import
   initializer", so we name the initializer); Attention with more than one output; Attention with
@@ -733,11 +735,11 @@ def build_for_engine_dir(onnx_path: str | os.PathLike, engine_path: str | os.Pat
                          log_verbose: bool = False, progress: bool = False) -> dict[str, Any]:
     """The engine-dir step (trtbuild.builder): profile from the BuildConfig limits, then build.
 
-    `build.compute_capabilities` (a list of targets) is used when the BuildConfig has it.
+    `build.trt_compute_capabilities` (--trt_compute_capabilities, a list of targets) picks the GPUs.
     """
     profile = profile_from_dim_ranges(onnx_path, dim_ranges_for_build(build))
-    return build_tensorrt_engine(onnx_path, engine_path, profile,
-                                 compute_capabilities=getattr(build, "compute_capabilities", None),
+    targets = getattr(build, "trt_compute_capabilities", None) or getattr(build, "compute_capabilities", None)
+    return build_tensorrt_engine(onnx_path, engine_path, profile, compute_capabilities=targets,
                                  fp16=getattr(build, "compute_dtype", "float16") != "float32",
                                  log_verbose=log_verbose, progress=progress)
 
