@@ -1,11 +1,16 @@
-"""convert_checkpoint.py / trtbuild-convert: HF model dir → trtbuild checkpoint dir."""
+"""convert_checkpoint.py / trtbuild-convert: HF model dir → trtbuild checkpoint dir.
+
+Optionally merges PEFT LoRA adapters (--hf_lora_dir) and quantizes (TensorRT-LLM's flags).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from trtbuild.convert.converter import convert_checkpoint
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
+from trtbuild.quantization.api import add_quant_args, quantize_checkpoint, recipe_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,22 +18,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", required=True, help="Hugging Face model dir (config.json + weights)")
     p.add_argument("--output_dir", required=True, help="checkpoint dir to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--hf_lora_dir", nargs="+", default=None,
+                   help="PEFT adapter dirs (.safetensors or .bin) merged into the weights")
     p.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks (only 1 today)")
     p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel ranks (only 1 today)")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info")
+    add_quant_args(p)
     return p
+
+
+def make_transform(args: argparse.Namespace, model_dir: Path):
+    """LoRA merge, then quantization, between reading the HF weights and writing the checkpoint."""
+    recipe = recipe_from_args(args)
+    adapters_dirs = args.hf_lora_dir or []
+    if not adapters_dirs and recipe.is_noop:
+        return None
+
+    def transform(weights, config):
+        if adapters_dirs:
+            from trtbuild.convert.lora import load_lora_adapter, merge_lora
+
+            adapters = [load_lora_adapter(d, config) for d in adapters_dirs]
+            weights, config = merge_lora(weights, config, adapters)
+        if not recipe.is_noop:
+            weights, config = quantize_checkpoint(weights, config, recipe, tokenizer=model_dir)
+        return weights, config
+
+    return transform
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-
     if args.tp_size != 1 or args.pp_size != 1:
         raise TrtbuildError("--tp_size/--pp_size above 1 are not supported yet; the checkpoint layout is per-rank, "
                             "so they will be an addition")
-    summary = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, force=args.force)
+    transform = make_transform(args, Path(args.model_dir))
+    summary = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, force=args.force, transform=transform)
     print(summary)
 
 

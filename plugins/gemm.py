@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from trtbuild.checkpoint import QuantConfig
 from trtbuild.onnx_graph import GraphBuilder
 
 
 def linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
-           fused: bool, quant_algo: str | None = None) -> str:
+           fused: bool, quant: QuantConfig | None = None) -> str:
     """Emit the linear layer `prefix` (e.g. transformer.layers.0.attention.qkv) applied to x."""
-    if quant_algo is not None:
+    if quant is not None and quant.quant_algo is not None:
         from trtbuild.plugins.quant_gemm import quantized_linear
 
-        y = quantized_linear(g, x, tensors, prefix, dtype, fused, quant_algo)
+        group_size = quant.group_size if quant.per_group else -1
+        y = quantized_linear(g, x, tensors, prefix, dtype, fused, quant.quant_algo, group_size)
     else:
         w = g.weight(prefix + ".weight", np.asarray(tensors[prefix + ".weight"], dtype=dtype).T)
         y = g.op("MatMul", [x, w], name=prefix + "/MatMul")

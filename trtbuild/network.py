@@ -74,7 +74,7 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             h = g.op("Add", [h, pos])
 
         def lin(x: str, prefix: str) -> str:
-            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant.quant_algo)
+            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant)
             if lora_inputs is not None:
                 y = options.lora.apply(g, x, y, prefix, lora_inputs)
             return y

@@ -62,14 +62,17 @@ class GraphBuilder:
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer stored in the external data file."""
         array = np.ascontiguousarray(array)
+        return self.raw_weight(name, array.tobytes(), NP_TO_ONNX[array.dtype], array.shape)
+
+    def raw_weight(self, name: str, raw: bytes, data_type: int, dims: Sequence[int]) -> str:
+        """An initializer from raw bytes (packed int4/uint4, whose numpy form has no dtype)."""
         offset = self._data.tell()
         pad = (-offset) % ALIGN
         if pad:
             self._data.write(b"\0" * pad)
             offset += pad
-        raw = array.tobytes()
         self._data.write(raw)
-        t = TensorProto(name=name, data_type=NP_TO_ONNX[array.dtype], dims=list(array.shape))
+        t = TensorProto(name=name, data_type=data_type, dims=list(dims))
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(len(raw)))):
             entry = t.external_data.add()

@@ -1,0 +1,161 @@
+"""Quantized linear layers (the gemm plugin's quantized lowerings). Tensor layout: docs/CONTRACTS.md.
+
+Weight-only int4/int8 (W4A16*, W8A16):
+  fused    com.microsoft::MatMulNBits (block-wise, accuracy_level 4 = int8 compute on CPU)
+  standard DequantizeLinear-21 block-wise along K → MatMul (weights stay packed in the file)
+SmoothQuant W8A8 (int8 weights per channel or per tensor; activations per token or static):
+  fused    u8 × s8 MatMulInteger (dynamic per-token scales) or MatMulIntegerToFloat (static)
+  standard QuantizeLinear/DequantizeLinear pairs around a float MatMul (what TensorRT fuses)
+Groups may end short (K not a multiple of group_size: the last group is partial, as in AutoGPTQ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from trtbuild.errors import TrtbuildError
+from trtbuild.onnx_graph import GraphBuilder
+
+WEIGHT_ONLY_BITS = {"W8A16": 8, "W4A16": 4, "W4A16_GPTQ": 4, "W4A16_AWQ": 4}
+MATMULNBITS_ACCURACY_LEVEL = 4
+
+
+def _unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """[out, in/2] bytes → [out, in] values, low nibble first."""
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
+
+
+def _pack_int4(values: np.ndarray) -> np.ndarray:
+    """[..., 2n] uint8 values in [0, 15] → [..., n] bytes, low nibble first."""
+    return (values[..., 0::2] & 0x0F) | (values[..., 1::2] << 4)
+
+
+def _weight_only_values(tensors: dict[str, np.ndarray], prefix: str, bits: int):
+    """(q [out, in] uint8, scale [out, groups] f32, zero [out, groups] uint8)."""
+    packed = np.asarray(tensors[prefix + ".weight"])
+    if packed.dtype != np.uint8:
+        raise TrtbuildError(f"{prefix}.weight is {packed.dtype}; a {bits}-bit weight-only checkpoint stores uint8")
+    q = _unpack_int4(packed) if bits == 4 else packed
+    scale = np.asarray(tensors[prefix + ".weights_scaling_factor"], np.float32)
+    zero = tensors.get(prefix + ".zero")
+    zero = np.full(scale.shape, 1 << (bits - 1), np.uint8) if zero is None else np.asarray(zero, np.uint8)
+    if scale.shape[0] != q.shape[0] or zero.shape != scale.shape:
+        raise TrtbuildError(f"{prefix}: weights_scaling_factor {scale.shape} / zero {zero.shape} do not match "
+                            f"the weight's {q.shape[0]} output channels")
+    return q, scale, zero
+
+
+def _block_size(in_features: int, groups: int, group_size: int) -> int:
+    """The block along K: the group size, or (per channel) a power of two the kernels support."""
+    if groups > 1:
+        return group_size
+    return 128 if in_features >= 128 else 16 * max(1, in_features // 16)
+
+
+def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, bits: int,
+                       group_size: int, fused: bool) -> str:
+    q, scale, zero = _weight_only_values(tensors, prefix, bits)
+    n, k = q.shape
+    groups = scale.shape[1]
+    block = _block_size(k, groups, group_size)
+    if groups > 1 and groups != -(-k // block):
+        raise TrtbuildError(f"{prefix}: {groups} scale groups for {k} inputs do not fit group_size {group_size}")
+    blocks = -(-k // block)
+    if groups == 1:  # per channel: the one scale repeated over every block
+        scale, zero = np.repeat(scale, blocks, axis=1), np.repeat(zero, blocks, axis=1)
+    prequant = tensors.get(prefix + ".prequant_scaling_factor")
+    if prequant is not None:
+        x = g.op("Mul", [x, g.weight(prefix + ".prequant_scaling_factor", np.asarray(prequant, np.float32))])
+    if fused:
+        padded = np.zeros((n, blocks * block), np.uint8)
+        padded[:, :k] = q
+        blob = _pack_int4(padded) if bits == 4 else padded
+        b = g.weight(prefix + ".qweight", blob.reshape(n, blocks, block * bits // 8))
+        inputs = [x, b, g.weight(prefix + ".scales", scale)]
+        zp = _pack_int4(np.pad(zero, ((0, 0), (0, blocks % 2)))) if bits == 4 else zero
+        inputs.append(g.weight(prefix + ".zero_points", np.ascontiguousarray(zp)))
+        return g.op("MatMulNBits", inputs, domain="com.microsoft", name=prefix + "/MatMulNBits",
+                    K=k, N=n, bits=bits, block_size=block, accuracy_level=MATMULNBITS_ACCURACY_LEVEL)
+    # standard: DequantizeLinear along K of the [K, N] weight; symmetric int4 as signed values with no
+    # zero point (the form TensorRT accepts), asymmetric as uint4/uint8 with zero points.
+    symmetric = bool(np.all(zero == (1 << (bits - 1))))
+    values = q.T  # [K, N]
+    if symmetric:
+        signed = values.astype(np.int16) - (1 << (bits - 1))
+        raw_type = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        data = signed.astype(np.int8).astype(np.uint8)
+    else:
+        raw_type = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
+        data = values
+    if bits == 4:
+        flat = data.reshape(-1) & 0x0F
+        raw = _pack_int4(np.pad(flat, (0, flat.size % 2))[None, :])[0].tobytes()
+    else:
+        raw = np.ascontiguousarray(data).tobytes()
+    w = g.raw_weight(prefix + ".qweight", raw, raw_type, [k, n])
+    dq_inputs = [w, g.weight(prefix + ".scales", np.ascontiguousarray(scale.T))]
+    if not symmetric:
+        zt = np.ascontiguousarray(zero.T)
+        if bits == 4:
+            zflat = zt.reshape(-1)
+            zraw = _pack_int4(np.pad(zflat, (0, zflat.size % 2))[None, :])[0].tobytes()
+            dq_inputs.append(g.raw_weight(prefix + ".zero_points", zraw, TensorProto.UINT4, list(zt.shape)))
+        else:
+            dq_inputs.append(g.weight(prefix + ".zero_points", zt))
+    wf = g.op("DequantizeLinear", dq_inputs, axis=0, block_size=block, name=prefix + "/DequantizeLinear")
+    return g.op("MatMul", [x, wf], name=prefix + "/MatMul")
+
+
+def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, per_token: bool,
+                       fused: bool) -> str:
+    w = np.asarray(tensors[prefix + ".weight"])
+    if w.dtype != np.int8:
+        raise TrtbuildError(f"{prefix}.weight is {w.dtype}; SmoothQuant checkpoints store int8 weights")
+    n, k = w.shape
+    w_scale = np.asarray(tensors[prefix + ".per_channel_scale"], np.float32).reshape(-1)
+    prequant = tensors.get(prefix + ".prequant_scaling_factor")
+    if prequant is not None:
+        x = g.op("Mul", [x, g.weight(prefix + ".prequant_scaling_factor", np.asarray(prequant, np.float32))])
+    wq = g.weight(prefix + ".qweight", np.ascontiguousarray(w.T))  # [K, N] int8
+    ws = g.weight(prefix + ".w_scale", w_scale if w_scale.size > 1 else w_scale.reshape(()))
+    zero_i8 = g.const(0, dtype=np.int8)
+    if per_token:
+        # per-row scale = max|x| / 127 over K (a zero row keeps scale 1 to avoid 0/0)
+        amax = g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1])], keepdims=1)
+        x_scale = g.op("Div", [g.op("Max", [amax, g.const(1e-8, np.float32)]), g.const(127.0, np.float32)])
+        if fused:
+            # u8 × s8: shift the symmetric int8 values by 128 so MLAS takes its fastest path
+            xq = g.op("Add", [g.op("Clip", [g.op("Round", [g.op("Div", [x, x_scale])]),
+                                              g.const(-127.0, np.float32), g.const(127.0, np.float32)]),
+                              g.const(128.0, np.float32)])
+            xq = g.op("Cast", [xq], to=TensorProto.UINT8)
+            acc = g.op("MatMulInteger", [xq, wq, g.const(128, dtype=np.uint8), zero_i8], name=prefix + "/MatMulInteger")
+            return g.op("Mul", [g.op("Mul", [g.op("Cast", [acc], to=TensorProto.FLOAT), x_scale]), ws])
+        xdq = g.op("Mul", [g.op("Clip", [g.op("Round", [g.op("Div", [x, x_scale])]),
+                                          g.const(-127.0, np.float32), g.const(127.0, np.float32)]), x_scale])
+    else:
+        act_scale = np.asarray(tensors[prefix + ".act_scale"], np.float32).reshape(())
+        a_scale = g.weight(prefix + ".act_scale", act_scale)
+        xq = g.op("QuantizeLinear", [x, a_scale, zero_i8])
+        if fused:
+            return g.op("MatMulIntegerToFloat", [xq, wq, a_scale, ws, zero_i8], domain="com.microsoft",
+                        name=prefix + "/MatMulIntegerToFloat")
+        xdq = g.op("DequantizeLinear", [xq, a_scale, zero_i8])
+    wf = g.op("DequantizeLinear", [wq, ws] + ([] if w_scale.size == 1 else [g.const(np.zeros(n), np.int8)]),
+              axis=1)
+    return g.op("MatMul", [xdq, wf], name=prefix + "/MatMul")
+
+
+def quantized_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
+                     fused: bool, quant_algo: str, group_size: int = 128) -> str:
+    """Lower one quantized linear; quant_algo uses TensorRT-LLM's names."""
+    if quant_algo in WEIGHT_ONLY_BITS:
+        return weight_only_linear(g, x, tensors, prefix, WEIGHT_ONLY_BITS[quant_algo], group_size, fused)
+    if quant_algo.startswith("W8A8_SQ"):
+        return smoothquant_linear(g, x, tensors, prefix, per_token="PER_TOKEN" in quant_algo, fused=fused)
+    raise TrtbuildError(f"quant_algo {quant_algo!r} is not supported by the gemm plugin "
+                        f"({', '.join(WEIGHT_ONLY_BITS)}, W8A8_SQ_*)")
