@@ -98,9 +98,25 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> NetworkOpti
                           max_seq_len=build.max_seq_len)
 
 
+def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], recipe, ckpt: Path,
+                      progress: bool) -> tuple[PretrainedConfig, dict[str, np.ndarray]]:
+    """Quantize a floating-point checkpoint's tensors on the way into the network (trt-build flags)."""
+    if config.quantization.is_quantized:
+        raise TrtbuildError(f"{ckpt} is already quantized ({config.quantization.quant_algo or 'INT8 KV'}); "
+                            "pass quantization flags only with a floating-point checkpoint")
+    import torch
+
+    from trtbuild.quantization.api import quantize_checkpoint
+
+    weights = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tensors.items()}
+    weights, config = quantize_checkpoint(weights, config, recipe, tokenizer=ckpt / TOKENIZER_DIR, progress=progress)
+    return config, {k: v.numpy() for k, v in weights.items()}
+
+
 def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: BuildConfig, force: bool = False,
-                 progress: bool = True, keep_onnx: bool = False, lora_dirs: list[str] | None = None) -> BuildSummary:
-    """Build an engine dir from a checkpoint dir, atomically."""
+                 progress: bool = True, keep_onnx: bool = False, lora_dirs: list[str] | None = None,
+                 recipe=None) -> BuildSummary:
+    """Build an engine dir from a checkpoint dir, atomically; `recipe` (a QuantRecipe) quantizes on the way."""
     start = time.time()
     ckpt = Path(checkpoint_dir)
     out = check_output_dir(output_dir, force)
@@ -115,6 +131,8 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
         for rank in range(config.mapping.world_size):
             tensors = read_tensors(ckpt / rank_file(rank))
             check_tensors(config, tensors, ckpt / rank_file(rank))
+            if recipe is not None and not recipe.is_noop:
+                config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
             if lora_dirs:
                 from trtbuild.lora_engine import prepare_lora
 

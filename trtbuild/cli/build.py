@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info")
+    from trtbuild.quantization.api import add_quant_args
+
+    add_quant_args(p)  # quantize a floating-point checkpoint while building
     return p
 
 
@@ -63,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
                                    norm_plugin=args.norm_plugin,
                                    lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
         lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities)
+    from trtbuild.quantization.api import recipe_from_args
+
+    recipe = recipe_from_args(args)
     summary = build_engine(args.checkpoint_dir, args.output_dir, build, force=args.force, keep_onnx=args.keep_onnx,
-                           lora_dirs=args.lora_dir)
+                           lora_dirs=args.lora_dir, recipe=recipe)
     print(summary)
 
 
