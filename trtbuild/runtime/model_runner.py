@@ -91,6 +91,12 @@ class ModelRunner:
             runner.lora = LoraManager.from_engine_dir(engine_dir, config)
         return runner
 
+    def add_lora(self, lora_dir: str | Path) -> int:
+        """Load a PEFT adapter dir into a free LoRA slot of this engine (no rebuild); returns its task id."""
+        if self.lora is None:
+            raise TrtbuildError(f"{self.engine_dir} was built without --lora_plugin: it cannot run LoRA adapters")
+        return self.lora.add(lora_dir)
+
     # ---- limits -----------------------------------------------------------------------------
     @property
     def max_batch_size(self) -> int:

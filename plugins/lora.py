@@ -1,0 +1,205 @@
+"""The lora plugin: per-row LoRA adapters over stacked A/B weights that are graph inputs.
+
+For every targeted linear `prefix` (e.g. transformer.layers.3.attention.qkv, see
+trtbuild.lora_adapter.lora_layout for which modules share a linear and how q/k/v keep their own
+rank slots) the network has two graph inputs
+
+    lora.{prefix}.A   [lora_slots, R, in]    adapter k's A (rank-padded)
+    lora.{prefix}.B   [lora_slots, R, out]   adapter k's B^T, scale folded in
+
+and one shared input `lora_task_ids` [batch] int64: row b uses slot lora_task_ids[b], and -1 means
+no adapter (the base model). Weights are inputs, not initializers, so that the runtime
+(trtbuild.runtime.lora.LoraManager) loads, replaces and drops adapters in a running engine and
+binds, each step, only the slots the batch uses: `lora_slots` is a dynamic dim, the bound slots
+are a zero-copy view of the manager's stacked arrays, and task ids are relative to that view.
+B is stored transposed ([R, out] per slot, where the checkpoint's B is [out, R]) so that neither
+form below transposes weights at run time.
+
+Two lowerings of the same inputs, both standard ONNX ops (equal up to float rounding; tested):
+
+- "masked" (the default): every row against every bound slot, masked per row,
+      z = y + ((x @ A_all^T) * onehot(task)) @ B_all            A_all = [K*R, in], B_all = [K*R, out]
+  two GEMMs per linear whose weights are read once per step for the whole batch. Its cost grows
+  with K, the slots the batch uses (1 at batch 1, the number of distinct adapters in a mixed
+  batch), not with the batch: the right trade on CPU, where decode is bound by weight traffic.
+- "gather": each row gathers its own A/B (Gather on the slot axis) and runs batched MatMuls,
+      z = y + (x @ A[t_b]^T) @ B[t_b]
+  cost ∝ batch rows (each row copies its adapter's weights every step); what a GPU grouped-GEMM
+  LoRA kernel computes. Kept as the reference lowering and for many distinct adapters per batch.
+
+There is no fused form in the gemm/attention plugins' sense: onnxruntime has no gather-GEMM
+(punica/bgmv-style) kernel, its own LoRA support is the same mechanism as here (adapter weights
+bound as graph inputs), and its build-time optimizer already fuses what can be fused
+(Transpose+MatMul → FusedMatMul, Gemm with the residual as C). TensorRT compiles either form.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from trtbuild.checkpoint import PretrainedConfig
+from trtbuild.errors import TrtbuildError
+from trtbuild.lora_adapter import LoraLinearLayout, lora_layout
+
+if TYPE_CHECKING:  # the writer side only; the runtime imports this module for the names below
+    from trtbuild.onnx_graph import GraphBuilder
+
+LORA_TASK_IDS = "lora_task_ids"
+LORA_SLOTS_DIM = "lora_slots"
+LORA_FORMS = ("masked", "gather")
+# Engine dir: lora/{i}/ holds the adapters given at build (task id i), lora/manifest.json the form
+# and where each came from.
+LORA_DIR = "lora"
+MANIFEST = "manifest.json"
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    path = Path(engine_dir) / LORA_DIR / MANIFEST
+    if not path.is_file():
+        raise TrtbuildError(f"{path} not found: the engine dir's lora plugin is incomplete; rebuild it with trt-build")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrtbuildError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
+    if manifest.get("form") not in LORA_FORMS:
+        raise TrtbuildError(f"{path}: unknown lora form {manifest.get('form')!r}; rebuild the engine")
+    return manifest
+
+_PREFIX = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
+
+
+def lora_input_names(prefix: str) -> tuple[str, str]:
+    """Graph input names of a targeted linear's stacked A and B."""
+    return f"lora.{prefix}.A", f"lora.{prefix}.B"
+
+
+def lora_graph_inputs(config: PretrainedConfig, layout: dict[str, LoraLinearLayout]) -> dict[str, tuple[str, tuple]]:
+    """name → (linear prefix, per-slot shape) of every A/B graph input, layer by layer."""
+    out = {}
+    for i in range(config.num_hidden_layers):
+        for linear, lay in layout.items():
+            prefix = f"transformer.layers.{i}.{linear}"
+            a, b = lora_input_names(prefix)
+            out[a] = (prefix, (lay.rank, lay.in_features))
+            out[b] = (prefix, (lay.rank, lay.out_features))
+    return out
+
+
+@dataclass
+class LoraGraphValues:
+    """What add_graph_inputs made, plus per-graph values built on first use (shared by all layers)."""
+
+    task_ids: str
+    first_a: str | None = None
+    cache: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoraNetworkOptions:
+    """The lora plugin as the network writer sees it (trtbuild.network.NetworkOptions.lora)."""
+
+    config: PretrainedConfig
+    target_modules: list[str]
+    max_rank: int
+    dtype: str = "float32"  # compute dtype of the graph (and of the bound A/B arrays)
+    form: str = "masked"
+
+    def __post_init__(self) -> None:
+        if self.form not in LORA_FORMS:
+            raise ValueError(f"lora form {self.form!r} is not one of {LORA_FORMS}")
+        self.layout = lora_layout(self.config, self.target_modules, self.max_rank)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype("float32") if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+    def add_graph_inputs(self, g: GraphBuilder) -> LoraGraphValues:
+        from onnx import TensorProto
+
+        from trtbuild.onnx_graph import NP_TO_ONNX
+
+        elem = NP_TO_ONNX[self.np_dtype]
+        values = LoraGraphValues(g.input(LORA_TASK_IDS, TensorProto.INT64, ["batch_size"]))
+        for name, (_, shape) in lora_graph_inputs(self.config, self.layout).items():
+            g.input(name, elem, [LORA_SLOTS_DIM, *shape])
+            values.first_a = values.first_a or name
+        return values
+
+    def apply(self, g: GraphBuilder, x: str, y: str, prefix: str, values: LoraGraphValues) -> str:
+        """y (the linear `prefix` applied to x, [batch, seq, out]) plus the row's adapter delta."""
+        m = _PREFIX.match(prefix)
+        if not m or m[2] not in self.layout:
+            return y
+        lay = self.layout[m[2]]
+        a, b = lora_input_names(prefix)
+        if self.form == "gather":
+            return _gather_form(g, x, y, a, b, values, self.np_dtype, prefix)
+        return _masked_form(g, x, y, a, b, lay, values, self.np_dtype, prefix)
+
+
+def _shared(values: LoraGraphValues, key, make):
+    if key not in values.cache:
+        values.cache[key] = make()
+    return values.cache[key]
+
+
+def _masked_form(g: GraphBuilder, x: str, y: str, a: str, b: str, lay: LoraLinearLayout, values: LoraGraphValues,
+                 dtype: np.dtype, prefix: str) -> str:
+    from trtbuild.onnx_graph import NP_TO_ONNX
+
+    # Per-graph values, made once from the first linear's input [batch, seq, hidden]:
+    # per-token one-hot of the task over the bound slots, widened over each rank size.
+    def token_tasks():  # [batch * seq, 1]: the task of every token's row
+        bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
+        tok = g.op("Expand", [g.op("Unsqueeze", [values.task_ids, g.const([1])]), bs])
+        return g.op("Reshape", [tok, g.const([-1, 1])], name="lora/token_tasks")
+
+    def out_shape():  # [batch, seq, -1]
+        bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
+        return g.op("Concat", [bs, g.const([-1])], axis=0)
+
+    def onehot():  # [batch * seq, K] in the compute dtype; -1 (base model) matches no slot
+        k = g.op("Slice", [g.op("Shape", [values.first_a]), g.const([0]), g.const([1])])
+        slots = g.op("Range", [g.const(0), g.op("Squeeze", [k, g.const([0])]), g.const(1)])
+        eq = g.op("Equal", [_shared(values, "token_tasks", token_tasks), g.op("Unsqueeze", [slots, g.const([0])])])
+        return g.op("Cast", [eq], to=NP_TO_ONNX[dtype], name="lora/onehot")
+
+    def mask(rank: int):  # [batch * seq, K * rank]
+        hot = g.op("Unsqueeze", [_shared(values, "onehot", onehot), g.const([2])])
+        wide = g.op("Expand", [hot, g.const([1, 1, rank])])
+        return g.op("Flatten", [wide], axis=1, name=f"lora/mask_r{rank}")
+
+    x2 = _shared(values, ("x2d", x, lay.in_features),
+                 lambda: g.op("Reshape", [x, g.const([-1, lay.in_features])], name=prefix + "/lora/x2d"))
+    a2 = g.op("Reshape", [a, g.const([-1, lay.in_features])], name=prefix + "/lora/A2d")
+    b2 = g.op("Reshape", [b, g.const([-1, lay.out_features])], name=prefix + "/lora/B2d")
+    xa = g.op("Gemm", [x2, a2], transB=1, name=prefix + "/lora/xA")
+    xa = g.op("Mul", [xa, _shared(values, ("mask", lay.rank), lambda: mask(lay.rank))], name=prefix + "/lora/select")
+    y2 = g.op("Reshape", [y, g.const([-1, lay.out_features])], name=prefix + "/lora/y2d")
+    z = g.op("Gemm", [xa, b2, y2], name=prefix + "/lora/xAB")
+    return g.op("Reshape", [z, _shared(values, "out_shape", out_shape)], name=prefix + "/lora/out")
+
+
+def _gather_form(g: GraphBuilder, x: str, y: str, a: str, b: str, values: LoraGraphValues, dtype: np.dtype,
+                 prefix: str) -> str:
+    from trtbuild.onnx_graph import NP_TO_ONNX
+
+    def index():  # -1 → slot 0, its contribution zeroed by `valid`
+        return g.op("Max", [values.task_ids, g.const(0)], name="lora/index")
+
+    def valid():  # [batch, 1, 1]: 1 for rows with an adapter
+        ok = g.op("GreaterOrEqual", [values.task_ids, g.const(0)])
+        return g.op("Unsqueeze", [g.op("Cast", [ok], to=NP_TO_ONNX[dtype]), g.const([1, 2])], name="lora/valid")
+
+    idx = _shared(values, "index", index)
+    a_sel = g.op("Gather", [a, idx], axis=0, name=prefix + "/lora/A_sel")  # [batch, R, in]
+    b_sel = g.op("Gather", [b, idx], axis=0, name=prefix + "/lora/B_sel")  # [batch, R, out]
+    xa = g.op("MatMul", [x, g.op("Transpose", [a_sel], perm=[0, 2, 1])], name=prefix + "/lora/xA")  # [batch, seq, R]
+    xa = g.op("Mul", [xa, _shared(values, "valid", valid)], name=prefix + "/lora/select")
+    return g.op("Add", [y, g.op("MatMul", [xa, b_sel], name=prefix + "/lora/xAB")], name=prefix + "/lora/add")
