@@ -79,8 +79,16 @@ if [[ -z "$PY" ]]; then
 fi
 command -v "$PY" >/dev/null || die "--python $PY not found"
 py_ok "$PY" || die "--python $PY is $("$PY" -V 2>&1); need 3.11-3.13"
-if [[ "$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" != "1" ]]; then
-  die "$PY is not a shared-library build (no libpython); the stub embeds libpython. Use another Python (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)"
+# The stub embeds libpython: this Python's shared library must exist (LIBDIR or the loader path).
+if ! "$PY" - <<'EOF'
+import ctypes.util, os, sys, sysconfig
+name = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
+libdir = sysconfig.get_config_var("LIBDIR") or ""
+found = os.path.exists(os.path.join(libdir, name)) or ctypes.util.find_library(f"python{sys.version_info[0]}.{sys.version_info[1]}")
+sys.exit(0 if found else 1)
+EOF
+then
+  die "$PY has no shared libpython (the stub embeds it): use a shared-library build (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared; Debian/Ubuntu: apt-get install libpython3.X)"
 fi
 
 STAMP="$VENV/.trtbuild-triton-stamp"
