@@ -5,32 +5,34 @@ trtbuild.lora_adapter.lora_layout for which modules share a linear and how q/k/v
 rank slots) the network has two graph inputs
 
     lora.{prefix}.A   [lora_slots, R, in]    adapter k's A (rank-padded)
-    lora.{prefix}.B   [lora_slots, R, out]   adapter k's B^T, scale folded in
+    lora.{prefix}.B   [lora_slots, out, R]   adapter k's B, scale folded in
 
 and one shared input `lora_task_ids` [batch] int64: row b uses slot lora_task_ids[b], and -1 means
 no adapter (the base model). Weights are inputs, not initializers, so that the runtime
 (trtbuild.runtime.lora.LoraManager) loads, replaces and drops adapters in a running engine and
 binds, each step, only the slots the batch uses: `lora_slots` is a dynamic dim, the bound slots
 are a zero-copy view of the manager's stacked arrays, and task ids are relative to that view.
-B is stored transposed ([R, out] per slot, where the checkpoint's B is [out, R]) so that neither
-form below transposes weights at run time.
+Both forms compute the transposed products (B @ (A @ x^T))^T with the weights as the left
+operand: a GEMM kernel packs (copies) its right operand on every call unless it is a constant
+initializer, so the small activation is the one packed while the adapter weights stream through
+once (with the weights on the right, the lora GEMMs cost 3x more than their bytes at decode).
 
 Two lowerings of the same inputs, both standard ONNX ops (equal up to float rounding; tested):
 
 - "masked" (the default): every row against every bound slot, masked per row,
-      z = y + ((x @ A_all^T) * onehot(task)) @ B_all            A_all = [K*R, in], B_all = [K*R, out]
-  two GEMMs per linear whose weights are read once per step for the whole batch. Its cost grows
+      z = y + (sum_k B_k @ (onehot_k(task) * (A_k @ x^T)))^T
+  two (batched) GEMMs per linear whose weights are read once per step for the whole batch. Its cost grows
   with K, the slots the batch uses (1 at batch 1, the number of distinct adapters in a mixed
   batch), not with the batch: the right trade on CPU, where decode is bound by weight traffic.
 - "gather": each row gathers its own A/B (Gather on the slot axis) and runs batched MatMuls,
-      z = y + (x @ A[t_b]^T) @ B[t_b]
+      z = y + (B[t_b] @ (A[t_b] @ x_b^T))^T
   cost ∝ batch rows (each row copies its adapter's weights every step); what a GPU grouped-GEMM
   LoRA kernel computes. Kept as the reference lowering and for many distinct adapters per batch.
 
 There is no fused form in the gemm/attention plugins' sense: onnxruntime has no gather-GEMM
 (punica/bgmv-style) kernel, its own LoRA support is the same mechanism as here (adapter weights
 bound as graph inputs), and its build-time optimizer already fuses what can be fused
-(Transpose+MatMul → FusedMatMul, Gemm with the residual as C). TensorRT compiles either form.
+(Transpose+MatMul → FusedMatMul). TensorRT compiles either form.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def lora_graph_inputs(config: PretrainedConfig, layout: dict[str, LoraLinearLayo
             prefix = f"transformer.layers.{i}.{linear}"
             a, b = lora_input_names(prefix)
             out[a] = (prefix, (lay.rank, lay.in_features))
-            out[b] = (prefix, (lay.rank, lay.out_features))
+            out[b] = (prefix, (lay.out_features, lay.rank))
     return out
 
 
@@ -151,39 +153,38 @@ def _shared(values: LoraGraphValues, key, make):
 
 def _masked_form(g: GraphBuilder, x: str, y: str, a: str, b: str, lay: LoraLinearLayout, values: LoraGraphValues,
                  dtype: np.dtype, prefix: str) -> str:
+    # Transposed products, weights as the left operand: y^T += sum_k B_k @ (mask_k * (A_k @ x^T)).
+    # GEMM kernels pack (copy) their right operand on every call unless it is a constant; here the
+    # right operand is the small activation and the adapter weights stream through once.
     from trtbuild.onnx_graph import NP_TO_ONNX
 
-    # Per-graph values, made once from the first linear's input [batch, seq, hidden]:
-    # per-token one-hot of the task over the bound slots, widened over each rank size.
-    def token_tasks():  # [batch * seq, 1]: the task of every token's row
+    def token_tasks():  # [1, batch * seq]: the task of every token's row
         bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
         tok = g.op("Expand", [g.op("Unsqueeze", [values.task_ids, g.const([1])]), bs])
-        return g.op("Reshape", [tok, g.const([-1, 1])], name="lora/token_tasks")
+        return g.op("Reshape", [tok, g.const([1, -1])], name="lora/token_tasks")
 
     def out_shape():  # [batch, seq, -1]
         bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
-        return g.op("Concat", [bs, g.const([-1])], axis=0)
+        return g.op("Concat", [bs, g.const([-1])], axis=0, name="lora/out_shape")
 
-    def onehot():  # [batch * seq, K] in the compute dtype; -1 (base model) matches no slot
+    def mask():  # [K, 1, batch * seq] in the compute dtype; -1 (base model) matches no slot
         k = g.op("Slice", [g.op("Shape", [values.first_a]), g.const([0]), g.const([1])])
         slots = g.op("Range", [g.const(0), g.op("Squeeze", [k, g.const([0])]), g.const(1)])
-        eq = g.op("Equal", [_shared(values, "token_tasks", token_tasks), g.op("Unsqueeze", [slots, g.const([0])])])
-        return g.op("Cast", [eq], to=NP_TO_ONNX[dtype], name="lora/onehot")
+        eq = g.op("Equal", [g.op("Unsqueeze", [slots, g.const([1])]), _shared(values, "token_tasks", token_tasks)])
+        return g.op("Unsqueeze", [g.op("Cast", [eq], to=NP_TO_ONNX[dtype]), g.const([1])], name="lora/mask")
 
-    def mask(rank: int):  # [batch * seq, K * rank]
-        hot = g.op("Unsqueeze", [_shared(values, "onehot", onehot), g.const([2])])
-        wide = g.op("Expand", [hot, g.const([1, 1, rank])])
-        return g.op("Flatten", [wide], axis=1, name=f"lora/mask_r{rank}")
+    def x_t():  # [in, batch * seq]
+        x2 = g.op("Reshape", [x, g.const([-1, lay.in_features])], name=prefix + "/lora/x2d")
+        return g.op("Transpose", [x2], perm=[1, 0], name=prefix + "/lora/xT")
 
-    x2 = _shared(values, ("x2d", x, lay.in_features),
-                 lambda: g.op("Reshape", [x, g.const([-1, lay.in_features])], name=prefix + "/lora/x2d"))
-    a2 = g.op("Reshape", [a, g.const([-1, lay.in_features])], name=prefix + "/lora/A2d")
-    b2 = g.op("Reshape", [b, g.const([-1, lay.out_features])], name=prefix + "/lora/B2d")
-    xa = g.op("Gemm", [x2, a2], transB=1, name=prefix + "/lora/xA")
-    xa = g.op("Mul", [xa, _shared(values, ("mask", lay.rank), lambda: mask(lay.rank))], name=prefix + "/lora/select")
-    y2 = g.op("Reshape", [y, g.const([-1, lay.out_features])], name=prefix + "/lora/y2d")
-    z = g.op("Gemm", [xa, b2, y2], name=prefix + "/lora/xAB")
-    return g.op("Reshape", [z, _shared(values, "out_shape", out_shape)], name=prefix + "/lora/out")
+    xt = _shared(values, ("xT", x), x_t)  # qkv, and fc with gate, share their input
+    xa = g.op("MatMul", [a, xt], name=prefix + "/lora/AxT")  # [K, R, tokens]
+    xa = g.op("Mul", [xa, _shared(values, "mask", mask)], name=prefix + "/lora/select")
+    d = g.op("MatMul", [b, xa], name=prefix + "/lora/BAxT")  # [K, out, tokens]
+    d = g.op("ReduceSum", [d, g.const([0])], keepdims=0, name=prefix + "/lora/sum")  # [out, tokens]
+    d = g.op("Transpose", [d], perm=[1, 0], name=prefix + "/lora/delta")  # [tokens, out]
+    d = g.op("Reshape", [d, _shared(values, "out_shape", out_shape)], name=prefix + "/lora/delta3d")
+    return g.op("Add", [y, d], name=prefix + "/lora/add")
 
 
 def _gather_form(g: GraphBuilder, x: str, y: str, a: str, b: str, values: LoraGraphValues, dtype: np.dtype,
@@ -199,7 +200,10 @@ def _gather_form(g: GraphBuilder, x: str, y: str, a: str, b: str, values: LoraGr
 
     idx = _shared(values, "index", index)
     a_sel = g.op("Gather", [a, idx], axis=0, name=prefix + "/lora/A_sel")  # [batch, R, in]
-    b_sel = g.op("Gather", [b, idx], axis=0, name=prefix + "/lora/B_sel")  # [batch, R, out]
-    xa = g.op("MatMul", [x, g.op("Transpose", [a_sel], perm=[0, 2, 1])], name=prefix + "/lora/xA")  # [batch, seq, R]
+    b_sel = g.op("Gather", [b, idx], axis=0, name=prefix + "/lora/B_sel")  # [batch, out, R]
+    xt = _shared(values, ("xT", x), lambda: g.op("Transpose", [x], perm=[0, 2, 1], name=prefix + "/lora/xT"))
+    xa = g.op("MatMul", [a_sel, xt], name=prefix + "/lora/AxT")  # [batch, R, seq]
     xa = g.op("Mul", [xa, _shared(values, "valid", valid)], name=prefix + "/lora/select")
-    return g.op("Add", [y, g.op("MatMul", [xa, b_sel], name=prefix + "/lora/xAB")], name=prefix + "/lora/add")
+    d = g.op("MatMul", [b_sel, xa], name=prefix + "/lora/BAxT")  # [batch, out, seq]
+    d = g.op("Transpose", [d], perm=[0, 2, 1], name=prefix + "/lora/delta")
+    return g.op("Add", [y, d], name=prefix + "/lora/add")

@@ -1,7 +1,7 @@
 """LoraManager: the adapters of a running engine with the lora plugin (trtbuild.plugins.lora).
 
-It owns, per targeted linear, the stacked arrays A [max_loras, R, in] and B [max_loras, R, out]
-(B^T per slot, scale folded in) in the engine's compute dtype, allocated once. Slot k holds the
+It owns, per targeted linear, the stacked arrays A [max_loras, R, in] and B [max_loras, out, R]
+(scale folded in) in the engine's compute dtype, allocated once. Slot k holds the
 adapter with lora task id k: the adapters stored in the engine dir (`lora/{i}` → task id i) are
 loaded at start, `add(dir)` loads another into a free slot of the running engine (no rebuild; it
 must fit the engine's target modules and max rank), `remove(task_id)` frees one.
@@ -146,7 +146,7 @@ class LoraManager:
     def _write(self, slot: int, adapter: LoraAdapter | None) -> None:
         for layer, lay, a_name, b_name in self._linears:
             a, b = self.arrays[a_name][slot], self.arrays[b_name][slot]
-            write_adapter_slot(a, b.T, adapter, layer, lay)  # B is stored [R, out]: write through its transpose
+            write_adapter_slot(a, b, adapter, layer, lay)
 
     def check_task_id(self, task_id: int) -> None:
         t = int(task_id)
