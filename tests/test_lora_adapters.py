@@ -421,3 +421,52 @@ def test_real_model_merge_equals_peft(real_model_dir, tmp_path):
     merged, new_config = merge_lora(weights, config, [ad])
     assert new_config.tie_word_embeddings
     assert_same_weights(merged, peft_merged(real_model_dir, [adir]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter_model.bin without torch (trtbuild.lora_adapter.read_torch_state_dict)
+
+
+def test_torch_free_bin_reader_equals_torch_load(tmp_path):
+    from trtbuild.lora_adapter import read_torch_state_dict
+
+    base = torch.randn(6, 5)
+    state = {
+        "f32": torch.randn(3, 4), "f16": torch.randn(4, 2).half(), "bf16": torch.randn(2, 7).bfloat16(),
+        "i64": torch.arange(5), "transposed": base.t(), "slice": base[2:5, 1:4], "shared": base,
+        "empty": torch.zeros(0, 3), "param": torch.nn.Parameter(torch.randn(2, 2)), "scalar": torch.tensor(1.5),
+    }
+    for legacy in (False, True):
+        path = tmp_path / f"sd_{legacy}.bin"
+        torch.save(state, str(path), _use_new_zipfile_serialization=not legacy)
+        got = read_torch_state_dict(path)
+        assert set(got) == set(state)
+        for k, t in state.items():
+            want = t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+            np.testing.assert_array_equal(np.asarray(got[k], dtype=want.dtype), want, err_msg=k)
+            assert got[k].shape == tuple(t.shape), k
+        if not legacy:
+            assert str(got["bf16"].dtype) == "bfloat16" and got["f16"].dtype == np.float16
+
+
+def test_torch_free_bin_reader_refuses_code(tmp_path):
+    """A pickle that would run code is refused, not run (like torch.load(weights_only=True))."""
+    from trtbuild.lora_adapter import read_torch_state_dict
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / ADAPTER_BIN
+    torch.save({"w": torch.zeros(2), "evil": Evil()}, str(path))
+    with pytest.raises(TrtbuildError, match=rf"{path} is not a readable PyTorch state dict of tensors "
+                                            r"\(posix.system is not part of a plain state dict"):
+        read_torch_state_dict(path)
+    assert not marker.exists()
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(TrtbuildError, match="not a readable PyTorch"):
+        read_torch_state_dict(path)

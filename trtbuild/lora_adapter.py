@@ -328,7 +328,8 @@ def _torch_load_legacy(path: Path) -> dict[str, np.ndarray]:
         raise TrtbuildError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TrtbuildError(f"{path} is not a state dict of tensors")
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+    return {k: (v.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                if v.dtype == torch.bfloat16 else v.detach().numpy()) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------
