@@ -11,7 +11,8 @@ from trtbuild.errors import TrtbuildError
 
 @dataclass
 class SamplingConfig:
-    """TensorRT-LLM's sampling knobs. top_k=1 (the default) or temperature 0 is greedy."""
+    """TensorRT-LLM's sampling knobs. Greedy when top_k=1 (the default), when top_k=0 and top_p=0
+    (TensorRT-LLM's meaning of "no sampling limits set"), or when temperature is 0."""
 
     max_new_tokens: int = 32
     end_id: int | None = None
@@ -38,7 +39,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or (self.top_k == 1 and self.top_p == 0.0)
+        return self.temperature == 0 or self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0)
 
 
 class Sampler:
