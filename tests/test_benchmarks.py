@@ -1,0 +1,43 @@
+"""Smoke test: benchmarks/bench_engines.py --quick runs end to end on a tiny engine, so it cannot rot.
+
+Only our engine and the transformers base line (both in the project's own install) are measured;
+the other peers are optional installs and are not touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, make_tiny_model
+
+
+def test_bench_engines_quick(tmp_path: Path) -> None:
+    from trtbuild.builder import build_engine
+    from trtbuild.convert.converter import convert_checkpoint
+    from trtbuild.engine import BuildConfig
+
+    hf = make_tiny_model("llama", tmp_path / "hf")
+    convert_checkpoint(hf, tmp_path / "ckpt", "float32", progress=False)
+    build_engine(tmp_path / "ckpt", tmp_path / "engine",
+                 BuildConfig(max_batch_size=8, max_input_len=64, max_seq_len=128), progress=False)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_engines.py"), "--quick",
+                        "--model_dir", str(hf), "--engine", f"tiny={tmp_path / 'engine'}", "--no_default_engine",
+                        "--peers", "transformers", "--threads", "1", "--json", str(out),
+                        "--cache_dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| engine | precision | MB | decode b1 tok/s | decode b8 tok/s | prefill tok/s |" in r.stdout
+    assert "check trtbuild tiny fp32: same 16 greedy tokens as transformers" in r.stdout, r.stdout
+    data = json.loads(out.read_text())
+    rows = {row["kind"]: row for row in data["rows"]}
+    assert set(rows) == {"trtbuild", "transformers"}
+    for row in rows.values():
+        assert row["decode_b1"] > 0 and row["decode_bN"] > 0 and row["prefill"] > 0
+        assert row["roofline"] > 0 and row["mb"] > 0
+    assert rows["trtbuild"]["vs_transformers"]["b1"] > 0
+    assert data["machine"]["bandwidth_gbs"] > 0
+    assert not (tmp_path / "cache" / "bench").exists()  # nothing built beside the engine it was given
