@@ -7,10 +7,12 @@ One run builds (and caches under --work_dir) from the same checkpoint of --model
     non-zero B), --max_lora_rank = --rank, for each lowering in --forms (masked: the default;
     gather: the per-row reference),
 and measures decode tokens/s at batch 1 (task id 0) and batch --batch (task ids 0, 1, 0, 1, ...:
-2 adapters in one batch): --new_tokens forced tokens after a --prompt_len token prompt, minus the
-same call with 1 new token (so prefill is not counted), tokens = batch × (new_tokens − 1).
-Engines are measured in turns (every engine once per round) and each figure is the median over
---repeats rounds, so that a shared machine whose speed drifts moves every column alike.
+2 adapters in one batch): --new_tokens forced tokens after a --prompt_len token prompt; a run's
+rate is batch / its median decode step (prefill not counted).
+Engines are measured back to back in rounds; each rate is the median over --repeats rounds and each
+slowdown the median of the rounds' ratios to the base engine, so that a shared machine whose speed
+drifts moves every column alike. With --threads 1 (the default) time is the process's CPU time,
+which other processes' load does not inflate (their pressure on caches and memory still shows).
 The lora engine must give the base engine's tokens for task id -1 (checked once).
 
     python benchmarks/bench_lora.py                      # smollm2-135m-instruct, rank 16, batch 1 and 8
@@ -84,19 +86,18 @@ def prepare(args) -> dict[str, Path]:
     return engines
 
 
-def decode_rate(runner, prompts, task_ids, new_tokens: int) -> float:
+def decode_rate(runner, prompts, task_ids, new_tokens: int, clock=time.perf_counter) -> float:
+    """Decode tokens/s: batch / the median time of the decode steps (from the step that returns
+    every prompt's first token, the prefill, to the last), timed by the streaming callback. The
+    median step is robust to the odd step slowed down by other processes."""
     from trtbuild.runtime import SamplingConfig
 
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        out = runner.generate(prompts, SamplingConfig(max_new_tokens=n), lora_task_ids=task_ids)
-        elapsed = time.perf_counter() - start
-        assert all(len(o) == n for o in out.output_ids)
-        return elapsed
-
-    t1 = run(1)
-    tn = run(new_tokens)
-    return len(prompts) * (new_tokens - 1) / max(tn - t1, 1e-9)
+    stamps: list[float] = []
+    out = runner.generate(prompts, SamplingConfig(max_new_tokens=new_tokens), lora_task_ids=task_ids,
+                          streaming_callback=lambda i, toks: stamps.append(clock()))
+    assert all(len(o) == new_tokens for o in out.output_ids)
+    steps = stamps[len(prompts) - 1::len(prompts)]  # one callback per prompt per step; the step's last
+    return len(prompts) / statistics.median(np.diff(steps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="cpu: the process's CPU time (default with --threads 1: steady on a shared machine, "
+                        "where other processes' load makes wall time drift); wall: elapsed time")
     p.add_argument("--forms", nargs="+", default=["masked"], choices=["masked", "gather"])
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
@@ -117,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         from trtbuild.fetch import fetch_model
 
         args.model_dir = str(fetch_model(DEFAULT_MODEL))
+    if args.clock is None:
+        args.clock = "cpu" if args.threads == 1 else "wall"
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu needs --threads 1 (worker threads' spinning counts as CPU time)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     engines = prepare(args)
 
     from trtbuild.runtime import ModelRunner, SamplingConfig
@@ -134,23 +143,28 @@ def main(argv: list[str] | None = None) -> int:
                 return 3
     cases = {1: ([prompts[0]], [0]), args.batch: (prompts, [k % 2 for k in range(args.batch)])}
     rates: dict[tuple[str, int], list[float]] = {}
+    ratios: dict[tuple[str, int], list[float]] = {}
     for rnd in range(args.repeats):
         for batch, (ps, tasks) in cases.items():
-            for name, r in runners.items():
-                t = tasks if name != "base" else None
-                rates.setdefault((name, batch), []).append(decode_rate(r, ps, t, args.new_tokens))
+            # engines back to back within a round; ratios to the base engine of the same round
+            measured = {name: decode_rate(r, ps, tasks if name != "base" else None, args.new_tokens, clock)
+                        for name, r in runners.items()}
+            for name, rate in measured.items():
+                rates.setdefault((name, batch), []).append(rate)
+                ratios.setdefault((name, batch), []).append(rate / measured["base"] - 1)
         log(f"round {rnd + 1}/{args.repeats}")
     table = {}
-    print(f"decode tokens/s, rank {args.rank}, 2 adapters, {args.threads} threads, median of {args.repeats} "
-          f"(prompt {args.prompt_len}, {args.new_tokens} new tokens)")
+    print(f"decode tokens/s ({args.clock} time), rank {args.rank}, 2 adapters, {args.threads} threads, "
+          f"median of {args.repeats} rounds "
+          f"(prompt {args.prompt_len}, {args.new_tokens} new tokens); 'vs base': median of the rounds' ratios")
     print(f"{'engine':<14}" + "".join(f"{'batch ' + str(b):>14}{'vs base':>10}" for b in cases))
     for name in runners:
         row = f"{name:<14}"
         for b in cases:
-            med = statistics.median(rates[(name, b)])
-            base = statistics.median(rates[("base", b)])
-            table[f"{name}/batch{b}"] = {"tokens_per_s": med, "vs_base": med / base - 1, "all": rates[(name, b)]}
-            row += f"{med:>14.1f}{(med / base - 1) * 100:>+9.1f}%"
+            med, rel = statistics.median(rates[(name, b)]), statistics.median(ratios[(name, b)])
+            table[f"{name}/batch{b}"] = {"tokens_per_s": med, "vs_base": rel, "rates": rates[(name, b)],
+                                         "ratios": ratios[(name, b)]}
+            row += f"{med:>14.1f}{rel * 100:>+9.1f}%"
         print(row)
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")

@@ -5,29 +5,27 @@ trtbuild.lora_adapter.lora_layout for which modules share a linear and how q/k/v
 rank slots) the network has two graph inputs
 
     lora.{prefix}.A   [lora_slots, R, in]    adapter k's A (rank-padded)
-    lora.{prefix}.B   [lora_slots, out, R]   adapter k's B, scale folded in
+    lora.{prefix}.B   [lora_slots, R, out]   adapter k's B transposed (B^T, scale folded in)
 
 and one shared input `lora_task_ids` [batch] int64: row b uses slot lora_task_ids[b], and -1 means
 no adapter (the base model). Weights are inputs, not initializers, so that the runtime
 (trtbuild.runtime.lora.LoraManager) loads, replaces and drops adapters in a running engine and
 binds, each step, only the slots the batch uses: `lora_slots` is a dynamic dim, the bound slots
 are a zero-copy view of the manager's stacked arrays, and task ids are relative to that view.
-Both forms compute the transposed products (B @ (A @ x^T))^T with the weights as the left
-operand: a GEMM kernel packs (copies) its right operand on every call unless it is a constant
-initializer, so the small activation is the one packed while the adapter weights stream through
-once (with the weights on the right, the lora GEMMs cost 3x more than their bytes at decode).
+B is stored as B^T per slot so that [K, R, out] reads as one [K*R, out] matrix (a free reshape)
+whose product with the masked [tokens, K*R] activations also sums over the slots.
 
 Two lowerings of the same inputs, both standard ONNX ops (equal up to float rounding; tested):
 
-- "masked" (the default): every row against every bound slot, masked per row,
-      z = y + (sum_k B_k @ (onehot_k(task) * (A_k @ x^T)))^T
-  two (batched) GEMMs per linear whose weights are read once per step for the whole batch. Its cost grows
-  with K, the slots the batch uses (1 at batch 1, the number of distinct adapters in a mixed
-  batch), not with the batch: the right trade on CPU, where decode is bound by weight traffic.
+- "masked" (the default): every token against every bound slot, masked per row,
+      z = y + ((x @ A_all^T) * onehot(task)) @ B_all^T          A_all [K*R, in], B_all^T [K*R, out]
+  two GEMMs per linear whose weights are read once per step for the whole batch. Its cost grows
+  with K, the slots the batch uses (1 at batch 1, the distinct adapters in a mixed batch), not with
+  the batch: the right trade on CPU, where decode is bound by weight traffic.
 - "gather": each row gathers its own A/B (Gather on the slot axis) and runs batched MatMuls,
-      z = y + (B[t_b] @ (A[t_b] @ x_b^T))^T
+      z_b = y_b + (x_b @ A[t_b]^T) @ B[t_b]^T
   cost ∝ batch rows (each row copies its adapter's weights every step); what a GPU grouped-GEMM
-  LoRA kernel computes. Kept as the reference lowering and for many distinct adapters per batch.
+  LoRA kernel computes. Kept as the reference lowering.
 
 There is no fused form in the gemm/attention plugins' sense: onnxruntime has no gather-GEMM
 (punica/bgmv-style) kernel, its own LoRA support is the same mechanism as here (adapter weights
@@ -89,7 +87,7 @@ def lora_graph_inputs(config: PretrainedConfig, layout: dict[str, LoraLinearLayo
             prefix = f"transformer.layers.{i}.{linear}"
             a, b = lora_input_names(prefix)
             out[a] = (prefix, (lay.rank, lay.in_features))
-            out[b] = (prefix, (lay.out_features, lay.rank))
+            out[b] = (prefix, (lay.rank, lay.out_features))
     return out
 
 
@@ -153,37 +151,33 @@ def _shared(values: LoraGraphValues, key, make):
 
 def _masked_form(g: GraphBuilder, x: str, y: str, a: str, b: str, lay: LoraLinearLayout, values: LoraGraphValues,
                  dtype: np.dtype, prefix: str) -> str:
-    # Transposed products, weights as the left operand: y^T += sum_k B_k @ (mask_k * (A_k @ x^T)).
-    # GEMM kernels pack (copy) their right operand on every call unless it is a constant; here the
-    # right operand is the small activation and the adapter weights stream through once.
     from trtbuild.onnx_graph import NP_TO_ONNX
-
-    def token_tasks():  # [1, batch * seq]: the task of every token's row
-        bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
-        tok = g.op("Expand", [g.op("Unsqueeze", [values.task_ids, g.const([1])]), bs])
-        return g.op("Reshape", [tok, g.const([1, -1])], name="lora/token_tasks")
 
     def out_shape():  # [batch, seq, -1]
         bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
         return g.op("Concat", [bs, g.const([-1])], axis=0, name="lora/out_shape")
 
-    def mask():  # [K, 1, batch * seq] in the compute dtype; -1 (base model) matches no slot
+    def onehot():  # [batch * seq, K, 1] in the compute dtype: token t's row uses bound slot k; -1 matches none
+        bs = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
+        tok = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [values.task_ids, g.const([1])]), bs]),
+                               g.const([-1, 1])], name="lora/token_tasks")
         k = g.op("Slice", [g.op("Shape", [values.first_a]), g.const([0]), g.const([1])])
         slots = g.op("Range", [g.const(0), g.op("Squeeze", [k, g.const([0])]), g.const(1)])
-        eq = g.op("Equal", [g.op("Unsqueeze", [slots, g.const([1])]), _shared(values, "token_tasks", token_tasks)])
-        return g.op("Unsqueeze", [g.op("Cast", [eq], to=NP_TO_ONNX[dtype]), g.const([1])], name="lora/mask")
+        hot = g.op("Cast", [g.op("Equal", [tok, g.op("Unsqueeze", [slots, g.const([0])])])], to=NP_TO_ONNX[dtype])
+        return g.op("Unsqueeze", [hot, g.const([2])], name="lora/onehot")
 
-    def x_t():  # [in, batch * seq]
-        x2 = g.op("Reshape", [x, g.const([-1, lay.in_features])], name=prefix + "/lora/x2d")
-        return g.op("Transpose", [x2], perm=[1, 0], name=prefix + "/lora/xT")
+    def mask(rank: int):  # [batch * seq, K * rank]: the one-hot widened over each slot's rank
+        wide = g.op("Expand", [_shared(values, "onehot", onehot), g.const([1, 1, rank])])
+        return g.op("Flatten", [wide], axis=1, name=f"lora/mask_r{rank}")
 
-    xt = _shared(values, ("xT", x), x_t)  # qkv, and fc with gate, share their input
-    xa = g.op("MatMul", [a, xt], name=prefix + "/lora/AxT")  # [K, R, tokens]
-    xa = g.op("Mul", [xa, _shared(values, "mask", mask)], name=prefix + "/lora/select")
-    d = g.op("MatMul", [b, xa], name=prefix + "/lora/BAxT")  # [K, out, tokens]
-    d = g.op("ReduceSum", [d, g.const([0])], keepdims=0, name=prefix + "/lora/sum")  # [out, tokens]
-    d = g.op("Transpose", [d], perm=[1, 0], name=prefix + "/lora/delta")  # [tokens, out]
-    d = g.op("Reshape", [d, _shared(values, "out_shape", out_shape)], name=prefix + "/lora/delta3d")
+    x2 = _shared(values, ("x2d", x), lambda: g.op("Reshape", [x, g.const([-1, lay.in_features])],
+                                                  name=prefix + "/lora/x2d"))  # qkv, and fc with gate, share x
+    a2 = g.op("Reshape", [a, g.const([-1, lay.in_features])], name=prefix + "/lora/A2d")  # [K*R, in], a view
+    b2 = g.op("Reshape", [b, g.const([-1, lay.out_features])], name=prefix + "/lora/B2d")  # [K*R, out], a view
+    xa = g.op("Gemm", [x2, a2], transB=1, name=prefix + "/lora/xA")  # [tokens, K*R]
+    xa = g.op("Mul", [xa, _shared(values, ("mask", lay.rank), lambda: mask(lay.rank))], name=prefix + "/lora/select")
+    d = g.op("MatMul", [xa, b2], name=prefix + "/lora/xAB")  # [tokens, out]: sums over the slots
+    d = g.op("Reshape", [d, _shared(values, "out_shape", out_shape)], name=prefix + "/lora/delta")
     return g.op("Add", [y, d], name=prefix + "/lora/add")
 
 
@@ -200,10 +194,7 @@ def _gather_form(g: GraphBuilder, x: str, y: str, a: str, b: str, values: LoraGr
 
     idx = _shared(values, "index", index)
     a_sel = g.op("Gather", [a, idx], axis=0, name=prefix + "/lora/A_sel")  # [batch, R, in]
-    b_sel = g.op("Gather", [b, idx], axis=0, name=prefix + "/lora/B_sel")  # [batch, out, R]
-    xt = _shared(values, ("xT", x), lambda: g.op("Transpose", [x], perm=[0, 2, 1], name=prefix + "/lora/xT"))
-    xa = g.op("MatMul", [a_sel, xt], name=prefix + "/lora/AxT")  # [batch, R, seq]
+    b_sel = g.op("Gather", [b, idx], axis=0, name=prefix + "/lora/B_sel")  # [batch, R, out]
+    xa = g.op("MatMul", [x, g.op("Transpose", [a_sel], perm=[0, 2, 1])], name=prefix + "/lora/xA")  # [batch, seq, R]
     xa = g.op("Mul", [xa, _shared(values, "valid", valid)], name=prefix + "/lora/select")
-    d = g.op("MatMul", [b_sel, xa], name=prefix + "/lora/BAxT")  # [batch, out, seq]
-    d = g.op("Transpose", [d], perm=[0, 2, 1], name=prefix + "/lora/delta")
-    return g.op("Add", [y, d], name=prefix + "/lora/add")
+    return g.op("Add", [y, g.op("MatMul", [xa, b_sel], name=prefix + "/lora/xAB")], name=prefix + "/lora/add")

@@ -17,7 +17,7 @@ from trtbuild.builder import build_engine
 from trtbuild.convert.converter import convert_checkpoint
 from trtbuild.convert.lora import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, load_lora_adapter, \
     make_peft_adapter, merge_lora
-from trtbuild.engine import BuildConfig, LoraConfig
+from trtbuild.engine import BuildConfig, LoraConfig, PluginConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
@@ -31,17 +31,20 @@ NEW_TOKENS = 12
 ATOL = 1e-3
 
 
-def limits(**lora) -> BuildConfig:
-    return BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, lora_config=LoraConfig(**lora))
+def limits(attention: str = "auto", **lora) -> BuildConfig:
+    return BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, lora_config=LoraConfig(**lora),
+                       plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
 
 
-def build(ckpt: Path, out: Path, lora_dirs=None, form: str | None = None, **lora) -> ModelRunner:
+def build(ckpt: Path, out: Path, lora_dirs=None, form: str | None = None, attention: str = "auto",
+          **lora) -> ModelRunner:
     import trtbuild.lora_engine as lora_engine
 
     old = lora_engine.DEFAULT_LORA_FORM
     lora_engine.DEFAULT_LORA_FORM = form or old
     try:
-        build_engine(ckpt, out, limits(**lora), progress=False, lora_dirs=[str(d) for d in lora_dirs or []] or None)
+        build_engine(ckpt, out, limits(attention, **lora), progress=False,
+                     lora_dirs=[str(d) for d in lora_dirs or []] or None)
     finally:
         lora_engine.DEFAULT_LORA_FORM = old
     return ModelRunner.from_dir(out, num_threads=1)
@@ -195,6 +198,17 @@ def test_gather_form_equals_masked_form(llama, tmp_path):
         llama.runner.generate(PROMPTS, sampling, lora_task_ids=[1, -1, 0]).output_ids
 
 
+def test_standard_plugins_engine(llama, tmp_path):
+    """Attention/norm plugins off (the static-batch runtime path with the concat KV cache)."""
+    standard = build(llama.ckpt, tmp_path / "standard", llama.dirs, attention="disable", max_lora_rank=4)
+    tasks = [0, -1, 1]
+    np.testing.assert_allclose(standard.score(PROMPTS, lora_task_ids=tasks),
+                               llama.runner.score(PROMPTS, lora_task_ids=tasks), atol=1e-4, rtol=0)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    assert standard.generate(PROMPTS, sampling, lora_task_ids=tasks).output_ids == \
+        llama.runner.generate(PROMPTS, sampling, lora_task_ids=tasks).output_ids
+
+
 def test_engine_dir_holds_adapters(llama):
     d = llama.runner.engine_dir
     lc = llama.runner.config.build_config.lora_config
@@ -209,7 +223,7 @@ def test_engine_dir_holds_adapters(llama):
     names = {i.name: i.shape for i in llama.runner.session.get_inputs()}
     assert names["lora_task_ids"] == ["batch_size"]
     assert names["lora.transformer.layers.1.attention.qkv.A"] == ["lora_slots", 12, 64]
-    assert names["lora.transformer.layers.1.attention.qkv.B"] == ["lora_slots", 128, 12]
+    assert names["lora.transformer.layers.1.attention.qkv.B"] == ["lora_slots", 12, 128]
     assert names["lora.transformer.layers.0.mlp.proj.A"] == ["lora_slots", 4, 128]
     assert not any(n.startswith("lora.transformer.layers.0.mlp.gate") for n in names)
 

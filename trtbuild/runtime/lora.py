@@ -1,6 +1,6 @@
 """LoraManager: the adapters of a running engine with the lora plugin (trtbuild.plugins.lora).
 
-It owns, per targeted linear, the stacked arrays A [max_loras, R, in] and B [max_loras, out, R]
+It owns, per targeted linear, the stacked arrays A [max_loras, R, in] and B^T [max_loras, R, out]
 (scale folded in) in the engine's compute dtype, allocated once. Slot k holds the
 adapter with lora task id k: the adapters stored in the engine dir (`lora/{i}` → task id i) are
 loaded at start, `add(dir)` loads another into a free slot of the running engine (no rebuild; it
@@ -146,7 +146,7 @@ class LoraManager:
     def _write(self, slot: int, adapter: LoraAdapter | None) -> None:
         for layer, lay, a_name, b_name in self._linears:
             a, b = self.arrays[a_name][slot], self.arrays[b_name][slot]
-            write_adapter_slot(a, b, adapter, layer, lay)
+            write_adapter_slot(a, b.T, adapter, layer, lay)  # B is stored transposed: write through .T
 
     def check_task_id(self, task_id: int) -> None:
         t = int(task_id)
@@ -166,9 +166,10 @@ class LoraManager:
             bad = [int(k) for k in t if k < -1 or k >= self.max_loras or (k >= 0 and self.slots[k] is None)]
             self.check_task_id(bad[0])
         if used.size == 0:
-            # all rows are base-model rows: one slot is bound (the gather form cannot index an empty
-            # axis) and every row is masked out
-            key, rel = ("range", 0, 1), t
+            # all rows are base-model rows: the masked form runs on no slot at all (its GEMMs are empty,
+            # so the step costs what the base engine's does); the gather form cannot index an empty
+            # axis, so it gets one slot and masks every row out
+            key, rel = ("range", 0, 0 if self.form == "masked" else 1), t
         elif used[-1] - used[0] + 1 <= 2 * used.size:
             lo = int(used[0])
             key, rel = ("range", lo, int(used[-1]) + 1), np.where(t >= 0, t - lo, -1)
