@@ -44,6 +44,7 @@ class BuildConfig:
     backend: str = "onnxruntime"
     compute_dtype: str = "float32"
     trt_compute_capabilities: list[str] | None = None
+    quantize_lm_head: bool = True  # int8 lm_head in weight-only engines
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":

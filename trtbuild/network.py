@@ -20,6 +20,7 @@ from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
 from trtbuild.plugins.attention import add_graph_inputs, attention
 from trtbuild.plugins.gemm import linear
 from trtbuild.plugins.norm import add_norm, norm
+from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, weight_only_linear
 
 
 @dataclass
@@ -31,7 +32,22 @@ class NetworkOptions:
     fused_gemm: bool = True
     fused_norm: bool = True
     max_seq_len: int = 2048
+    quantize_lm_head: bool = True
     lora: "LoraNetworkOptions | None" = None
+
+
+def quantize_lm_head(config: PretrainedConfig, options: "NetworkOptions") -> bool:
+    """Weight-only engines also read lm_head as int8 (unless built with --no_quantize_lm_head): at
+    fp32 it would be the largest weight read per token (vocab x hidden), capping decode speed."""
+    return options.quantize_lm_head and config.quantization.quant_algo in WEIGHT_ONLY_BITS
+
+
+def int8_per_channel(weight: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    """Symmetric int8 round-to-nearest per output row, in the weight-only checkpoint layout."""
+    w = np.asarray(weight, np.float32)
+    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0
+    q = (np.clip(np.rint(w / scale), -127, 127) + 128).astype(np.uint8)
+    return {prefix + ".weight": q, prefix + ".weights_scaling_factor": scale.astype(np.float32)}
 
 
 def _activation(g: GraphBuilder, x: str, act: str) -> str:
@@ -105,9 +121,14 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = norm(g, picked, w("transformer.ln_f.weight"), opt_w("transformer.ln_f.bias"), norm_type, eps, fused_norm)
-        lm_head = embedding if config.tie_word_embeddings else w("lm_head.weight")
         flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
-        logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")
+        lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
+        if quantize_lm_head(config, options):
+            logits = weight_only_linear(g, flat, int8_per_channel(tensors[lm_head_name], "lm_head"), "lm_head", 8,
+                                        -1, options.fused_gemm)
+        else:
+            lm_head = embedding if config.tie_word_embeddings else w("lm_head.weight")
+            logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")
         shape = g.op("Concat", [g.op("Shape", [logits_positions]), g.const([config.vocab_size])], axis=0)
         logits = g.op("Reshape", [logits, shape])
         if dtype != np.float32:

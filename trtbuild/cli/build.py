@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_loras", type=int, default=None, help="adapter slots (default: adapters given + 4)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--trt_compute_capabilities", nargs="+", default=None, help="tensorrt backend: SM targets")
+    p.add_argument("--no_quantize_lm_head", action="store_true",
+                   help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         plugin_config=PluginConfig(gemm_plugin=args.gemm_plugin, gpt_attention_plugin=args.gpt_attention_plugin,
                                    norm_plugin=args.norm_plugin,
                                    lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
-        lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities)
+        lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
+        quantize_lm_head=not args.no_quantize_lm_head)
     from trtbuild.quantization.api import recipe_from_args
 
     recipe = recipe_from_args(args)
