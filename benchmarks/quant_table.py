@@ -1,0 +1,45 @@
+"""Recipe × perplexity × size on disk × decode tokens/s for the default model, in one run.
+
+    python benchmarks/quant_table.py [--model_dir M] [--recipes fp32 w8a16 ...] [--eval_tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from trtbuild.convert.converter import convert_checkpoint
+from trtbuild.evaluate.recipes import RECIPES, evaluate_recipe, markdown_table
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model_dir", default=None, help="default: the fetched smollm2-135m-instruct")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--text_file", default=str(SHARED / "data" / "ppl.txt"))
+    p.add_argument("--eval_tokens", type=int, default=8192)
+    p.add_argument("--num_threads", type=int, default=2)
+    args = p.parse_args()
+    model_dir = args.model_dir
+    if model_dir is None:
+        from trtbuild.fetch import fetch_model
+
+        model_dir = fetch_model("smollm2-135m-instruct")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        convert_checkpoint(model_dir, root / "ckpt", progress=False)
+        calib = root / "calib.txt"
+        calib.write_text(Path(args.text_file).read_text()[:200_000])
+        results = []
+        for name in args.recipes:
+            results.append(evaluate_recipe(name, root / "ckpt", root, Path(args.text_file), calib, 1_000_000,
+                                           args.eval_tokens, num_threads=args.num_threads))
+            print(f"{name}: perplexity {results[-1].perplexity:.4f}", flush=True)
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()

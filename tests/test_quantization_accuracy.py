@@ -1,0 +1,84 @@
+"""Accuracy gates of every quantization recipe on the default real model (SmolLM2-135M-Instruct).
+
+Calibrate on the first 200k characters of ppl.txt, measure perplexity on text from 1M characters
+on (windows of 512 tokens): W8A16 and INT8 KV within 1% of the fp32 engine, SmoothQuant W8A8
+within 3%, GPTQ and AWQ int4 strictly better than RTN int4 per channel and at group size 128
+(group 32 would prove nothing: the model's weights were Q4_1 in blocks of 32), and every recipe
+generates fluent greedy text.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from trtbuild.convert.converter import convert_checkpoint
+from trtbuild.evaluate.recipes import RECIPES, evaluate_recipe, markdown_table
+from trtbuild.runtime import ModelRunner, SamplingConfig
+from trtbuild.runtime.chat import apply_chat_template
+
+from conftest import PPL_TEXT
+
+pytestmark = pytest.mark.slow
+
+EVAL_START_CHAR = 1_000_000
+EVAL_TOKENS = 8192
+QUESTIONS = ["What is the capital of France?", "Give me three tips for staying healthy.",
+             "Explain what a black hole is in two sentences."]
+
+
+@pytest.fixture(scope="module")
+def results(real_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    convert_checkpoint(real_model_dir, root / "ckpt", progress=False)
+    calib = root / "calib.txt"
+    calib.write_text(PPL_TEXT.read_text()[:200_000])
+    out = {}
+    for name in RECIPES:
+        out[name] = evaluate_recipe(name, root / "ckpt", root, PPL_TEXT, calib, EVAL_START_CHAR, EVAL_TOKENS,
+                                    speed=False)
+    print("\n" + markdown_table(list(out.values())))
+    (root / "results.json").write_text(json.dumps({k: vars(v) for k, v in out.items()}, indent=2))
+    return root, out
+
+
+def ppl(results, name):
+    return results[1][name].perplexity
+
+
+def test_int8_recipes_within_1_percent(results):
+    base = ppl(results, "fp32")
+    for name in ("w8a16", "int8_kv"):
+        assert ppl(results, name) <= base * 1.01, f"{name}: {ppl(results, name):.4f} vs fp32 {base:.4f}"
+
+
+def test_smoothquant_within_3_percent(results):
+    base = ppl(results, "fp32")
+    assert ppl(results, "sq_w8a8") <= base * 1.03, f"sq_w8a8: {ppl(results, 'sq_w8a8'):.4f} vs fp32 {base:.4f}"
+
+
+@pytest.mark.parametrize("suffix", ["", "_g128"])
+def test_gptq_and_awq_beat_rtn(results, suffix):
+    rtn = ppl(results, "rtn_int4" + suffix)
+    for method in ("gptq", "awq"):
+        name = f"{method}_int4{suffix}"
+        assert ppl(results, name) < rtn, f"{name}: {ppl(results, name):.4f} not below RTN {rtn:.4f}"
+
+
+def test_every_recipe_generates_fluent_text(results):
+    root, out = results
+    for name in out:
+        runner = ModelRunner.from_dir(root / name)
+        prompts = [runner.tokenizer.encode(apply_chat_template(root / name / "tokenizer",
+                                                               [{"role": "user", "content": q}])).ids
+                   for q in QUESTIONS]
+        outputs = runner.generate(prompts, SamplingConfig(max_new_tokens=48, end_id=2)).output_ids
+        for q, ids in zip(QUESTIONS, outputs):
+            text = runner.tokenizer.decode(ids)
+            assert len(ids) >= 5, f"{name}: {q!r} → {text!r}"
+            grams = collections.Counter(tuple(ids[i:i + 4]) for i in range(len(ids) - 3))
+            assert not grams or grams.most_common(1)[0][1] <= 3, f"{name} repeats itself: {text!r}"
+        if name == "fp32":
+            assert "Paris" in runner.tokenizer.decode(outputs[0])
