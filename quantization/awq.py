@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import QuantizedWeight, check_group_size, effective_group_size, quantize_rtn
+from .layout import QuantizedWeight, check_group_size, effective_group_size, n_groups, pad_to_groups, quantize_rtn
 
 
 def fake_quant(w: torch.Tensor, bits: int, group_size: int, has_zero_point: bool) -> torch.Tensor:
@@ -36,8 +36,8 @@ def awq_search_scales(weights: list[torch.Tensor], gram: torch.Tensor, x_abs_mea
     G = gram.float()
     G = G / max(float(torch.diag(G).mean()), 1e-30)  # only the argmin matters; keep numbers tame
     # AutoAWQ's weight statistic: |w| normalised by its group's max, averaged over output rows.
-    wg = W.abs().reshape(-1, gs)
-    w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(W.shape).mean(dim=0)
+    wg = pad_to_groups(W.abs(), gs).reshape(-1, gs)
+    w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(W.shape[0], -1)[:, :in_f].mean(dim=0)
     x_mean = x_abs_mean.float()
 
     best_s = torch.ones(in_f)
@@ -60,6 +60,10 @@ def awq_clip(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | N
     w = w.float()
     out_f, in_f = w.shape
     gs = effective_group_size(group_size, in_f)
+    if in_f % gs:  # partial last group: search on zero-padded columns, keep the real ones
+        pad = n_groups(in_f, gs) * gs - in_f
+        return awq_clip(pad_to_groups(w, gs), torch.nn.functional.pad(gram, (0, pad, 0, pad)), bits, gs,
+                        has_zero_point, n_grid, max_shrink)[:, :in_f]
     ng = in_f // gs
     G = gram.float() / max(float(torch.diag(gram).mean()), 1e-30)
     Gb = torch.stack([G[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(ng)])  # [ng, gs, gs]

@@ -15,7 +15,8 @@ import torch
 
 from trtbuild.errors import TrtbuildError
 
-from .layout import QuantizedWeight, check_group_size, compute_qparams, effective_group_size, quantize_with
+from .layout import (QuantizedWeight, check_group_size, compute_qparams, effective_group_size, n_groups,
+                     pad_to_groups, quantize_with)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
@@ -51,6 +52,11 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
         raise TrtbuildError(f"GPTQ: Hessian of {name} is {tuple(H.shape)}, expected ({cols}, {cols})")
     gs = effective_group_size(group_size, cols)
     check_group_size(gs, cols, name)
+    if cols % gs:  # partial last group: quantize zero-padded columns (dead inputs), keep the real ones
+        pad = n_groups(cols, gs) * gs - cols
+        qw = gptq_quantize(pad_to_groups(w, gs), torch.nn.functional.pad(H, (0, pad, 0, pad)), bits, gs,
+                           has_zero_point, act_order=act_order, percdamp=percdamp, block_size=block_size, name=name)
+        return QuantizedWeight(q=qw.q[:, :cols].contiguous(), scale=qw.scale, zero=qw.zero, bits=bits, group_size=gs)
     per_channel = gs == cols
     ng = cols // gs
     block_size = max(block_size, gs) if not per_channel else block_size

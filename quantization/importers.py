@@ -120,7 +120,7 @@ def _finish(name: str, q_io: torch.Tensor, zeros_go: torch.Tensor, scales_go: to
             raise TrtbuildError(f"{name}.qzeros: zero points outside [0, {2**bits - 1}] "
                                 "(wrong checkpoint_format: 'gptq' stores zero − 1, 'gptq_v2' the zero itself)")
         qw = QuantizedWeight(q=q_io.t().contiguous().to(torch.uint8), scale=scales_go.t().float().contiguous(),
-                             zero=zeros_go.t().contiguous().to(torch.uint8), bits=bits)
+                             zero=zeros_go.t().contiguous().to(torch.uint8), bits=bits, group_size=gs)
         out = to_weight_only_tensors(qw, has_zero_point)
     if bias is not None:
         out["bias"] = bias

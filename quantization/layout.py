@@ -35,21 +35,24 @@ class QuantizedWeight:
     """Integer weights in original column order plus per-group parameters.
 
     q: uint8 [out, in] in [0, 2^bits - 1]; scale: float32 [out, n_groups]; zero: uint8 [out, n_groups].
+    n_groups = ceil(in / group_size): when group_size does not divide `in`, the last group is
+    partial (as AutoGPTQ does), e.g. in=576 at group 128 gives 4 groups of 128 and one of 64.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
+    group_size: int | None = None  # None: in / n_groups (groups that divide `in`)
 
-    @property
-    def group_size(self) -> int:
-        return self.q.shape[1] // self.scale.shape[1]
+    def __post_init__(self) -> None:
+        if self.group_size is None:
+            self.group_size = self.q.shape[1] // self.scale.shape[1]
 
     def dequantize(self) -> torch.Tensor:
-        gs = self.group_size
-        s = self.scale.repeat_interleave(gs, dim=1)
-        z = self.zero.float().repeat_interleave(gs, dim=1)
+        gs, in_f = self.group_size, self.q.shape[1]
+        s = self.scale.repeat_interleave(gs, dim=1)[:, :in_f]
+        z = self.zero.float().repeat_interleave(gs, dim=1)[:, :in_f]
         return (self.q.float() - z) * s
 
 
@@ -97,19 +100,35 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None, has_zero_po
     out_f, in_f = w.shape
     gs = effective_group_size(group_size, in_f)
     check_group_size(gs, in_f, name)
-    ng = in_f // gs
-    wg = w.reshape(out_f * ng, gs)
+    ng = n_groups(in_f, gs)
+    wg = pad_to_groups(w, gs).reshape(out_f * ng, gs)  # zero padding changes no group's range
     scale, zero = compute_qparams(wg, bits, has_zero_point)
     q = quantize_with(wg, scale[:, None], zero[:, None], bits)
-    return QuantizedWeight(q=q.reshape(out_f, in_f).to(torch.uint8), scale=scale.reshape(out_f, ng),
-                           zero=zero.reshape(out_f, ng).to(torch.uint8), bits=bits)
+    return QuantizedWeight(q=q.reshape(out_f, ng * gs)[:, :in_f].to(torch.uint8).contiguous(),
+                           scale=scale.reshape(out_f, ng), zero=zero.reshape(out_f, ng).to(torch.uint8), bits=bits,
+                           group_size=gs)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [..., in] with zero columns appended up to a multiple of group_size."""
+    pad = n_groups(w.shape[-1], group_size) * group_size - w.shape[-1]
+    return torch.nn.functional.pad(w, (0, pad)) if pad else w
 
 
 def check_group_size(group_size: int, in_features: int, name: str) -> None:
-    if in_features % group_size:
-        raise TrtbuildError(
-            f"--group_size {group_size} does not divide the input dimension {in_features} of {name}: "
-            f"use a group size that divides it, or per-channel quantization (no --per_group)")
+    """Groups are powers of two from 16 (the int4 kernels' block sizes); the last may be partial."""
+    if group_size == in_features:
+        return  # per channel
+    if group_size < 16 or group_size & (group_size - 1):
+        raise TrtbuildError(f"--group_size {group_size} (for {name}) must be a power of two of at least 16, "
+                            "e.g. 32, 64 or 128")
+    if group_size > in_features:
+        raise TrtbuildError(f"--group_size {group_size} is larger than the input dimension {in_features} of {name}: "
+                            "use a smaller group size or per-channel quantization (no --per_group)")
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -145,7 +164,7 @@ def _need(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def from_weight_only_tensors(tensors: dict[str, torch.Tensor], prefix: str, bits: int,
-                             has_zero_point: bool) -> QuantizedWeight:
+                             has_zero_point: bool, group_size: int | None = None) -> QuantizedWeight:
     """CONTRACTS.md tensors of linear `prefix` → QuantizedWeight, checking dtypes and shapes."""
     w = _need(tensors, prefix + ".weight")
     scale = _need(tensors, prefix + ".weights_scaling_factor")
@@ -153,7 +172,9 @@ def from_weight_only_tensors(tensors: dict[str, torch.Tensor], prefix: str, bits
         raise TrtbuildError(f"{prefix}.weight: expected uint8 for {bits}-bit weight-only, got {w.dtype}")
     q = unpack_int4(w) if bits == 4 else w
     out_f, in_f = q.shape
-    if scale.dim() != 2 or scale.shape[0] != out_f or scale.shape[1] == 0 or in_f % scale.shape[1]:
+    gs = group_size if group_size and group_size > 0 else (in_f // scale.shape[1] if scale.dim() == 2 and
+                                                             scale.shape[1] else 0)
+    if scale.dim() != 2 or scale.shape[0] != out_f or not gs or scale.shape[1] != n_groups(in_f, gs):
         raise TrtbuildError(f"{prefix}.weights_scaling_factor: shape {tuple(scale.shape)} does not fit "
                             f"{prefix}.weight [{out_f}, {in_f}] ({bits}-bit)")
     if has_zero_point:
@@ -163,7 +184,7 @@ def from_weight_only_tensors(tensors: dict[str, torch.Tensor], prefix: str, bits
         zero = zero.to(torch.uint8)
     else:
         zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
-    return QuantizedWeight(q=q, scale=scale.float(), zero=zero, bits=bits)
+    return QuantizedWeight(q=q, scale=scale.float(), zero=zero, bits=bits, group_size=gs)
 
 
 def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, config: PretrainedConfig,
@@ -177,7 +198,8 @@ def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, config: Pre
     algo = qc.quant_algo
     w = _need(tensors, prefix + ".weight")
     if algo in WEIGHT_ONLY_ALGOS and w.dtype == torch.uint8:
-        wf = from_weight_only_tensors(tensors, prefix, WEIGHT_ONLY_ALGOS[algo], qc.has_zero_point).dequantize()
+        wf = from_weight_only_tensors(tensors, prefix, WEIGHT_ONLY_ALGOS[algo], qc.has_zero_point,
+                                      qc.group_size if qc.per_group else None).dequantize()
     elif algo in SQ_ALGOS and w.dtype == torch.int8:
         s = _need(tensors, prefix + ".per_channel_scale").float()
         if s.numel() not in (1, w.shape[0]):

@@ -197,12 +197,28 @@ def test_bad_flags_are_clear_errors(argv, match):
         _parse(argv.split())
 
 
-def test_group_size_not_dividing_a_dimension_names_the_tensor():
+def test_group_size_larger_than_a_dimension_names_the_tensor():
     _, w, cfg = tiny_llama(hidden=96, heads=4, kv_heads=2, inter=256, layers=1)
-    r = QuantRecipe(use_weight_only=True, weight_only_precision="int4", per_group=True, group_size=64)
-    with pytest.raises(TrtbuildError, match=r"--group_size 64 does not divide the input dimension 96 of "
+    r = QuantRecipe(use_weight_only=True, weight_only_precision="int4", per_group=True, group_size=128)
+    with pytest.raises(TrtbuildError, match=r"--group_size 128 is larger than the input dimension 96 of "
                                             r"transformer\.layers\.0\.attention\.qkv\.weight"):
         quantize_checkpoint(w, cfg, r, progress=False)
+
+
+@pytest.mark.parametrize("method", ["int4", "int4_gptq", "int4_awq"])
+def test_group_size_not_dividing_a_dimension_makes_a_partial_last_group(method):
+    """in=96 at group 64: groups of 64 and 32, as AutoGPTQ stores them (SmolLM2's 576 at 128 likewise)."""
+    from trtbuild.quantization.layout import dequantize_linear
+
+    _, w, cfg = tiny_llama(hidden=96, heads=4, kv_heads=2, inter=256, layers=1)
+    r = QuantRecipe(use_weight_only=True, weight_only_precision=method, per_group=True, group_size=64)
+    r = dataclasses.replace(r, **SMALL)
+    out, qcfg = quantize_checkpoint(w, cfg, r, calib_texts=CALIB, tokenizer=TOK, progress=False)
+    name = "transformer.layers.0.attention.qkv"
+    assert tuple(out[name + ".weights_scaling_factor"].shape) == (w[name + ".weight"].shape[0], 2)
+    wf = dequantize_linear(out, name, qcfg, apply_prequant=True)
+    rel = (wf - w[name + ".weight"]).norm() / w[name + ".weight"].norm()
+    assert rel < 0.2, f"{method}: relative weight error {rel:.3f}"
 
 
 @pytest.mark.parametrize("prec", ["int4_gptq", "int4_awq"])

@@ -62,6 +62,14 @@ def test_symmetric_stores_midpoint_zero_and_exact_max():
     torch.testing.assert_close(qw.dequantize().abs().amax(dim=1), amax)
 
 
+def test_partial_last_group_equals_quantizing_it_alone():
+    w = _w(3, 96)
+    qw = quantize_rtn(w, 4, 64, True)
+    assert qw.scale.shape == (3, 2) and qw.q.shape == (3, 96)
+    tail = quantize_rtn(w[:, 64:], 4, 32, True)
+    torch.testing.assert_close(qw.dequantize()[:, 64:], tail.dequantize())
+
+
 def test_asymmetric_all_zero_group_is_exact():
     w = _w(2, 64)
     w[0, :32] = 0
@@ -69,9 +77,11 @@ def test_asymmetric_all_zero_group_is_exact():
     assert torch.all(deq[0, :32] == 0)
 
 
-def test_group_size_must_divide_and_bits_supported():
-    with pytest.raises(TrtbuildError, match=r"--group_size 128 does not divide the input dimension 96 of x.weight"):
+def test_group_size_must_be_a_kernel_block_and_bits_supported():
+    with pytest.raises(TrtbuildError, match=r"--group_size 128 is larger than the input dimension 96 of x.weight"):
         quantize_rtn(_w(4, 96), 4, 128, False, "x.weight")
+    with pytest.raises(TrtbuildError, match=r"--group_size 48 \(for x.weight\) must be a power of two"):
+        quantize_rtn(_w(4, 96), 4, 48, False, "x.weight")
     with pytest.raises(TrtbuildError, match="3-bit"):
         quantize_rtn(_w(4, 64), 3, 32, False, "x.weight")
 
