@@ -352,6 +352,8 @@ def test_bad_build_flags(llama, tmp_path, capsys):
     from trtbuild.cli.build import main
 
     a0 = str(llama.adapters["a0"])
+    if not (llama.root / "a0_copy").exists():
+        shutil.copytree(a0, llama.root / "a0_copy")
     cases = {
         ("--lora_target_modules", "attn_q", "attn_v"): r"targets attn_k .*not built for \(--lora_target_modules "
                                                         r"attn_q attn_v\)",
@@ -359,6 +361,9 @@ def test_bad_build_flags(llama, tmp_path, capsys):
         ("--max_lora_rank", "2"): r"rank 4 .* above --max_lora_rank 2",
         ("--max_loras", "1", "--lora_dir", a0, str(llama.adapters["a1"])): r"--max_loras 1 is below the 2 adapters",
         ("--lora_plugin", "float16"): r"--lora_plugin float16: this engine computes in float32",
+        ("--lora_dir", a0, str(llama.adapters["a1"]), str(llama.root / "a0_copy")): r"--lora_dir .*a0 and .*a0_copy "
+                                                                                   r"are the same adapter",
+        ("--backend", "tensorrt"): r"--lora_dir with --backend tensorrt: .*--hf_lora_dir",
     }
     for extra, msg in cases.items():
         argv = ["--checkpoint_dir", str(llama.ckpt), "--output_dir", str(tmp_path / "e"), "--max_input_len", "32",

@@ -33,6 +33,7 @@ that PEFT transposes B @ A before adding it. The checkpoint already holds GPT-2'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -218,6 +219,16 @@ def adapter_weights_file(d: Path) -> Path:
     if pt.is_file():
         return pt
     raise TrtbuildError(f"LoRA dir {d} has neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}")
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """sha256 of adapter_config.json and the weights file: tells the same adapter in two dirs."""
+    h = hashlib.sha256()
+    for f in (Path(adapter_dir) / ADAPTER_CONFIG, adapter_weights_file(adapter_dir)):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_adapter_weights(d: Path) -> tuple[dict[str, np.ndarray], str]:

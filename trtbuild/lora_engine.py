@@ -15,8 +15,8 @@ from pathlib import Path
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.engine import BuildConfig
 from trtbuild.errors import TrtbuildError
-from trtbuild.lora_adapter import (LoraAdapter, check_adapter_fits, check_target_modules, read_lora_adapter,
-                                   union_target_modules)
+from trtbuild.lora_adapter import (LoraAdapter, adapter_fingerprint, check_adapter_fits, check_target_modules,
+                                   read_lora_adapter, union_target_modules)
 from trtbuild.plugins.lora import LORA_DIR, LORA_FORMS, MANIFEST, LoraNetworkOptions
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,12 @@ def prepare_lora(config: PretrainedConfig, build: BuildConfig, lora_dirs: list[s
     if not lora_dirs:
         raise TrtbuildError("--lora_plugin needs --lora_dir with at least one adapter")
     adapters = [read_lora_adapter(d, config, modules_to_save=False) for d in lora_dirs]
+    seen: dict[str, str] = {}
+    for d in lora_dirs:
+        fp = adapter_fingerprint(Path(d))
+        if fp in seen:
+            raise TrtbuildError(f"--lora_dir {seen[fp]} and {d} are the same adapter; pass each adapter once")
+        seen[fp] = str(d)
     resolve_lora_config(config, build, adapters)
     lc = build.lora_config
     stored, sources = [], []

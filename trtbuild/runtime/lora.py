@@ -17,7 +17,6 @@ numpy and onnxruntime only: .safetensors and .bin adapters are read without torc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -29,8 +28,8 @@ import onnxruntime as ort
 
 from trtbuild.engine import EngineConfig
 from trtbuild.errors import TrtbuildError
-from trtbuild.lora_adapter import (ADAPTER_CONFIG, LoraAdapter, adapter_weights_file, check_adapter_fits,
-                                   lora_layout, read_lora_adapter, write_adapter_slot)
+from trtbuild.lora_adapter import (LoraAdapter, adapter_fingerprint, check_adapter_fits, lora_layout,
+                                   read_lora_adapter, write_adapter_slot)
 from trtbuild.plugins.lora import LORA_TASK_IDS, lora_graph_inputs, read_manifest
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,6 @@ class LoadedAdapter:
     fingerprint: str
     max_rank: int
     target_modules: list[str]
-
-
-def adapter_fingerprint(adapter_dir: Path) -> str:
-    """sha256 of adapter_config.json and the weights file: the same adapter loads once."""
-    h = hashlib.sha256()
-    for f in (Path(adapter_dir) / ADAPTER_CONFIG, adapter_weights_file(adapter_dir)):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class LoraManager:
