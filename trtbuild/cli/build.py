@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused residual-add + RMSNorm/LayerNorm")
     p.add_argument("--lora_plugin", default=None, choices=PLUGIN_CHOICES)
     p.add_argument("--lora_dir", nargs="+", default=None, help="PEFT adapter dirs stored in the engine")
-    p.add_argument("--max_lora_rank", type=int, default=64)
+    p.add_argument("--max_lora_rank", type=int, default=None,
+                   help="rank capacity of every adapter slot (default: the largest rank among --lora_dir)")
     p.add_argument("--lora_target_modules", nargs="+", default=None)
     p.add_argument("--max_loras", type=int, default=None, help="adapter slots (default: adapters given + 4)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         raise TrtbuildError("--lora_plugin needs --lora_dir with at least one adapter")
     lora = LoraConfig()
     if args.lora_dir:
-        lora = LoraConfig(lora_dir=list(args.lora_dir), max_lora_rank=args.max_lora_rank,
+        lora = LoraConfig(lora_dir=list(args.lora_dir), max_lora_rank=args.max_lora_rank or 0,
                           lora_target_modules=list(args.lora_target_modules or []),
                           max_loras=args.max_loras or len(args.lora_dir) + 4)
     build = BuildConfig(
