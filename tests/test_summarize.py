@@ -273,14 +273,17 @@ def test_example_script_is_the_same_command():
 
 @pytest.mark.slow
 def test_real_model_engine_agrees_with_transformers(real_model_dir, tmp_path, capsys):
-    """SmolLM2 fp32 engine vs transformers on 20 papers of summarize.jsonl: rouge1 within 1 point."""
+    """SmolLM2 fp32 engine vs transformers on 20 papers of summarize.jsonl: rouge1 within 1 point.
+
+    One thread per side: on the 2 shared cores of CI, 2 threads spin against other jobs and run 2-3x slower.
+    """
     convert_checkpoint(real_model_dir, tmp_path / "ckpt", progress=False)
     build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=4, max_input_len=1024,
                                                                      max_seq_len=1024), progress=False)
     out = tmp_path / "out"
     code = run_summarize(["--engine_dir", tmp_path / "engine", "--hf_model_dir", real_model_dir,
                           "--dataset_file", SUMMARIZE_DATA, "--batch_size", 4, "--max_ite", 5,
-                          "--max_input_length", 512, "--output_len", 64, "--eval_ppl", "--num_threads", 2,
+                          "--max_input_length", 512, "--output_len", 64, "--eval_ppl", "--num_threads", 1,
                           "--no_progress", "--output_dir", out, "--check_accuracy",
                           "--tensorrt_llm_rouge1_threshold", 15, "--tensorrt_llm_ppl_threshold", 100])
     print(capsys.readouterr().out)
