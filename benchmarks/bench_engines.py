@@ -39,7 +39,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+# OpenMP runtimes (torch's, llama.cpp's) spin-wait at every barrier by default; on a 2-core host
+# that other jobs share, that makes them 5-10x slower than with passive waiting (measured here:
+# transformers 2 vs 12 tok/s). Set before torch or llama_cpp load their OpenMP runtime; an
+# OMP_WAIT_POLICY in the environment wins. onnxruntime has its own thread pool (not affected).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_PEERS = ("transformers", "ortgenai", "llamacpp")
@@ -664,7 +670,8 @@ def main(argv=None) -> int:
                          first_token_differing_from_transformers=same, greedy_tokens=tokens[i]))
 
     b = a.batch
-    print(f"\n{platform.processor() or platform.machine()}, {a.threads} threads; read bandwidth "
+    print(f"\n{platform.processor() or platform.machine()}, {a.threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)} rounds, best pass of each); "
           f"decode: {a.new_tokens} new tokens after a {a.prompt_len}-token prompt; prefill: {len(long_prompt)} "
           f"tokens; median of {a.repeats} round(s)\n")
@@ -702,7 +709,8 @@ def main(argv=None) -> int:
 
     if a.json:
         a.json.write_text(json.dumps(dict(
-            machine=dict(processor=platform.processor(), threads=a.threads, bandwidth_gbs=bandwidth / 1e9,
+            machine=dict(processor=platform.processor(), threads=a.threads,
+                         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), bandwidth_gbs=bandwidth / 1e9,
                          bandwidth_rounds_gbs=[x / 1e9 for x in bandwidths]),
             settings=dict(batch=b, prompt_len=a.prompt_len, new_tokens=a.new_tokens, prefill_len=len(long_prompt),
                           repeats=a.repeats, model_dir=str(a.model_dir) if a.model_dir else None),
