@@ -490,3 +490,101 @@ def test_polygraphy_inspect_engine_explains_it_needs_a_gpu(tmp_path, rng):
     text = tb.polygraphy_inspect_engine(tmp_path / "model.engine")
     assert "needs an NVIDIA GPU" in text and "polygraphy said:" in text
     assert "deserialize" in text.lower()
+
+
+# ------------------------------------------------------------------ preparing the network for TensorRT
+def dq_matmul_fp32_scales(k: int, n: int, block: int, per_channel: bool, rng):
+    """The network writer's standard form in a float16 network: int4 weights, float32 scales (a leak)."""
+    q = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
+    blocks = -(-k // block)
+    scale = (rng.random((1 if per_channel else blocks, n)) * 0.05 + 0.01).astype(np.float32)
+    scale = np.repeat(scale, blocks, axis=0) if per_channel else scale
+    m = model([h.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], axis=0, block_size=block, name="dq0"),
+               h.make_node("MatMul", ["x", "W"], ["y"], name="mm0")],
+              [vi("x", TP.FLOAT16, ["B", "S", k])], [vi("y", TP.FLOAT16, ["B", "S", n])],
+              [h.make_tensor("Wq", TP.INT4, [k, n], q.flatten().tolist()), nh.from_array(scale, "Ws")])
+    w = q.astype(np.float32) * np.repeat(scale, block, axis=0)[:k]
+    return m, w
+
+
+@needs_trt
+def test_prepare_reblocks_per_channel_int4_and_writes_scales_in_float16(tmp_path, rng):
+    """hidden 576 with the per-channel block 128 (4.5 blocks): TensorRT wants whole blocks."""
+    k, n = 576, 64
+    m, w = dq_matmul_fp32_scales(k, n, 128, per_channel=True, rng=rng)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    with pytest.raises(TrtbuildError, match="The quantization axis must divide into whole blocks"):
+        tb.build_tensorrt_engine(p, tmp_path / "m.engine", {"x": ((1, 1, k), (2, 8, k), (4, 32, k))})
+    changes = tb.prepare_onnx_for_tensorrt(p, "float16")
+    assert changes == ["1 per-channel DequantizeLinear nodes with 576 inputs: block 128 -> 64 (whole blocks)",
+                       "1 float32 initializers (quantization scales, constants) -> float16"]
+    g = onnx.load(str(p)).graph  # loads the rewritten scales from the external data
+    assert [a.i for a in g.node[0].attribute if a.name == "block_size"] == [64]
+    scales = nh.to_array([t for t in g.initializer if t.name == "Ws"][0])
+    assert scales.dtype == np.float16 and scales.shape == (9, n)
+    assert tb.prepare_onnx_for_tensorrt(p, "float16") == []  # idempotent
+    info = tb.build_tensorrt_engine(p, tmp_path / "m.engine", {"x": ((1, 1, k), (2, 8, k), (4, 32, k))})
+    assert info["network_layer_types"].get("DEQUANTIZE") == 1
+    if HAVE_POLYGRAPHY:  # the rewritten graph computes x @ (q * s), s rounded to float16
+        x = rng.standard_normal((2, 3, k)).astype(np.float16)
+        ref = (x.astype(np.float32) @ w).astype(np.float16)
+        ok, summary = tb.polygraphy_compare(p, {"x": x}, {"y": ref}, rtol=2e-2, atol=0.1)
+        assert ok, summary
+
+
+def test_prepare_refuses_a_partial_group(tmp_path, rng):
+    m, _ = dq_matmul_fp32_scales(96, 16, 64, per_channel=False, rng=rng)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    before = p.read_bytes()
+    with pytest.raises(TrtbuildError, match=r"node 'dq0': 96 inputs are not a multiple of the quantization group "
+                                            r"size 64.*--group_size"):
+        tb.prepare_onnx_for_tensorrt(p, "float16")
+    assert p.read_bytes() == before
+
+
+def test_prepare_keeps_tiny_epsilons_nonzero_and_refuses_overflow(tmp_path):
+    m = model([h.make_node("Max", ["x", "eps"], ["m"], name="max0"), h.make_node("Mul", ["m", "big"], ["y"])],
+              [vi("x", TP.FLOAT, ["N"])], [vi("y", TP.FLOAT, ["N"])],
+              [nh.from_array(np.array(1e-8, np.float32), "eps"), nh.from_array(np.array(2.0, np.float32), "big")])
+    p = save(m, tmp_path / "m.onnx")
+    tb.prepare_onnx_for_tensorrt(p, "float16")
+    eps = nh.to_array([t for t in onnx.load(str(p)).graph.initializer if t.name == "eps"][0])
+    assert eps.dtype == np.float16 and eps > 0
+    m.graph.initializer[1].CopyFrom(nh.from_array(np.array(1e6, np.float32), "big"))
+    p = save(m, tmp_path / "m2.onnx")
+    with pytest.raises(TrtbuildError, match="'big' has values beyond float16's range"):
+        tb.prepare_onnx_for_tensorrt(p, "float16")
+
+
+def test_parser_text_becomes_one_line():
+    desc = ("Invalid Node - transformer.layers.0.attention.qkv/MatMul\n"
+            "ITensor::getDimensions: Error Code 4: API Usage Error (transformer.layers.0.attention.qkv/MatMul: "
+            "IMatrixMultiplyLayer must have same input types. `A` is of type Half and `B` is of type Float. In "
+            "validateTypes at /_src/optimizer/common/nodes/matrixMultiplyNode.cpp:38)\n"
+            "[checkMacros.cpp::catchCudaError::250] Error Code 1: Cuda Runtime (In catchCudaError at "
+            "/_src/common/dispatch/checkMacros.cpp:250 (cudaError 35: CUDA driver version is insufficient))")
+    assert tb._one_line_reason(desc) == ("IMatrixMultiplyLayer must have same input types. `A` is of type Half and "
+                                         "`B` is of type Float")
+
+
+def test_describe_recipe():
+    from trtbuild.checkpoint import QuantConfig
+
+    class Cfg:
+        dtype = "float32"
+        quantization = QuantConfig()
+
+    build = BuildConfigStub("float16")
+    assert tb.describe_recipe(Cfg, build) == "float16"
+    Cfg.quantization = QuantConfig(quant_algo="W4A16_AWQ", per_group=True, group_size=64, kv_cache_quant_algo="INT8")
+    assert tb.describe_recipe(Cfg, build) == \
+        "float16, int4 AWQ weight-only W4A16_AWQ (symmetric, per-group 64), int8 KV cache"
+    Cfg.quantization = QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
+    assert tb.describe_recipe(Cfg, build) == "float16, SmoothQuant W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+
+
+class BuildConfigStub:
+    def __init__(self, compute_dtype: str):
+        self.compute_dtype = compute_dtype

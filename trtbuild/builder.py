@@ -127,6 +127,11 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
     if config.mapping.world_size != 1:
         raise TrtbuildError(f"{ckpt}: world_size {config.mapping.world_size} checkpoints are not supported yet")
     options = resolve_plugins(config, build)
+    if build.backend == "tensorrt":  # TensorRT missing, bad targets, a recipe it cannot compile: before any work
+        from trtbuild.backends.tensorrt_backend import check_tensorrt_build
+
+        check_tensorrt_build(config, build, recipe)
+    tensorrt_builds: dict[str, dict] = {}
     with atomic_output_dir(out) as tmp:
         for rank in range(config.mapping.world_size):
             tensors = read_tensors(ckpt / rank_file(rank))
@@ -145,9 +150,15 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
 
                 compile_engine(onnx_path, engine_path)
             else:
-                from trtbuild.backends.tensorrt_backend import build_for_engine_dir
+                from trtbuild.backends.tensorrt_backend import (build_for_engine_dir, build_info_for_config,
+                                                                layers_report)
 
-                build_for_engine_dir(onnx_path, engine_path, config, build, log_verbose=log.isEnabledFor(logging.DEBUG))
+                verbose = log.isEnabledFor(logging.DEBUG)
+                info = build_for_engine_dir(onnx_path, engine_path, config, build, log_verbose=verbose,
+                                            progress=progress, rank=rank)
+                tensorrt_builds[f"rank{rank}"] = build_info_for_config(info)
+                if verbose:  # `polygraphy inspect model` on the engine (needs a GPU) + the builder's layer list
+                    log.debug("%s", layers_report(engine_path, info))
             if not keep_onnx:
                 onnx_path.unlink()
                 (tmp / (onnx_path.name + ".data")).unlink()
@@ -155,6 +166,8 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             shutil.copytree(ckpt / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         built_by = {"trtbuild": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                     "python": platform.python_version(), "checkpoint_dir": str(ckpt.resolve())}
+        if tensorrt_builds:
+            built_by["tensorrt"] = tensorrt_builds
         save_engine_config(EngineConfig(pretrained_config=config, build_config=build, built_by=built_by), tmp)
     return BuildSummary(out, config.architecture, config.num_hidden_layers, build.compute_dtype,
                         config.quantization.quant_algo, dir_size(out), time.time() - start)

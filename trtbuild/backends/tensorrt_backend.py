@@ -46,6 +46,22 @@ Measured here (tensorrt_rtx 1.7.1.116 from PyPI, polygraphy 0.53.6, onnx 1.23.2,
   from external tensors"); TensorRT can. Keep tiny constants inline (onnx's size_threshold=1024).
 - tensorrt_rtx is strongly typed (no BuilderFlag.FP16): the ONNX dtypes decide the precision, so
   the network must be written in float16/bfloat16; fp16=True matters only for `tensorrt`.
+- The network writer's quantized paths put float32 scales/constants into a float16 network (a
+  float16 MatMul then refuses its float32 dequantized weight: "IMatrixMultiplyLayer must have same
+  input types"), and per-channel weights use block 128 even when K is not a multiple (SmolLM2's
+  hidden 576: "The quantization axis must divide into whole blocks"). prepare_onnx_for_tensorrt
+  rewrites both in place (scales to float16; per-channel blocks to 64), exact up to float16 scale
+  rounding. Per-channel int4 with a block of K (or axis-1 per-channel) also builds, but as a plain
+  gemm on dequantized weights; a dividing block builds TensorRT's fused weight-only kernel
+  ("runtime_fusion" layers). With that, on a tiny Llama: float16, int8/int4 weight-only (RTN,
+  GPTQ, AWQ; per channel or per group), SmoothQuant (static per-tensor Q/DQ, and per-token, which
+  stays a float16 emulation) and int8 KV all build and match the fused onnxruntime engine at the
+  parser level; asymmetric (zero points) and bfloat16 (written as float32 by the network writer)
+  are refused up front by check_tensorrt_recipe. SmolLM2-135M, batch 4 / input 256 / seq 512:
+  float16 274 MiB engine in ~37 s, int4 161 MiB in ~26-30 s (TensorRT build time, 2 loaded cores).
+- Parser-level equality uses `polygraphy run --onnxrt --graph-optimization-level ORT_DISABLE_ALL`:
+  with onnxruntime's default optimizations it fuses DequantizeLinear -> MatMul into MatMulNBits
+  (int8 activations) and checks its own rewrite, not the graph TensorRT compiles.
 """
 
 from __future__ import annotations
@@ -53,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import json
 import logging
 import os
 import re
@@ -251,9 +268,12 @@ def _parser_error_message(onnx_path: Path, err, model, capture: _Capture, packag
         op = op or (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
     desc = err.desc()
     # TensorRT's descriptions end in "<cond>: <message>"; keep the readable tail.
-    short = desc.split("Assertion failed: ", 1)[-1]
+    short = _one_line_reason(desc.split("Assertion failed: ", 1)[-1])
     where = f"node {node_name or '#' + str(node_idx)!r} ({op})" if node_idx >= 0 else "the graph"
     hint = ""
+    if "must have same input types" in desc or "must have identical types" in desc:
+        hint = ("the network mixes float16/bfloat16 and float32 tensors, which a strongly typed TensorRT network "
+                "refuses: write every float initializer in the compute dtype (build_for_engine_dir does)")
     if "Non-zero zero point" in desc:
         hint = ("TensorRT's DequantizeLinear takes only zero zero-points: quantize int4/int8 weights symmetrically "
                 "(no zero point, signed int4), or fold the zero point into a correction term, or build with "
@@ -282,6 +302,29 @@ def _parser_error_message(onnx_path: Path, err, model, capture: _Capture, packag
         short = f"op {op} is not supported by {package}'s ONNX parser"
     msg = f"{onnx_path}: {package}'s ONNX parser rejected {where}: {short.strip()}"
     return msg + (f"; {hint}" if hint else "")
+
+
+def _one_line_reason(desc: str) -> str:
+    """TensorRT's multi-line parser text -> its reason on one line.
+
+    "Invalid Node - X" is followed by the builder's own line, e.g. "ITensor::getDimensions: Error Code 4:
+    API Usage Error (X: IMatrixMultiplyLayer must have same input types. ... In validateTypes at
+    /_src/...)"; the CUDA-driver echo that follows every failed call on a GPU-less machine is dropped.
+    """
+    lines = [ln.strip() for ln in desc.strip().splitlines() if ln.strip() and "catchCudaError" not in ln]
+    if not lines:
+        return ""
+    if len(lines) > 1 and lines[0].startswith("Invalid Node"):
+        lines = lines[1:]
+    out = []
+    for ln in lines:
+        m = re.search(r"Error Code \d+: [^(]*\((.*)\)\s*$", ln)
+        if m:
+            ln = m.group(1)
+            ln = re.sub(r"^[^:]*: (?=[A-Z])", "", ln, count=1)  # the layer name, already named by the caller
+        ln = re.sub(r"\s*In \w+ at /\S+$", "", ln).rstrip(". ")
+        out.append(ln)
+    return "; ".join(dict.fromkeys(out))[:600]
 
 
 def _initializer_dtype(model, name: str) -> str | None:
@@ -466,7 +509,7 @@ def _native_stderr_to_log(enabled: bool) -> Iterator[int | None]:
 def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, profile: Profile,
                           compute_capabilities: list[str] | None = None, fp16: bool = True,
                           log_verbose: bool = False, *, workspace_bytes: int | None = None,
-                          progress: bool = False) -> dict[str, Any]:
+                          progress: bool = False, label: str | None = None) -> dict[str, Any]:
     """Compile `onnx_path` (external data beside it) into a serialized engine at `engine_path`.
 
     `profile`: input name -> (min, opt, max) shapes, one optimization profile; every dynamic input
@@ -475,6 +518,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
     datacenter `tensorrt`, allow fp16 kernels for fp32 layers (weakly typed network); tensorrt_rtx is
     strongly typed and ignores it (the ONNX dtypes decide). The engine is written atomically
     (temporary file in the same dir, then renamed); a failure leaves any previous engine untouched.
+    `label` names the network in error messages instead of its path (e.g. "rank0 network (fp16)").
 
     Returns build info (JSON-serialisable): package, version, engine size, times, inputs/outputs,
     network layer types, the engine's layers (from the builder log) and memory figures.
@@ -489,6 +533,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
         raise TrtbuildError(f"compute_capabilities {compute_capabilities} need tensorrt_rtx; {package} builds for "
                             "the GPU it runs on")
     model = _onnx_structure(onnx_path)
+    shown: Any = label or onnx_path
 
     capture = _Capture(log_verbose)
     logger = _make_logger(trt, capture)
@@ -509,13 +554,13 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
     ok = parser.parse_from_file(str(onnx_path))
     parse_s = time.time() - t0
     if not ok:
-        msgs = [_parser_error_message(onnx_path, parser.get_error(i), model, capture, package)
+        msgs = [_parser_error_message(shown, parser.get_error(i), model, capture, package)
                 for i in range(parser.num_errors)]
         msgs = list(dict.fromkeys(msgs))  # same message for several nodes of one op: keep order, drop repeats
         extra = f" (and {len(msgs) - 1} more parser errors)" if len(msgs) > 1 else ""
-        raise TrtbuildError(msgs[0] + extra if msgs else f"{package} could not parse {onnx_path}: "
+        raise TrtbuildError(msgs[0] + extra if msgs else f"{package} could not parse {shown}: "
                             + _first_line(capture.real_errors()))
-    inputs = _check_profile(network, profile, onnx_path)
+    inputs = _check_profile(network, profile, shown)
     outputs = []
     for i in range(network.num_outputs):
         t = network.get_output(i)
@@ -539,7 +584,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
     for name, (mn, opt, mx) in profile.items():
         trt_profile.set_shape(name, tuple(mn), tuple(opt), tuple(mx))
     if config.add_optimization_profile(trt_profile) < 0:
-        raise TrtbuildError(f"invalid optimization profile for {onnx_path}: {_first_line(capture.real_errors())}")
+        raise TrtbuildError(f"invalid optimization profile for {shown}: {_first_line(capture.real_errors())}")
     prog = _Progress(trt, progress)
     if hasattr(config, "progress_monitor"):
         config.progress_monitor = prog.monitor
@@ -560,10 +605,10 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
         if prog.cancel:
             raise KeyboardInterrupt
         if not built:
-            raise TrtbuildError(_build_error_message(onnx_path, capture, targets))
+            raise TrtbuildError(_build_error_message(shown, capture, targets))
         too_big = [w for w in capture.warnings if "Volume exceeds limit" in w or "volume exceeds" in w]
         if too_big:
-            raise TrtbuildError(f"profile too large for {onnx_path}: {too_big[0].splitlines()[0][:300]} "
+            raise TrtbuildError(f"profile too large for {shown}: {too_big[0].splitlines()[0][:300]} "
                                 "— lower max_batch_size / max_seq_len / max_num_tokens")
         with open(tmp, "rb") as f:
             head = f.read(64)
@@ -679,6 +724,209 @@ def engine_header_info(engine_path: str | os.PathLike) -> dict[str, Any]:
     return {"magic": "vtrt", "package": "tensorrt_rtx", "version": version, "compute_capabilities": targets}
 
 
+# --------------------------------------------------------------- preparing the network for TensorRT
+_FLOAT_TYPES = {"float16": 10, "bfloat16": 16}  # onnx.TensorProto.FLOAT16 / BFLOAT16
+_QUANT_INT_TYPES = (3, 2, 22, 21)  # INT8, UINT8, INT4, UINT4
+_REBLOCK_SIZES = (128, 64, 32, 16)
+
+
+def _tensor_values(tensor, base_dir: Path) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor, base_dir=str(base_dir))
+
+
+def _store_tensor(tensor, values: np.ndarray, data_path: Path) -> None:
+    """Replace `tensor`'s contents with `values` (same name), appended to the external data file."""
+    from onnx import numpy_helper
+
+    new = numpy_helper.from_array(np.ascontiguousarray(values), tensor.name)
+    tensor.ClearField("external_data")
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = 0  # DEFAULT
+    tensor.data_type = new.data_type
+    del tensor.dims[:]
+    tensor.dims.extend(new.dims)
+    if len(new.raw_data) <= 1024:  # tiny constants stay inline (onnxruntime reads Reshape shapes only inline)
+        tensor.raw_data = new.raw_data
+        return
+    with open(data_path, "ab") as f:
+        offset = f.tell()
+        pad = (-offset) % 4096
+        f.write(b"\0" * pad)
+        f.write(new.raw_data)
+    tensor.data_location = 1  # EXTERNAL
+    for k, v in (("location", data_path.name), ("offset", str(offset + pad)), ("length", str(len(new.raw_data)))):
+        e = tensor.external_data.add()
+        e.key, e.value = k, v
+
+
+def _to_compute_float(values: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    import ml_dtypes
+
+    target = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    with np.errstate(over="ignore"):
+        out = values.astype(target)
+    wide = out.astype(np.float32)
+    if not np.all(np.isfinite(wide) | ~np.isfinite(values)):
+        raise TrtbuildError(f"initializer {name!r} has values beyond {dtype}'s range (max |value| "
+                            f"{float(np.abs(values[np.isfinite(values)]).max()):.3g}): it cannot be written in {dtype}")
+    lost = (wide == 0) & (values != 0)
+    if lost.any():  # keep tiny epsilons/scales non-zero: the smallest positive value of the type, with its sign
+        tiny = ml_dtypes.finfo(target).smallest_subnormal
+        out = np.where(lost, np.copysign(np.asarray(tiny, np.float32), values).astype(target), out)
+    return out
+
+
+def describe_recipe(config, build=None) -> str:
+    """One phrase for what is built: "float16", "float16, int4 weight-only W4A16 (symmetric, per-group 64)"."""
+    q = config.quantization
+    parts = [getattr(build, "compute_dtype", None) or config.dtype]
+    if q.quant_algo:
+        algo = q.quant_algo
+        if algo.startswith("W8A8_SQ"):
+            what = f"SmoothQuant {algo}"
+        else:
+            bits = "int8" if algo.startswith("W8") else "int4"
+            kind = {"W4A16_GPTQ": " GPTQ", "W4A16_AWQ": " AWQ"}.get(algo, "")
+            grouping = f"per-group {q.group_size}" if q.per_group and q.group_size and q.group_size > 0 \
+                else "per-channel"
+            zp = "asymmetric" if q.has_zero_point else "symmetric"
+            what = f"{bits}{kind} weight-only {algo} ({zp}, {grouping})"
+        parts.append(what)
+    if q.kv_cache_quant_algo:
+        parts.append(f"{q.kv_cache_quant_algo.lower()} KV cache")
+    return ", ".join(parts)
+
+
+def _effective_quant(config, recipe=None):
+    """The checkpoint's quantization, or what a trt-build recipe (QuantRecipe) will make of it."""
+    from dataclasses import replace
+
+    q = config.quantization
+    if recipe is None or getattr(recipe, "is_noop", True):
+        return q
+    return replace(q, quant_algo=recipe.quant_algo,
+                   has_zero_point=bool(recipe.use_weight_only and recipe.has_zero_point),
+                   per_group=bool(recipe.per_group), group_size=recipe.group_size if recipe.per_group else -1,
+                   kv_cache_quant_algo="INT8" if recipe.int8_kv_cache else q.kv_cache_quant_algo)
+
+
+def check_tensorrt_recipe(config, build, recipe=None) -> None:
+    """Refuse, before any work, what the tensorrt backend cannot compile: one line naming the recipe.
+
+    Built and checked here (tensorrt_rtx 1.7.1.116): float16 (float32 checkpoints are built in
+    float16), int8/int4 weight-only symmetric (RTN, GPTQ, AWQ; per channel or per group),
+    SmoothQuant W8A8 (per-tensor static and per-token forms), int8 KV cache. Refused: asymmetric
+    weight-only (zero points: TensorRT's DequantizeLinear takes only zero zero-points, and has no
+    uint4), bfloat16 (the network writer writes it as float32, and TensorRT's Attention has no
+    float32 kernel), and per-group sizes that do not divide a linear's inputs (TensorRT needs whole
+    blocks).
+    """
+    import copy
+
+    view = copy.copy(config)
+    view.quantization = _effective_quant(config, recipe)
+    q = view.quantization
+    what = describe_recipe(view, build)
+
+    def refuse(reason: str) -> None:
+        raise TrtbuildError(f"--backend tensorrt cannot build {what}: {reason}")
+
+    if getattr(build, "compute_dtype", None) == "bfloat16" or config.dtype == "bfloat16":
+        what = what.replace("bfloat16", "a bfloat16 checkpoint", 1)
+        refuse("the network is written in float32 for bfloat16 checkpoints and TensorRT's Attention has no float32 "
+               "kernel; convert with --dtype float16 (or float32, which is built in float16), or build with "
+               "--backend onnxruntime")
+    if q.quant_algo and not q.quant_algo.startswith("W8A8") and q.has_zero_point:
+        refuse("TensorRT's DequantizeLinear takes only zero zero-points (and has no uint4 weights); quantize "
+               "symmetrically (without --has_zero_point), or build with --backend onnxruntime")
+    if q.quant_algo and q.per_group and q.group_size and q.group_size > 0:
+        sizes = {"hidden_size": config.hidden_size, "attention output (heads * head_size)": config.q_dim,
+                 "intermediate_size": config.intermediate_size}
+        bad = [f"{k} {v}" for k, v in sizes.items() if v % q.group_size]
+        if bad:
+            refuse(f"{', '.join(bad)} is not a multiple of group_size {q.group_size} and TensorRT quantizes in whole "
+                   "blocks; use a --group_size that divides it, per-channel scales, or --backend onnxruntime")
+
+
+def check_tensorrt_build(config, build, recipe=None) -> None:
+    """Everything the tensorrt backend can refuse before any work: TensorRT installed, the targets
+    (--trt_compute_capabilities) and the recipe (check_tensorrt_recipe). One line each."""
+    _, package = _require_trt()
+    targets = normalize_compute_capabilities(getattr(build, "trt_compute_capabilities", None), package)
+    if targets and not _is_rtx(package):
+        raise TrtbuildError(f"--trt_compute_capabilities needs tensorrt_rtx; {package} builds for the GPU it runs on")
+    check_tensorrt_recipe(config, build, recipe)
+
+
+def prepare_onnx_for_tensorrt(onnx_path: str | os.PathLike, compute_dtype: str) -> list[str]:
+    """Make the standard-op network the form TensorRT accepts, in place; returns what changed.
+
+    The network writer emits quantization scales and constants in float32 (the onnxruntime form);
+    TensorRT's strongly typed network wants them in the compute dtype (a float16 MatMul cannot take
+    a float32 dequantized weight). And a per-channel int4 weight whose K is not a multiple of its
+    block (hidden 576 with block 128) is re-blocked to a block that divides K, with the one scale
+    per channel repeated: TensorRT wants whole blocks. Both are exact rewrites of what the weights
+    mean (scales rounded to the compute dtype). Weights stay packed in the external data file; new
+    scales are appended to it. A per-group weight whose K is not a multiple of its group cannot be
+    rewritten: that is an error naming the node.
+    """
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = _onnx_structure(onnx_path)
+    base = onnx_path.parent
+    data_path = base / (onnx_path.name + ".data")
+    inits = {t.name: t for t in model.graph.initializer}
+    changes: list[str] = []
+    reblocked: Counter = Counter()
+    # 1. per-channel int4/int8 blocks that do not divide K
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        block = int(attrs.get("block_size", 0))
+        w, s = inits.get(node.input[0]), inits.get(node.input[1])
+        if not block or w is None or s is None or w.data_type not in _QUANT_INT_TYPES:
+            continue
+        axis = int(attrs.get("axis", 1)) % len(w.dims)
+        k = int(w.dims[axis])
+        if k % block == 0:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            continue  # zero points: TensorRT refuses them anyway, and the parser names the node
+        scales = _tensor_values(s, base)
+        if not np.all(scales == np.take(scales, [0], axis=axis)):
+            raise TrtbuildError(f"node {node.name!r}: {k} inputs are not a multiple of the quantization group size "
+                                f"{block}, and TensorRT takes only whole blocks: quantize with a --group_size that "
+                                "divides the hidden and intermediate sizes")
+        new_block = next((b for b in _REBLOCK_SIZES if k % b == 0), k)
+        reps = k // new_block
+        _store_tensor(s, np.repeat(np.take(scales, [0], axis=axis), reps, axis=axis), data_path)
+        for a in node.attribute:
+            if a.name == "block_size":
+                a.i = new_block
+        reblocked[(block, new_block, k)] += 1
+    changes += [f"{n} per-channel DequantizeLinear nodes with {k} inputs: block {a} -> {b} (whole blocks)"
+                for (a, b, k), n in reblocked.items()]
+    # 2. float32 initializers in a float16/bfloat16 network
+    if compute_dtype in _FLOAT_TYPES:
+        cast = []
+        for t in model.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT:
+                _store_tensor(t, _to_compute_float(_tensor_values(t, base), compute_dtype, t.name), data_path)
+                cast.append(t.name)
+        if cast:
+            changes.append(f"{len(cast)} float32 initializers (quantization scales, constants) -> {compute_dtype}")
+    if changes:
+        tmp = onnx_path.with_name(f".{onnx_path.name}.partial")
+        onnx.save_model(model, str(tmp))
+        os.replace(tmp, onnx_path)
+    return changes
+
+
 # --------------------------------------------------------------------- engine dir integration
 def profile_from_dim_ranges(onnx_path: str | os.PathLike, dim_ranges: dict[str, tuple[int, int, int]]) -> Profile:
     """Build a profile from the ONNX inputs' symbolic dims: {"batch_size": (1, 4, 8), ...}.
@@ -732,24 +980,80 @@ def dim_ranges_for_build(build) -> dict[str, tuple[int, int, int]]:
 
 
 def build_for_engine_dir(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, config, build,
-                         log_verbose: bool = False, progress: bool = False) -> dict[str, Any]:
-    """The engine-dir step (trtbuild.builder): profile from the BuildConfig limits, then build.
+                         log_verbose: bool = False, progress: bool = False, rank: int = 0) -> dict[str, Any]:
+    """The engine-dir step (trtbuild.builder): prepare the network, profile from the limits, build.
 
     `build.trt_compute_capabilities` (--trt_compute_capabilities, a list of targets) picks the GPUs.
+    The ONNX file is rewritten in place into the form TensorRT accepts (prepare_onnx_for_tensorrt),
+    so a kept rank{N}.onnx is exactly what TensorRT compiled. Errors name the rank and the recipe.
+    Returns the build info of build_tensorrt_engine plus "recipe" and "onnx_rewrites".
     """
+    recipe = describe_recipe(config, build) if config is not None else getattr(build, "compute_dtype", "?")
+    label = f"rank{rank} network ({recipe})"
+    dtype = getattr(build, "compute_dtype", "float16")
+    try:
+        rewrites = prepare_onnx_for_tensorrt(onnx_path, dtype)
+    except TrtbuildError as e:
+        raise TrtbuildError(f"{label}: {e}") from None
+    for line in rewrites:
+        log.info("prepared for TensorRT: %s", line)
     profile = profile_from_dim_ranges(onnx_path, dim_ranges_for_build(build))
     targets = getattr(build, "trt_compute_capabilities", None) or getattr(build, "compute_capabilities", None)
-    return build_tensorrt_engine(onnx_path, engine_path, profile, compute_capabilities=targets,
-                                 fp16=getattr(build, "compute_dtype", "float16") != "float32",
-                                 log_verbose=log_verbose, progress=progress)
+    info = build_tensorrt_engine(onnx_path, engine_path, profile, compute_capabilities=targets,
+                                 fp16=dtype != "float32", log_verbose=log_verbose, progress=progress, label=label)
+    info["recipe"] = recipe
+    info["onnx_rewrites"] = rewrites
+    return info
+
+
+def build_info_for_config(info: dict[str, Any]) -> dict[str, Any]:
+    """What an engine dir's config.json records under built_by.tensorrt.rank{N} (no temporary paths,
+    the engine's layer list reduced to counts)."""
+    keep = ("package", "version", "recipe", "compute_capabilities", "header", "engine_bytes", "parse_seconds",
+            "build_seconds", "strongly_typed", "onnx_rewrites", "inputs", "outputs", "network_layers", "memory")
+    out = {k: info[k] for k in keep if k in info}
+    for key in ("inputs", "outputs"):  # one entry for the 2 x num_layers KV tensors that share a profile
+        merged: dict[tuple, dict[str, Any]] = {}
+        for t in out.get(key, []):
+            pattern = re.sub(r"\.\d+\.", ".{i}.", t["name"])
+            sig = (pattern, t["dtype"], json.dumps(t.get("shape")), json.dumps(t.get("profile"), sort_keys=True))
+            if sig in merged:
+                merged[sig]["count"] = merged[sig].get("count", 1) + 1
+            else:
+                merged[sig] = dict(t)
+        out[key] = [{**t, "name": re.sub(r"\.\d+\.", ".{i}.", t["name"])} if t.get("count") else t
+                    for t in merged.values()]
+    layers = info.get("engine_layers") or []
+    out["engine_layers"] = len(layers)
+    out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers))
+    out["warnings"] = len(info.get("warnings") or [])
+    return out
+
+
+def layers_report(engine_path: str | os.PathLike, info: dict[str, Any] | None = None) -> str:
+    """For the verbose build log: `polygraphy inspect model ENGINE --show layers`, and the builder's own
+    list of the engine's layers (what polygraphy would show; inspecting an engine needs a GPU)."""
+    lines = [f"polygraphy inspect model {Path(engine_path).name} --show layers:"]
+    try:
+        lines += ["  " + ln for ln in polygraphy_inspect_engine(engine_path).splitlines()]
+    except TrtbuildError as e:  # polygraphy not installed
+        lines.append(f"  {e}")
+    layers = (info or {}).get("engine_layers")
+    if layers:
+        lines.append(f"engine layers from the TensorRT builder ({len(layers)}):")
+        for i, layer in enumerate(layers):
+            nodes = ", ".join(layer["onnx_nodes"][:4]) + (" ..." if len(layer["onnx_nodes"]) > 4 else "")
+            lines.append(f"  [{i}] {layer['type']:<16} {layer['name'][:100]}" + (f"  <- {nodes}" if nodes else ""))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- running
 class TensorRTSession:
     """Run a serialized engine with numpy inputs on an NVIDIA GPU.
 
-    Device memory comes from torch.cuda when torch has CUDA, else from cuda-python
-    (`pip install cuda-python`). Without a GPU the constructor raises TrtbuildError with one line.
+    Device memory comes from cuda-python (`pip install cuda-python`), else from torch.cuda when
+    torch has CUDA (the runtime does not otherwise import torch). Each run's buffers are freed after
+    its outputs are copied back. Without a GPU the constructor raises TrtbuildError with one line.
     """
 
     def __init__(self, engine_path: str | os.PathLike, device: int = 0):
@@ -812,7 +1116,12 @@ class TensorRTSession:
             raise TrtbuildError(f"TensorRT failed to run {self.engine_path}: {_first_line(self._capture.real_errors())}")
         self._mem.synchronize()
         wanted = output_names or self.output_names
-        return {n: self._mem.download(outs[n][0], outs[n][1], self._np_dtype(n)) for n in wanted}
+        try:
+            return {n: self._mem.download(outs[n][0], outs[n][1], self._np_dtype(n)) for n in wanted}
+        finally:
+            keep.clear()
+            outs.clear()
+            self._mem.free_all()
 
     def close(self) -> None:
         self.context = None
@@ -826,32 +1135,34 @@ class TensorRTSession:
 
 
 class _DeviceMemory:
-    """Device buffers and a stream through torch.cuda, else cuda-python."""
+    """Device buffers and a stream through cuda-python, else torch.cuda."""
 
     def __init__(self, device: int):
         self.torch = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                self.torch = torch
-                torch.cuda.set_device(device)
-                self.stream = torch.cuda.Stream()
-                return
-        except ImportError:
-            pass
+        self._allocs: list[int] = []
         try:
             try:
                 from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
             except ImportError:
                 from cuda import cudart  # type: ignore[no-redef]
-        except ImportError as e:
-            raise TrtbuildError("running a TensorRT engine needs device memory from torch (with CUDA) or "
-                                "cuda-python: pip install cuda-python") from e
+        except ImportError:
+            cudart = None
+        if cudart is None:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    self.torch = torch
+                    torch.cuda.set_device(device)
+                    self.stream = torch.cuda.Stream()
+                    return
+            except ImportError:
+                pass
+            raise TrtbuildError("running a TensorRT engine needs device memory from cuda-python (pip install "
+                                "cuda-python) or torch with CUDA")
         self.cudart = cudart
         self._check(cudart.cudaSetDevice(device))
         self.stream = self._check(cudart.cudaStreamCreate())
-        self._allocs: list[int] = []
 
     def _check(self, result):
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -901,10 +1212,15 @@ class _DeviceMemory:
                                                self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
         return out
 
-    def __del__(self):
-        if getattr(self, "torch", None) is None and getattr(self, "cudart", None) is not None:
+    def free_all(self) -> None:
+        """Free this run's buffers (torch's caching allocator takes back its tensors by itself)."""
+        if getattr(self, "cudart", None) is not None:
             for p in getattr(self, "_allocs", []):
                 self.cudart.cudaFree(p)
+        self._allocs = []
+
+    def __del__(self):
+        self.free_all()
 
 
 # ------------------------------------------------------------------------------- polygraphy
@@ -932,11 +1248,18 @@ _SUMMARY_RE = re.compile(r"(PASSED|FAILED|Minimum Required Tolerance|Absolute Di
 
 def polygraphy_compare(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarray],
                        reference_outputs: dict[str, np.ndarray], rtol: float = 1e-3,
-                       atol: float = 1e-3, timeout: float = 600) -> tuple[bool, str]:
+                       atol: float = 1e-3, timeout: float = 600,
+                       save_dir: str | os.PathLike | None = None,
+                       graph_optimization_level: str = "ORT_DISABLE_ALL") -> tuple[bool, str]:
     """Run `polygraphy run ONNX --onnxrt` on `inputs` and compare with `reference_outputs`.
 
     The reference is saved as a polygraphy RunResults (--load-outputs) and the inputs as a feed
     dict (--load-inputs). polygraphy passes an element when |diff| <= atol OR |diff|/|ref| <= rtol.
+    With `save_dir`, inputs.json, reference.json and polygraphy's outputs.json (RunResults.load)
+    are kept there; otherwise in a temporary dir. onnxruntime's graph optimizations are off by
+    default so that the graph runs as written: ORT_ENABLE_ALL would fuse DequantizeLinear -> MatMul
+    into MatMulNBits, which quantizes activations to int8 (measured on SmolLM2 int4: logits 3.0 off
+    instead of 0.5), i.e. check onnxruntime's rewrite instead of what TensorRT compiles.
     Returns (passed, summary of polygraphy's verdict lines).
     """
     try:
@@ -955,7 +1278,11 @@ def polygraphy_compare(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarra
     if unknown or not reference_outputs:
         return False, (f"reference outputs {unknown or '(none)'} are not outputs of {onnx_path} "
                        f"(outputs: {', '.join(outputs)})")
-    with tempfile.TemporaryDirectory(prefix="trtbuild-polygraphy-") as d, G_LOGGER.verbosity(G_LOGGER.WARNING):
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    workdir = contextlib.nullcontext(str(save_dir)) if save_dir is not None else \
+        tempfile.TemporaryDirectory(prefix="trtbuild-polygraphy-")
+    with workdir as d, G_LOGGER.verbosity(G_LOGGER.WARNING):
         d = Path(d)
         save_json([{k: np.asarray(v) for k, v in inputs.items()}], str(d / "inputs.json"))
         ref = RunResults()
@@ -964,7 +1291,8 @@ def polygraphy_compare(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarra
         ref.save(str(d / "reference.json"))
         cmd = exe + ["run", str(onnx_path), "--onnxrt", "--load-inputs", str(d / "inputs.json"),
                      "--load-outputs", str(d / "reference.json"), "--save-outputs", str(d / "outputs.json"),
-                     "--rtol", repr(float(rtol)), "--atol", repr(float(atol))]
+                     "--rtol", repr(float(rtol)), "--atol", repr(float(atol)),
+                     "--graph-optimization-level", graph_optimization_level]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_polygraphy_env(False))
         except subprocess.TimeoutExpired:
@@ -1007,4 +1335,6 @@ __all__ = [
     "tensorrt_available", "build_tensorrt_engine", "can_run_tensorrt", "TensorRTSession", "engine_header_info",
     "normalize_compute_capabilities", "profile_from_dim_ranges", "dim_ranges_for_build", "build_for_engine_dir",
     "polygraphy_compare", "polygraphy_inspect_engine", "RTX_TARGETS", "INSTALL_HINT",
+    "check_tensorrt_build", "check_tensorrt_recipe", "build_info_for_config", "layers_report", "describe_recipe",
+    "prepare_onnx_for_tensorrt",
 ]
