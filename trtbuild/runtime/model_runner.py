@@ -68,14 +68,13 @@ class ModelRunner:
         engine_path = engine_dir / f"rank{rank}.engine"
         if not engine_path.is_file():
             raise TrtbuildError(f"{engine_path} not found: the engine dir is incomplete; rebuild it with trt-build")
-        if backend == "tensorrt":
-            from trtbuild.backends.tensorrt_backend import can_run_tensorrt
+        if backend == "tensorrt":  # on an NVIDIA GPU, with the same _step feeds as the standard onnxruntime form
+            from trtbuild.runtime.tensorrt_session import TensorRTStepSession
 
-            ok, why = can_run_tensorrt()
-            if not ok:
-                raise TrtbuildError(f"{engine_dir} is a TensorRT engine and cannot run here: {why}. "
-                                    "Build with --backend onnxruntime to run on this machine")
-            raise TrtbuildError("running TensorRT engines is not wired into ModelRunner yet")
+            session = TensorRTStepSession.open(engine_dir, engine_path, config)  # one clear line without a GPU
+            tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
+            tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() or tokenizer_dir else None
+            return cls(engine_dir, config, session, tokenizer)  # type: ignore[arg-type]
         from trtbuild.backends.onnxruntime_backend import open_session
 
         try:
