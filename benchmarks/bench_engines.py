@@ -52,7 +52,7 @@ ALL_PEERS = ("transformers", "ortgenai", "llamacpp")
 ORT_GENAI_VERSION = "0.18.0"
 LLAMA_CPP_VERSION = "0.3.36"
 INSTALL = {
-    "transformers": "pip install transformers 'torch==2.13.0' --index-url ... (the project's own venv has them)",
+    "transformers": "pip install transformers torch==2.13.0 (the project's own install has both)",
     "ortgenai": f"pip install onnxruntime-genai=={ORT_GENAI_VERSION} onnx-ir",
     "llamacpp": (f'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python=={LLAMA_CPP_VERSION} '
                  "gguf sentencepiece   # builds from source, ~10 min on 2 cores"),
