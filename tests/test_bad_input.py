@@ -70,29 +70,31 @@ def test_corrupt_safetensors_names_the_file(tiny_models, tmp_path, capsys, damag
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
 
 
-def test_missing_tensor_is_named(tiny_models, tmp_path, capsys):
+def convert_edited_model(tiny_models, tmp_path, capsys, edit) -> str:
+    """Convert a copy of the tiny Llama whose state dict `edit` changed; return the error line."""
     from safetensors.torch import load_file, save_file
 
     d = tmp_path / "m"
     shutil.copytree(tiny_models["llama"], d)
     state = load_file(str(d / "model.safetensors"))
-    del state["model.layers.1.mlp.down_proj.weight"]
+    edit(state)
     save_file(state, str(d / "model.safetensors"))
     line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
-    assert "model.layers.1.mlp.down_proj.weight" in line
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
+    return line
+
+
+def test_missing_tensor_is_named(tiny_models, tmp_path, capsys):
+    line = convert_edited_model(tiny_models, tmp_path, capsys,
+                                lambda state: state.pop("model.layers.1.mlp.down_proj.weight"))
+    assert "model.layers.1.mlp.down_proj.weight" in line
 
 
 def test_wrongly_shaped_tensor_is_named(tiny_models, tmp_path, capsys):
     import torch
-    from safetensors.torch import load_file, save_file
 
-    d = tmp_path / "m"
-    shutil.copytree(tiny_models["llama"], d)
-    state = load_file(str(d / "model.safetensors"))
-    state["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 32)
-    save_file(state, str(d / "model.safetensors"))
-    line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
+    line = convert_edited_model(tiny_models, tmp_path, capsys,
+                                lambda state: state.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 32)}))
     assert "model.layers.0.self_attn.o_proj.weight" in line and "(64, 32)" in line
 
 
