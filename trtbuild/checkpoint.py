@@ -18,13 +18,13 @@ Quantized linears add tensors beside `.weight` (see trtbuild.quantization).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtbuild.errors import TrtbuildError
+from trtbuild.fsutil import read_json, write_json
 from trtbuild.version import CHECKPOINT_FORMAT_VERSION, __version__
 
 CONFIG_NAME = "config.json"
@@ -133,20 +133,13 @@ class PretrainedConfig:
 
 
 def save_config(config: PretrainedConfig, out_dir: str | os.PathLike) -> None:
-    with open(Path(out_dir) / CONFIG_NAME, "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-        f.write("\n")
+    write_json(Path(out_dir) / CONFIG_NAME, config.to_dict())
 
 
 def load_config(ckpt_dir: str | os.PathLike) -> PretrainedConfig:
     """Read and validate a checkpoint's config.json."""
     path = Path(ckpt_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise TrtbuildError(f"{path} not found: --checkpoint_dir must be a dir written by convert_checkpoint.py")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON ({e})") from None
+    raw = read_json(path, "--checkpoint_dir must be a dir written by convert_checkpoint.py")
     if "format_version" not in raw:
         raise TrtbuildError(f"{path} has no format_version: not a trtbuild checkpoint; re-run convert_checkpoint.py")
     if raw["format_version"] != CHECKPOINT_FORMAT_VERSION:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.fsutil import read_json, write_json
 from trtbuild.version import ENGINE_FORMAT_VERSION, __version__
 
 PLUGIN_CHOICES = ("auto", "disable", "float32", "float16", "bfloat16")
@@ -72,20 +72,13 @@ class EngineConfig:
 
 
 def save_engine_config(config: EngineConfig, engine_dir: Path) -> None:
-    with open(engine_dir / "config.json", "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-        f.write("\n")
+    write_json(engine_dir / "config.json", config.to_dict())
 
 
 def load_engine_config(engine_dir: str | Path) -> EngineConfig:
     """Read an engine dir's config.json; a mismatched version says what to rebuild."""
     path = Path(engine_dir) / "config.json"
-    if not path.is_file():
-        raise TrtbuildError(f"{path} not found: --engine_dir must be a dir written by trt-build")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON ({e})") from None
+    raw = read_json(path, "--engine_dir must be a dir written by trt-build")
     version = raw.get("version")
     if raw.get("format_version") != ENGINE_FORMAT_VERSION or version != __version__:
         raise TrtbuildError(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from trtbuild.errors import TrtbuildError
 
@@ -58,3 +59,21 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Indented JSON with a final newline (the configs users read)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Load a JSON file; a missing or malformed file is a TrtbuildError naming it and `what` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrtbuildError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrtbuildError(f"{path} is not valid JSON ({e})") from None
