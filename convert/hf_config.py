@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.fsutil import read_json
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
 
@@ -17,12 +17,7 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise TrtbuildError(f"--model_dir {model_dir} is not a directory")
-    if not path.is_file():
-        raise TrtbuildError(f"{path} not found: --model_dir must be a Hugging Face model dir with a config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, "--model_dir must be a Hugging Face model dir with a config.json")
 
 
 def architecture_of(hf: dict[str, Any], source: str) -> str:
