@@ -282,6 +282,9 @@ def test_triton_repo_command(tmp_path, capsys):
                              "--instance_count", "2"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
         ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"])
+    # every model needs a version dir, the ensemble's empty one too (git drops empty dirs,
+    # so the template has none: a repo without it fails "No model version was found")
+    assert all((p / "1").is_dir() for p in out.iterdir() if p.is_dir())
     llm = (out / "tensorrt_llm" / "config.pbtxt").read_text()
     assert "decoupled: true" in llm and "count: 2" in llm and "max_batch_size: 4" in llm
     assert f'string_value: "{engine.resolve()}"' in llm

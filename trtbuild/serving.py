@@ -262,6 +262,9 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
             src = templates / model
             dst = tmp / model
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            # Triton needs a version dir even for the ensemble, which has no files
+            # in it; git does not keep empty dirs, so make it here.
+            (dst / "1").mkdir(exist_ok=True)
             cfg_path = dst / "config.pbtxt"
             cfg_path.write_text(_fill(cfg_path.read_text(), values, src / "config.pbtxt"))
         (tmp / "README.txt").write_text(
