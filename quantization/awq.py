@@ -75,8 +75,8 @@ def awq_clip(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | N
         m = amax * (1 - k / n_grid)
         cw = torch.maximum(torch.minimum(wg, m), -m)
         q = fake_quant(cw.reshape(out_f, in_f), bits, gs, has_zero_point).reshape(out_f, ng, gs)
-        E = wg - q
-        err = torch.einsum("ogi,gij,ogj->og", E, Gb, E)
+        E = (wg - q).transpose(0, 1)  # [ng, out, gs]: one batched matmul per group
+        err = (torch.bmm(E, Gb) * E).sum(dim=-1).transpose(0, 1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_w = torch.where(better[..., None], cw, best_w)

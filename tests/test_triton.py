@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from trtbuild.errors import TrtbuildError
-from trtbuild.serving import (IncrementalDetokenizer, from_word_list_format, make_model_repo,
+from trtbuild.serving import (GuardedSender, IncrementalDetokenizer, from_word_list_format, make_model_repo,
                               main as triton_repo_main, to_word_list_format)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +241,18 @@ def served(request, tmp_path_factory, triton_venv):
         yield Served(kind, engine, runner, server, eos)
 
 
+@pytest.fixture(autouse=True)
+def _server_outlives_the_test(request):
+    """A test that kills the server fails with what the server said, not the next test with
+    'connection refused'."""
+    yield
+    if "served" in request.fixturenames:
+        server = request.getfixturevalue("served").server
+        if server.proc.poll() is not None:
+            pytest.fail(f"tritonserver exited with code {server.proc.returncode} during this test:\n"
+                        f"{server.log_tail(80)}")
+
+
 # ------------------------------------------------------------------------------ no server
 
 def test_word_list_format_round_trip():
@@ -252,6 +264,49 @@ def test_word_list_format_round_trip():
     assert from_word_list_format(arr) == words
     with pytest.raises(TrtbuildError, match="offsets"):
         from_word_list_format(np.array([[[5, 6], [3, -1]]], dtype=np.int32))
+
+
+def test_guarded_sender_is_never_polled_after_the_final_response():
+    """Triton frees a response factory at the final flag; polling it then crashed the server."""
+    FINAL = 1
+
+    class Factory:  # stands in for pb_utils' sender: any use after the final flag is a crash
+        freed = False
+        sent = []
+
+        def send(self, response=None, flags=0):
+            assert not self.freed
+            self.sent.append((response, flags))
+            self.freed = bool(flags & FINAL)
+
+        def is_cancelled(self):
+            assert not self.freed, "is_cancelled() on a freed response factory"
+            return False
+
+    sender = GuardedSender(Factory(), FINAL)
+    stop = threading.Event()
+    errors = []
+
+    def poll():
+        while not stop.is_set():
+            try:
+                sender.is_cancelled()
+            except AssertionError as e:
+                errors.append(e)
+
+    pollers = [threading.Thread(target=poll) for _ in range(4)]
+    for t in pollers:
+        t.start()
+    for i in range(200):
+        sender.send(f"token {i}")
+    sender.send(flags=FINAL)
+    time.sleep(0.05)
+    stop.set()
+    for t in pollers:
+        t.join()
+    assert not errors and len(Factory.sent) == 201 and not sender.is_cancelled()
+    with pytest.raises(RuntimeError, match="already sent"):
+        sender.send("late")
 
 
 def test_incremental_detokenizer_never_splits_a_character():

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import string
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -172,6 +173,40 @@ class IncrementalDetokenizer:
             delta = text[len(common):]
         self.emitted = text
         return delta
+
+
+class GuardedSender:
+    """A decoupled Triton response sender that one thread may send on while another polls it.
+
+    Triton's python backend frees a request's response factory once the final response is
+    sent; `is_cancelled()` after that reads freed memory and kills the whole server (SIGSEGV in
+    TRITONBACKEND_ResponseFactoryIsCancelled, seen under load). Here sends and polls take one
+    lock, and polls after the final response answer from what was last seen.
+    """
+
+    def __init__(self, sender, final_flag: int):
+        self._sender = sender
+        self._final_flag = final_flag
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self.closed = False
+
+    def send(self, response=None, flags: int = 0) -> None:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the final response of this request was already sent")
+            if response is None:
+                self._sender.send(flags=flags)
+            else:
+                self._sender.send(response, flags=flags)
+            if flags & self._final_flag:
+                self.closed = True
+
+    def is_cancelled(self) -> bool:
+        with self._lock:
+            if not self.closed and not self._cancelled:
+                self._cancelled = bool(self._sender.is_cancelled())
+            return self._cancelled
 
 
 def model_parameter(model_config: dict, key: str, default: Any = None) -> Any:

@@ -20,7 +20,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild.serving import from_word_list_format, model_parameter, read_engine_config
+from trtbuild.serving import GuardedSender, from_word_list_format, model_parameter, read_engine_config
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -274,7 +274,7 @@ class TritonPythonModel:
     def execute(self, requests):
         if self.decoupled:
             for request in requests:
-                sender = request.get_response_sender()
+                sender = GuardedSender(request.get_response_sender(), FINAL)
                 if self._is_stop(request):
                     self._stop_request(request.request_id())
                     sender.send(flags=FINAL)

@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild.serving import IncrementalDetokenizer, load_tokenizer, model_parameter
+from trtbuild.serving import GuardedSender, IncrementalDetokenizer, load_tokenizer, model_parameter
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -172,6 +172,7 @@ class TritonPythonModel:
         if not self.decoupled:
             return [self._serve(r, None) for r in requests]
         for request in requests:
-            threading.Thread(target=self._serve, args=(request, request.get_response_sender()),
+            sender = GuardedSender(request.get_response_sender(), FINAL)
+            threading.Thread(target=self._serve, args=(request, sender),
                              daemon=True, name="trtbuild-bls").start()
         return None
