@@ -7,7 +7,7 @@ Recipes (TensorRT-LLM flags → quant_algo):
   --use_weight_only --weight_only_precision int8|int4   RTN          W8A16 | W4A16
                                             int4_gptq    GPTQ         W4A16_GPTQ   (calibrated)
                                             int4_awq     AWQ          W4A16_AWQ    (calibrated)
-     [--per_group --group_size 32|64|128] [--has_zero_point] [--gptq_act_order]
+     [--per_group --group_size 32|64|128] [--has_zero_point] [--gptq_act_order] [--calib_plain_gram]
   --smoothquant α [--per_channel] [--per_token]         SmoothQuant  W8A8_SQ_*_PLUGIN (calibrated)
   --int8_kv_cache                                       kv_cache_quant_algo INT8 (calibrated)
 """
@@ -65,6 +65,7 @@ class QuantRecipe:
     gptq_block_size: int = 128
     awq_grid: int = 20
     awq_clip: bool = True
+    calib_token_norm: bool = True  # GPTQ/AWQ objective over RMS-normalized tokens (calibration.InputStats)
 
     # -- what it means --------------------------------------------------------------------------
     @property
@@ -137,6 +138,8 @@ class QuantRecipe:
             raise TrtbuildError("--has_zero_point applies to weight-only quantization: add --use_weight_only")
         if self.gptq_act_order and self.method != "gptq":
             raise TrtbuildError("--gptq_act_order applies to --weight_only_precision int4_gptq")
+        if not self.calib_token_norm and self.method not in ("gptq", "awq"):
+            raise TrtbuildError("--calib_plain_gram applies to --weight_only_precision int4_gptq or int4_awq")
         if self.per_group and self.group_size not in GROUP_SIZES:
             raise TrtbuildError(f"--group_size {self.group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
         if self.calib_size < 1:
@@ -169,6 +172,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--group_size", type=int, default=128, help="group size with --per_group: 32, 64 or 128 (default 128)")
     g.add_argument("--has_zero_point", action="store_true", help="asymmetric weight-only quantization (zero points)")
     g.add_argument("--gptq_act_order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
+    g.add_argument("--calib_plain_gram", dest="calib_token_norm", action="store_false", default=True,
+                   help="GPTQ/AWQ: weigh calibration tokens by their input norm (upstream's plain X Xᵀ) "
+                        "instead of by relative error, which keeps attention-sink tokens from dominating")
     g.add_argument("--smoothquant", "-sq", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant W8A8 with migration strength ALPHA in [0, 1] (0.5 is usual)")
     g.add_argument("--per_channel", action="store_true", help="SmoothQuant: one weight scale per output channel")
@@ -281,7 +287,7 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
 
     if method == "gptq":
         cal = LayerwiseCalibrator(model, samples, gram=True, kv=recipe.int8_kv_cache, sequential=True,
-                                  progress=progress, desc="GPTQ")
+                                  progress=progress, desc="GPTQ", token_norm=recipe.calib_token_norm)
         for i, st in cal.layers():
             for group in input_groups(config, i):
                 H = st.inputs[group[0]].hessian()
@@ -293,7 +299,8 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
                     work[name + ".weight"] = qw.dequantize()  # later layers calibrate on the quantized ones
             put_kv(i, st)
     elif method == "awq":
-        cal = LayerwiseCalibrator(model, samples, gram=True, kv=recipe.int8_kv_cache, progress=progress, desc="AWQ")
+        cal = LayerwiseCalibrator(model, samples, gram=True, kv=recipe.int8_kv_cache, progress=progress, desc="AWQ",
+                                  token_norm=recipe.calib_token_norm)
         c = config
         for i, st in cal.layers():
             p = layer_prefix.format(i)

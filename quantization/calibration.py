@@ -167,13 +167,22 @@ def make_calib_samples(texts: Iterable[str], tokenizer, calib_size: int, seq_len
 # -- statistics ------------------------------------------------------------------------------
 @dataclass
 class InputStats:
-    """Statistics of one linear's input x [tokens, in] over the calibration samples."""
+    """Statistics of one linear's input x [tokens, in] over the calibration samples.
+
+    The Gram matrix (GPTQ's Hessian, AWQ's error metric) is by default summed over tokens scaled
+    to unit RMS (`token_norm`): the objective becomes the sum of every token's *relative* output
+    error. With plain x xᵀ a few tokens with massive activations (the attention-sink first token
+    of each sample, whose input norms are 10-100× the others') dominate it, and GPTQ trades the
+    other tokens' accuracy for theirs: on SmolLM2-135M at int4 per channel plain GPTQ gave
+    perplexity 78.8 against RTN's 53.0, the token-normalized one 48.2 (42.3 with act-order).
+    """
 
     want_gram: bool = False
+    token_norm: bool = True
     n: int = 0
     abs_max: Optional[torch.Tensor] = None  # [in]
     abs_sum: Optional[torch.Tensor] = None  # [in]
-    gram: Optional[torch.Tensor] = None  # [in, in] float64, sum of x x^T
+    gram: Optional[torch.Tensor] = None  # [in, in] float64, sum of x̂ x̂ᵀ (x̂ = x, or x / rms(x))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -185,7 +194,8 @@ class InputStats:
             self.abs_max = torch.maximum(self.abs_max, amax)
             self.abs_sum += asum
         if self.want_gram:
-            g = (x.t() @ x).double()
+            xg = x / x.pow(2).mean(dim=1, keepdim=True).sqrt().clamp(min=1e-12) if self.token_norm else x
+            g = (xg.t() @ xg).double()
             self.gram = g if self.gram is None else self.gram + g
         self.n += x.shape[0]
 
@@ -194,7 +204,7 @@ class InputStats:
         return (self.abs_sum / max(self.n, 1)).float()
 
     def hessian(self) -> torch.Tensor:
-        """GPTQ's H = 2/N · Σ x xᵀ (float32)."""
+        """GPTQ's H = 2/N · Σ x̂ x̂ᵀ (float32)."""
         return (2.0 / max(self.n, 1) * self.gram).float()
 
 
@@ -234,10 +244,12 @@ class LayerwiseCalibrator:
     """
 
     def __init__(self, model: ReferenceModel, samples: torch.Tensor, *, gram: bool = False, kv: bool = False,
-                 sequential: bool = False, progress: bool = True, desc: str = "calibrating"):
+                 sequential: bool = False, progress: bool = True, desc: str = "calibrating",
+                 token_norm: bool = True):
         self.model = model
         self.samples = samples
         self.gram = gram
+        self.token_norm = token_norm
         self.kv = kv
         self.sequential = sequential
         self.progress = progress
@@ -254,7 +266,8 @@ class LayerwiseCalibrator:
                    postfix={"tokens": self.samples.numel()})
         for i in bar:
             groups = input_groups(cfg, i)
-            stats = LayerStats(inputs={g[0]: InputStats(want_gram=self.gram) for g in groups})
+            stats = LayerStats(inputs={g[0]: InputStats(want_gram=self.gram, token_norm=self.token_norm)
+                                       for g in groups})
 
             def linear_hook(name: str, x: torch.Tensor) -> None:
                 s = stats.inputs.get(name)

@@ -54,6 +54,50 @@ def test_gptq_beats_rtn_with_correlated_inputs(group_size, has_zero_point):
     assert act < 0.85 * rtn
 
 
+def with_sink_tokens(n, seed):
+    """correlated() inputs where every 64th token (a sample's first) is an attention sink: a few
+    channels 300× the rest, as the massive activations of real models."""
+    x = correlated(n, seed)
+    sink = torch.zeros(IN)
+    sink[torch.randperm(IN, generator=torch.Generator().manual_seed(5))[:4]] = 300.0
+    x[::64] = sink + 0.1 * x[::64]
+    return x
+
+
+def test_token_normalized_gram_is_the_sum_of_unit_rms_tokens():
+    x = with_sink_tokens(512, 1)
+    st = stats(x)
+    xn = x / x.pow(2).mean(dim=1, keepdim=True).sqrt()
+    torch.testing.assert_close(st.gram, (xn.t() @ xn).double(), rtol=1e-5, atol=1e-3)
+    plain = InputStats(want_gram=True, token_norm=False)
+    plain.add(x)
+    torch.testing.assert_close(plain.gram, (x.t() @ x).double(), rtol=1e-5, atol=1e-1)
+    # the statistics SmoothQuant/AWQ read stay those of the raw inputs
+    torch.testing.assert_close(st.abs_max, x.abs().amax(dim=0))
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_token_norm_keeps_sink_tokens_from_dominating_gptq(group_size):
+    """With plain x xᵀ the few sink tokens dominate the Hessian and GPTQ spends its compensation
+    on them; normalized tokens give the ordinary tokens lower error, the sinks still beat RTN."""
+    xc, xt = with_sink_tokens(N, 1), with_sink_tokens(N, 2)
+    ordinary = torch.ones(N, dtype=torch.bool)
+    ordinary[::64] = False
+
+    def token_err(w_hat):
+        ref = xt @ W.t()
+        return (ref - xt @ w_hat.t()).norm(dim=1) / ref.norm(dim=1)
+
+    def gptq(token_norm):
+        st = InputStats(want_gram=True, token_norm=token_norm)
+        st.add(xc)
+        return token_err(gptq_quantize(W, st.hessian(), 4, group_size, False).dequantize())
+
+    rtn, plain, normed = token_err(quantize_rtn(W, 4, group_size, False).dequantize()), gptq(False), gptq(True)
+    assert normed[ordinary].median() < 0.97 * plain[ordinary].median() < 0.97 * rtn[ordinary].median()
+    assert normed[~ordinary].mean() < 0.7 * rtn[~ordinary].mean()
+
+
 def test_gptq_act_order_is_stored_in_plain_group_layout():
     st = stats(correlated(N, 1))
     qw = gptq_quantize(W, st.hessian(), 4, 32, True, act_order=True)

@@ -187,6 +187,7 @@ def test_trtllm_flags_build_the_recipe(tmp_path):
     ("--per_channel", "--smoothquant"),
     ("--per_group", "--use_weight_only"),
     ("--use_weight_only --gptq_act_order", "int4_gptq"),
+    ("--use_weight_only --weight_only_precision int4 --calib_plain_gram", "int4_gptq or int4_awq"),
     ("--int8_kv_cache --calib_size 0", "--calib_size 0"),
     ("--use_weight_only --weight_only_precision int4_gptq", "--weight_only_precision int4_gptq needs calibration"),
     ("--smoothquant 0.5", "--smoothquant needs calibration text: pass --calib_dataset PATH"),
