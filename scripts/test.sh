@@ -8,9 +8,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q -e ".[dev]"
-# calibration_heavy (GPTQ/AWQ gates on the real model) takes tens of minutes: run it by hand with
-# `scripts/test.sh -m calibration_heavy`.
-if [ $# -eq 0 ]; then
-  set -- -m "not calibration_heavy"
-fi
 exec python -m pytest -q -p no:cacheprovider "$@"
