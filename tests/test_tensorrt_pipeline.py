@@ -92,6 +92,12 @@ def cli_error(capsys, main, *argv: str) -> str:
     return lines[0]
 
 
+def trt_build_error(capsys, ckpt: Path, out: Path, *flags: str, limits: dict | None = TINY_LIMITS) -> str:
+    """The one error line of `trt-build --backend tensorrt` on ckpt (limits=None: flags give them)."""
+    return cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
+                     "--backend", "tensorrt", *flags, *(limit_args(limits) if limits else []))
+
+
 def nothing_written(out: Path) -> None:
     assert not out.exists(), f"{out} was written"
     assert not [p.name for p in out.parent.iterdir() if ".partial" in p.name and out.name in p.name]
@@ -288,8 +294,7 @@ def test_tensorrt_not_installed_says_which_package(tiny_models, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
     monkeypatch.setattr(tb, "_cached_trt", None)
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", *limit_args(TINY_LIMITS))
+    line = trt_build_error(capsys, ckpt, out)
     assert "needs TensorRT, which is not installed" in line and "pip install tensorrt_rtx" in line
     nothing_written(out)
 
@@ -299,8 +304,7 @@ def test_asymmetric_int4_is_refused_before_any_work(tiny_models, tmp_path, capsy
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt", "--use_weight_only", "--weight_only_precision", "int4",
                    "--has_zero_point")
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", *limit_args(TINY_LIMITS))
+    line = trt_build_error(capsys, ckpt, out)
     assert "int4 weight-only W4A16 (asymmetric, per-channel)" in line and "zero zero-points" in line
     assert "--has_zero_point" in line and "--backend onnxruntime" in line
     nothing_written(out)
@@ -310,9 +314,8 @@ def test_asymmetric_int4_is_refused_before_any_work(tiny_models, tmp_path, capsy
 def test_asymmetric_recipe_at_build_is_refused_before_quantizing(tiny_models, tmp_path, capsys, no_work):
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt")
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", "--use_weight_only", "--weight_only_precision", "int4",
-                     "--has_zero_point", *limit_args(TINY_LIMITS))
+    line = trt_build_error(capsys, ckpt, out, "--use_weight_only", "--weight_only_precision", "int4",
+                           "--has_zero_point")
     assert "asymmetric" in line and "W4A16" in line
     nothing_written(out)
 
@@ -321,8 +324,7 @@ def test_asymmetric_recipe_at_build_is_refused_before_quantizing(tiny_models, tm
 def test_bfloat16_checkpoint_is_refused_before_any_work(tiny_models, tmp_path, capsys, no_work):
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt", "--dtype", "bfloat16")
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", *limit_args(TINY_LIMITS))
+    line = trt_build_error(capsys, ckpt, out)
     assert "bfloat16" in line and "--dtype float16" in line
     nothing_written(out)
 
@@ -331,8 +333,7 @@ def test_bfloat16_checkpoint_is_refused_before_any_work(tiny_models, tmp_path, c
 def test_bad_compute_capability_is_refused_before_any_work(tiny_models, tmp_path, capsys, no_work):
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt")
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", "--trt_compute_capabilities", "SM90", *limit_args(TINY_LIMITS))
+    line = trt_build_error(capsys, ckpt, out, "--trt_compute_capabilities", "SM90")
     assert "'SM90' is not a tensorrt_rtx target" in line or PACKAGE != "tensorrt_rtx"
     nothing_written(out)
 
@@ -367,8 +368,7 @@ def test_op_tensorrt_rejects_names_node_and_recipe(tiny_models, tmp_path, capsys
     monkeypatch.setattr(builder, "resolve_plugins", keep_fused_gemm)
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt", "--use_weight_only", "--weight_only_precision", "int4")
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", *limit_args(TINY_LIMITS))
+    line = trt_build_error(capsys, ckpt, out)
     assert "rank0 network (float16, int4 weight-only W4A16 (symmetric, per-channel))" in line
     assert "node 'transformer.layers.0.attention.qkv/MatMulNBits'" in line and "MatMulNBits" in line
     assert "--gemm_plugin disable" in line
@@ -379,9 +379,8 @@ def test_op_tensorrt_rejects_names_node_and_recipe(tiny_models, tmp_path, capsys
 def test_profile_too_large_is_one_clear_line(tiny_models, tmp_path, capsys):
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt")
     out = tmp_path / "trt"
-    line = cli_error(capsys, build_main, "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                     "--backend", "tensorrt", "--max_batch_size", str(2**28), "--max_input_len", "32",
-                     "--max_seq_len", "256")
+    line = trt_build_error(capsys, ckpt, out, "--max_batch_size", str(2**28), "--max_input_len", "32",
+                           "--max_seq_len", "256", limits=None)
     assert "profile too large" in line and "past_key_values.0.key" in line and "max_batch_size" in line
     nothing_written(out)
 
