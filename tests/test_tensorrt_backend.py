@@ -19,17 +19,8 @@ from onnx import numpy_helper as nh
 from trtbuild.backends import tensorrt_backend as tb
 from trtbuild.errors import TrtbuildError
 
-trt, PACKAGE = tb.tensorrt_available()
-needs_trt = pytest.mark.skipif(trt is None, reason="TensorRT not installed (pip install tensorrt_rtx)")
-try:
-    import polygraphy  # noqa: F401
-
-    HAVE_POLYGRAPHY = True
-except ImportError:
-    HAVE_POLYGRAPHY = False
-needs_polygraphy = pytest.mark.skipif(not HAVE_POLYGRAPHY, reason="polygraphy not installed")
-GPU, GPU_WHY = tb.can_run_tensorrt()
-no_gpu_only = pytest.mark.skipif(GPU, reason="this machine has a GPU")
+from tensorrt_markers import (GPU, GPU_WHY, HAVE_POLYGRAPHY, PACKAGE, needs_polygraphy, needs_trt, no_gpu_only,
+                              trt)
 
 vi = h.make_tensor_value_info
 HQ, HKV, D = 4, 2, 16

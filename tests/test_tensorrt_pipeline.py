@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,18 +45,8 @@ from trtbuild.runtime.sampling import SamplingConfig
 from trtbuild.runtime.tensorrt_session import TensorRTStepSession
 
 from conftest import PPL_TEXT
+from tensorrt_markers import GPU, GPU_WHY, PACKAGE, needs_polygraphy, needs_trt, no_gpu_only, trt
 
-trt, PACKAGE = tb.tensorrt_available()
-needs_trt = pytest.mark.skipif(trt is None, reason="TensorRT not installed (pip install tensorrt_rtx==1.7.1.116)")
-try:
-    from polygraphy.comparator import RunResults
-
-    HAVE_POLYGRAPHY = True
-except ImportError:
-    HAVE_POLYGRAPHY = False
-needs_polygraphy = pytest.mark.skipif(not HAVE_POLYGRAPHY, reason="polygraphy not installed (pip install polygraphy)")
-GPU, GPU_WHY = tb.can_run_tensorrt()
-no_gpu_only = pytest.mark.skipif(GPU, reason="this machine has a GPU")
 
 TINY_LIMITS = dict(max_batch_size=2, max_input_len=32, max_seq_len=64)
 REAL_LIMITS = dict(max_batch_size=4, max_input_len=256, max_seq_len=512)
@@ -163,6 +152,8 @@ def polygraphy_check(onnx_path: Path, feeds: dict, reference: np.ndarray, atol: 
     ok, summary = tb.polygraphy_compare(onnx_path, feeds, {"logits": reference}, rtol=0.0, atol=atol,
                                         save_dir=save_dir)
     assert (save_dir / "reference.json").is_file() and (save_dir / "inputs.json").is_file()
+    from polygraphy.comparator import RunResults
+
     got = RunResults.load(str(save_dir / "outputs.json"))[0][1][0]["logits"] if (save_dir / "outputs.json").is_file() \
         else None
     return ok, summary, got
