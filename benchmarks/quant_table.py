@@ -1,6 +1,9 @@
 """Recipe × perplexity × size on disk × decode tokens/s for the default model, in one run.
 
     python benchmarks/quant_table.py [--model_dir M] [--recipes fp32 w8a16 ...] [--eval_tokens 8192]
+
+Calibration on ppl.txt[:200k], perplexity from character 1,000,000 (as the accuracy-gate tests);
+decode speed measured after every engine is built, in interleaved rounds (median of --rounds).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from trtbuild.convert.converter import convert_checkpoint
-from trtbuild.evaluate.recipes import RECIPES, evaluate_recipe, markdown_table
+from trtbuild.evaluate.recipes import RECIPES, decode_speeds, evaluate_recipe, markdown_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -21,7 +24,9 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--text_file", default=str(SHARED / "data" / "ppl.txt"))
     p.add_argument("--eval_tokens", type=int, default=8192)
+    p.add_argument("--seq_len", type=int, default=512, help="perplexity window (engines get max_seq_len 2×)")
     p.add_argument("--num_threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (median)")
     args = p.parse_args()
     model_dir = args.model_dir
     if model_dir is None:
@@ -36,8 +41,12 @@ def main() -> None:
         results = []
         for name in args.recipes:
             results.append(evaluate_recipe(name, root / "ckpt", root, Path(args.text_file), calib, 1_000_000,
-                                           args.eval_tokens, num_threads=args.num_threads))
+                                           args.eval_tokens, seq_len=args.seq_len, num_threads=args.num_threads))
             print(f"{name}: perplexity {results[-1].perplexity:.4f}", flush=True)
+        speeds = decode_speeds({r.name: root / r.name for r in results}, rounds=args.rounds,
+                               num_threads=args.num_threads)
+        for r in results:
+            r.decode_tokens_per_s = speeds[r.name]
     print(markdown_table(results))
 
 

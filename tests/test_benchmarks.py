@@ -41,3 +41,17 @@ def test_bench_engines_quick(tmp_path: Path) -> None:
     assert rows["trtbuild"]["vs_transformers"]["b1"] > 0
     assert data["machine"]["bandwidth_gbs"] > 0
     assert not (tmp_path / "cache" / "bench").exists()  # nothing built beside the engine it was given
+
+
+def test_quant_table_on_tiny_model(tmp_path: Path) -> None:
+    """benchmarks/quant_table.py: every recipe's row has a perplexity, a size and a decode speed."""
+    hf = make_tiny_model("llama", tmp_path / "hf")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_table.py"), "--model_dir", str(hf),
+                        "--recipes", "fp32", "w8a16", "--eval_tokens", "1024", "--seq_len", "128", "--rounds", "1", "--num_threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| fp32") or
+            line.startswith("| w8a16")]
+    assert [row[0].strip() for row in rows] == ["fp32", "w8a16"], r.stdout
+    for name, ppl, rel, mib, tps, build_s in rows:
+        assert float(ppl) > 1 and float(mib) >= 0 and float(tps) > 0, r.stdout

@@ -36,8 +36,7 @@ def measure(real_model_dir, tmp_path_factory, names):
     calib.write_text(PPL_TEXT.read_text()[:200_000])
     out = {}
     for name in names:
-        out[name] = evaluate_recipe(name, root / "ckpt", root, PPL_TEXT, calib, EVAL_START_CHAR, EVAL_TOKENS,
-                                    speed=False)
+        out[name] = evaluate_recipe(name, root / "ckpt", root, PPL_TEXT, calib, EVAL_START_CHAR, EVAL_TOKENS)
     print("\n" + markdown_table(list(out.values())))
     (root / "results.json").write_text(json.dumps({k: vars(v) for k, v in out.items()}, indent=2))
     return root, out

@@ -56,35 +56,47 @@ def build_recipe(ckpt_dir: Path, engine_dir: Path, flags: list[str], calib_file:
     return time.time() - start
 
 
-def decode_speed(engine_dir: Path, new_tokens: int = 64, num_threads: int | None = None) -> float:
-    """Greedy decode tokens/s at batch 1 after a 32-token prompt."""
+def decode_speeds(engine_dirs: dict[str, Path], new_tokens: int = 64, rounds: int = 3,
+                  num_threads: int | None = None) -> dict[str, float]:
+    """Greedy decode tokens/s at batch 1 after a 32-token prompt, for each engine: every engine is
+    loaded and warmed up once, then each round times every engine in turn and the median round is
+    kept, so a host whose speed drifts moves all engines alike."""
+    import statistics
+
     from trtbuild.runtime import ModelRunner, SamplingConfig
 
-    runner = ModelRunner.from_dir(engine_dir, num_threads=num_threads)
-    prompt = [list(range(1000, 1032))]
-    runner.generate(prompt, SamplingConfig(max_new_tokens=4))
-    start = time.time()
-    runner.generate(prompt, SamplingConfig(max_new_tokens=new_tokens))
-    return new_tokens / (time.time() - start)
+    runners = {name: ModelRunner.from_dir(d, num_threads=num_threads) for name, d in engine_dirs.items()}
+    prompts = {name: [[(1000 + i) % r.vocab_size for i in range(32)]] for name, r in runners.items()}
+    for name, runner in runners.items():
+        runner.generate(prompts[name], SamplingConfig(max_new_tokens=4))
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner.generate(prompts[name], SamplingConfig(max_new_tokens=new_tokens))
+            seconds[name].append(time.perf_counter() - start)
+    return {name: new_tokens / statistics.median(s) for name, s in seconds.items()}
 
 
 def evaluate_recipe(name: str, ckpt_dir: Path, work_dir: Path, text_file: Path, calib_file: Path,
-                    eval_start_char: int, eval_max_tokens: int, seq_len: int = 512, speed: bool = True,
+                    eval_start_char: int, eval_max_tokens: int, seq_len: int = 512,
                     num_threads: int | None = None) -> RecipeResult:
+    """Build `name`'s engine in work_dir/name and measure its perplexity (decode speed: decode_speeds)."""
     engine_dir = work_dir / name
-    seconds = build_recipe(ckpt_dir, engine_dir, RECIPES[name], calib_file)
+    seconds = build_recipe(ckpt_dir, engine_dir, RECIPES[name], calib_file, max_seq_len=2 * seq_len)
     text = read_text(text_file, eval_start_char, eval_max_tokens * 8)
     ppl = engine_perplexity(engine_dir, text, seq_len=seq_len, max_tokens=eval_max_tokens, batch_size=2,
                             num_threads=num_threads, progress=False).perplexity
-    tps = decode_speed(engine_dir, num_threads=num_threads) if speed else None
-    return RecipeResult(name, ppl, dir_size(engine_dir), tps, seconds)
+    return RecipeResult(name, ppl, dir_size(engine_dir), None, seconds)
 
 
 def markdown_table(results: list[RecipeResult]) -> str:
     base = next((r for r in results if r.name == "fp32"), None)
-    lines = ["| recipe | perplexity | vs fp32 | size MiB | decode tok/s (batch 1) |", "|---|---|---|---|---|"]
+    lines = ["| recipe | perplexity | vs fp32 | size MiB | decode tok/s (batch 1) | build s |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         rel = f"{(r.perplexity / base.perplexity - 1) * 100:+.2f}%" if base else ""
         tps = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else ""
-        lines.append(f"| {r.name} | {r.perplexity:.4f} | {rel} | {r.size_bytes / 2**20:.0f} | {tps} |")
+        lines.append(f"| {r.name} | {r.perplexity:.4f} | {rel} | {r.size_bytes / 2**20:.0f} | {tps} | "
+                     f"{r.build_seconds:.0f} |")
     return "\n".join(lines)
