@@ -47,7 +47,8 @@ def test_quant_table_on_tiny_model(tmp_path: Path) -> None:
     """benchmarks/quant_table.py: every recipe's row has a perplexity, a size and a decode speed."""
     hf = make_tiny_model("llama", tmp_path / "hf")
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_table.py"), "--model_dir", str(hf),
-                        "--recipes", "fp32", "w8a16", "--eval_tokens", "1024", "--seq_len", "128", "--rounds", "1", "--num_threads", "1"],
+                        "--recipes", "fp32", "w8a16", "--eval_tokens", "1024", "--seq_len", "128", "--rounds", "1",
+                        "--num_threads", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| fp32") or

@@ -1,8 +1,9 @@
 """KV caches bound to the engine's past/present inputs with IO binding (no per-step copies).
 
 SharedKVCache (attention plugin on): one preallocated buffer per layer and K/V,
-[max_batch, kv_heads, max_seq_len, head_size]; a step over slots [start, start + n) binds the same
-memory as past input and present output, and the attention op writes new keys in place.
+[max_batch, kv_heads, max_seq_len, head_size]; a step over slots [start, start + n) runs on an
+IOBinding with the same memory bound as past input and present output (the attention op writes new
+keys in place), kept per row range so that a decode step only rebinds its small inputs.
 ConcatKVCache (standard attention): present = concat(past, new) is produced by the engine and
 bound as the next step's past, as TensorRT's one-output Attention requires.
 """
@@ -21,23 +22,27 @@ class SharedKVCache:
         shape = (max_batch, kv_heads, max_seq_len, head_size)
         self.num_layers = num_layers
         self.buffers = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(num_layers)]
-        self._values: dict[tuple[int, int], list[tuple[ort.OrtValue, ort.OrtValue]]] = {}
+        # per row range: the IOBinding and the OrtValues (numpy views of the buffers) bound in it
+        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
 
-    def _ortvalues(self, start: int, count: int) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+    def binding(self, session: ort.InferenceSession, start: int, count: int) -> ort.IOBinding:
+        """An IOBinding of `session` with rows [start, start + count) of every layer's cache bound as
+        past input and present output. Made once per row range: rebinding 2 × layers tensors every
+        decode step cost ~0.4 ms, 5% of an int4 step of the default model."""
         key = (start, count)
-        if key not in self._values:  # OrtValues over numpy views share the buffer's memory
-            self._values[key] = [(ort.OrtValue.ortvalue_from_numpy(k[start:start + count]),
-                                  ort.OrtValue.ortvalue_from_numpy(v[start:start + count]))
-                                 for k, v in self.buffers]
-        return self._values[key]
-
-    def bind(self, io: ort.IOBinding, start: int, count: int) -> None:
-        for layer, (k, v) in enumerate(self._ortvalues(start, count)):
-            past_k, past_v, present_k, present_v = kv_io_names(layer)
-            io.bind_ortvalue_input(past_k, k)
-            io.bind_ortvalue_input(past_v, v)
-            io.bind_ortvalue_output(present_k, k)
-            io.bind_ortvalue_output(present_v, v)
+        if key not in self._bindings:
+            io, values = session.io_binding(), []
+            for layer, (k, v) in enumerate(self.buffers):
+                k_view = ort.OrtValue.ortvalue_from_numpy(k[start:start + count])  # shares the buffer's memory
+                v_view = ort.OrtValue.ortvalue_from_numpy(v[start:start + count])
+                past_k, past_v, present_k, present_v = kv_io_names(layer)
+                io.bind_ortvalue_input(past_k, k_view)
+                io.bind_ortvalue_input(past_v, v_view)
+                io.bind_ortvalue_output(present_k, k_view)
+                io.bind_ortvalue_output(present_v, v_view)
+                values += [k_view, v_view]
+            self._bindings[key] = (io, values)
+        return self._bindings[key][0]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot src's first `length` cached positions into slot dst (compaction)."""
