@@ -78,3 +78,47 @@ def test_fused_equals_standard(recipe, tiny_models, calib_file, tmp_path):
                                    err_msg=f"{recipe}: fused != standard, prompt {i}")
     out = runners["fused"].generate(PROMPTS, SamplingConfig(max_new_tokens=6)).output_ids
     assert all(len(o) == 6 for o in out)
+
+
+def test_merged_linears_compute_what_the_separate_ones_do():
+    """fc and gate (one input) become one GEMM: the merged tensors dequantize to the two weights
+    stacked, per-tensor SmoothQuant scales become per-channel, and differing per-input scales or
+    tensor sets keep the linears apart."""
+    import dataclasses
+
+    import torch
+
+    from trtbuild.checkpoint import PretrainedConfig, QuantConfig
+    from trtbuild.plugins.gemm import merge_linears
+    from trtbuild.quantization.layout import dequantize_linear, quantize_rtn, to_weight_only_tensors
+
+    rng = np.random.default_rng(0)
+    config = PretrainedConfig(architecture="LlamaForCausalLM", dtype="float32", hidden_size=64,
+                              intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
+                              num_key_value_heads=4, head_size=16, hidden_act="silu", norm_type="rms_norm",
+                              norm_epsilon=1e-5, position_embedding_type="rope_gpt_neox", max_position_embeddings=64)
+    weights = {p: torch.from_numpy(rng.standard_normal((96 if p != "c" else 48, 64)).astype(np.float32))
+               for p in ("a", "b", "c")}
+    for group_size, zero_point in ((None, False), (32, True)):
+        tensors = {}
+        for p, w in weights.items():
+            qw = quantize_rtn(w, 4, group_size, zero_point)
+            tensors.update({f"{p}.{k}": v.numpy() for k, v in to_weight_only_tensors(qw, zero_point).items()})
+        merged = merge_linears(tensors, ["a", "c"], "a+c")
+        qc = QuantConfig(quant_algo="W4A16", group_size=group_size or -1, has_zero_point=zero_point,
+                         per_group=group_size is not None)
+        cfg = dataclasses.replace(config, quantization=qc)
+        as_torch = lambda d: {k: torch.from_numpy(np.asarray(v)) for k, v in d.items()}  # noqa: E731
+        expect = torch.cat([dequantize_linear(as_torch(tensors), p, cfg) for p in ("a", "c")])
+        torch.testing.assert_close(dequantize_linear(as_torch(merged), "a+c", cfg), expect)
+
+    sq = {"a.weight": np.ones((3, 4), np.int8), "a.per_channel_scale": np.array([0.5], np.float32),
+          "a.act_scale": np.array([0.1], np.float32),
+          "b.weight": np.ones((2, 4), np.int8), "b.per_channel_scale": np.array([0.25, 2.0], np.float32),
+          "b.act_scale": np.array([0.1], np.float32)}
+    merged = merge_linears(sq, ["a", "b"], "ab")
+    np.testing.assert_array_equal(merged["ab.per_channel_scale"], [0.5, 0.5, 0.5, 0.25, 2.0])
+    assert merged["ab.act_scale"] is sq["a.act_scale"]
+    assert merged["ab.weight"].shape == (5, 4)
+    assert merge_linears({**sq, "b.act_scale": np.array([0.2], np.float32)}, ["a", "b"], "ab") is None
+    assert merge_linears({**sq, "b.bias": np.zeros(2, np.float32)}, ["a", "b"], "ab") is None

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
 from trtbuild.plugins.attention import add_graph_inputs, attention
-from trtbuild.plugins.gemm import linear
+from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, weight_only_linear
 
@@ -95,6 +95,19 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                 y = options.lora.apply(g, x, y, prefix, lora_inputs)
             return y
 
+        def lins(x: str, prefixes: list[str]) -> list[str]:
+            """Linears sharing input x as one GEMM (one kernel, one activation quantization), split."""
+            name = prefixes[0] + "".join("+" + prefix.rsplit(".", 1)[-1] for prefix in prefixes[1:])
+            merged = merge_linears(tensors, prefixes, name)
+            if merged is None:
+                return [lin(x, prefix) for prefix in prefixes]
+            y = linear(g, x, merged, name, dtype, options.fused_gemm, quant)
+            sizes = [np.asarray(tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
+            ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
+            if lora_inputs is not None:
+                ys = [options.lora.apply(g, x, y, prefix, lora_inputs) for y, prefix in zip(ys, prefixes)]
+            return ys
+
         cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
         eps, norm_type, fused_norm = config.norm_epsilon, config.norm_type, options.fused_norm
         residual = None
@@ -113,7 +126,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
                                    opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
             if config.gated_mlp:
-                mlp = g.op("Mul", [_activation(g, lin(x, p + "mlp.fc"), config.hidden_act), lin(x, p + "mlp.gate")])
+                fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
+                mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
             else:
                 mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
             pending = lin(mlp, p + "mlp.proj")
