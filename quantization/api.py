@@ -345,6 +345,16 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
                 fold = {"qkv": "input_layernorm", "fc": "post_layernorm"}.get(kind)
                 if fold:
                     _fold_into(out, work, p + fold, 1.0 / s)
+                elif kind == "proj" and config.gated_mlp and recipe.per_channel:
+                    # proj's input is act(fc) * gate: 1/s scales the rows of gate's (already int8)
+                    # weight exactly through its per-channel scales, instead of a Mul in the graph
+                    gate = p + "mlp.gate"
+                    out[gate + ".per_channel_scale"] = out[gate + ".per_channel_scale"] / s
+                    work[gate + ".weight"] = work[gate + ".weight"] / s.reshape(-1, 1)
+                    if gate + ".bias" in out:
+                        work[gate + ".bias"] = work[gate + ".bias"].float() / s
+                        out[gate + ".bias"] = work[gate + ".bias"].to(out[gate + ".bias"].dtype)
+                    fold = gate
                 else:
                     pre_quant = True
                 for name in group:

@@ -2,7 +2,8 @@
 
 For linears sharing an input x: s = max|x|^α / max|W|^(1-α) per input channel (max|W| over all
 their output rows), W' = W·s, x' = x/s. 1/s is folded into the preceding norm for qkv and fc/gate
-and kept as prequant_scaling_factor for dense and proj. Weights: int8 symmetric per output channel
+into the rows of a gated MLP's gate for proj (through gate's per-channel weight scales), and kept
+as prequant_scaling_factor otherwise (dense; proj with per-tensor weight scales). Weights: int8 symmetric per output channel
 or per tensor. act_scale: max|x'| / 127, the static per-tensor input scale.
 """
 

@@ -112,7 +112,10 @@ def test_smoothquant_close_to_float(per_channel, per_token, algo, model):
     assert qw[p + "attention.qkv.per_channel_scale"].shape == ((m[2].q_dim + 2 * m[2].kv_dim,) if per_channel else (1,))
     assert qw[p + "mlp.fc.act_scale"].shape == (1,)
     assert p + "attention.qkv.prequant_scaling_factor" not in qw  # folded into input_layernorm
-    assert qw[p + "mlp.proj.prequant_scaling_factor"].shape == (m[2].intermediate_size,)
+    if m[2].gated_mlp and per_channel:  # folded into mlp.gate's per-channel weight scales
+        assert p + "mlp.proj.prequant_scaling_factor" not in qw
+    else:
+        assert qw[p + "mlp.proj.prequant_scaling_factor"].shape == (m[2].intermediate_size,)
     assert qw[p + "attention.dense.prequant_scaling_factor"].shape == (m[2].q_dim,)
     # folding into the norm keeps the checkpoint dtype
     assert qw[p + "input_layernorm.weight"].dtype == m[1][p + "input_layernorm.weight"].dtype
