@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -65,6 +65,7 @@ class QuantRecipe:
     gptq_block_size: int = 128
     awq_grid: int = 20
     awq_clip: bool = True
+    awq_block_loss: bool = True  # qkv / fc+gate scales judged on the attention / MLP output (AutoAWQ)
     calib_token_norm: bool = True  # GPTQ/AWQ objective over RMS-normalized tokens (calibration.InputStats)
 
     # -- what it means --------------------------------------------------------------------------
@@ -246,6 +247,30 @@ def _fold_into(out: dict, work: dict, name: str, inv_s: torch.Tensor, rows: Opti
         out[key] = t.to(out[key].dtype) if key in out else t
 
 
+def _awq_block_error(model: ReferenceModel, work: dict, layer: int, group: list[str], x: Optional[torch.Tensor],
+                     token_norm: bool) -> Optional[Callable[[list[torch.Tensor]], float]]:
+    """For qkv (the attention) and fc+gate (the MLP): a candidate's squared error of the block's
+    output on the kept calibration inputs x, the block's other linears staying float; with
+    token_norm each token's error is relative to its input's mean square, as in the Gram matrix.
+    None for the other groups, whose block is the linear itself (the Gram error is exact there)."""
+    kind = group[0].rsplit(".", 1)[-1]
+    if x is None or kind not in ("qkv", "fc"):
+        return None
+    forward = model.attention if kind == "qkv" else model.mlp
+    reference = forward(layer, x)
+    weight = 1.0 / x.pow(2).mean(dim=-1, keepdim=True).clamp(min=1e-12) if token_norm else torch.ones(())
+
+    def error(weights: list[torch.Tensor]) -> float:
+        saved = {n: work[n + ".weight"] for n in group}
+        work.update({n + ".weight": w for n, w in zip(group, weights)})
+        try:
+            return float(((forward(layer, x) - reference).pow(2) * weight).sum())
+        finally:
+            work.update({n + ".weight": w for n, w in saved.items()})
+
+    return error
+
+
 def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConfig, recipe: QuantRecipe,
                         calib_texts=None, tokenizer=None, progress: bool = True,
                         ) -> tuple[dict[str, torch.Tensor], PretrainedConfig]:
@@ -300,15 +325,18 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
             put_kv(i, st)
     elif method == "awq":
         cal = LayerwiseCalibrator(model, samples, gram=True, kv=recipe.int8_kv_cache, progress=progress, desc="AWQ",
-                                  token_norm=recipe.calib_token_norm)
+                                  token_norm=recipe.calib_token_norm, keep_sample=recipe.awq_block_loss)
         c = config
         for i, st in cal.layers():
             p = layer_prefix.format(i)
             scaled = []
             for group in input_groups(config, i):
                 stats = st.inputs[group[0]]
+                block = (_awq_block_error(model, work, i, group, stats.sample, recipe.calib_token_norm)
+                         if recipe.awq_block_loss else None)
                 s = awq_search_scales([work[n + ".weight"] for n in group], stats.gram, stats.abs_mean,
-                                      recipe.bits, gs, hz, n_grid=recipe.awq_grid)
+                                      recipe.bits, gs, hz, n_grid=recipe.awq_grid, block_error=block)
+                stats.sample = None
                 inv = 1.0 / s
                 kind = group[0].rsplit(".", 1)[-1]
                 if kind == "qkv":

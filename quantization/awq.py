@@ -5,12 +5,17 @@ alpha (AutoAWQ's duo scaling): s = mean|x|^α / mean_w^(1-α), normalised, and k
 minimises the output error of the quantized linears,
     Σ ‖x Wᵀ − (x / s) Q(W·s)ᵀ‖²  =  Σ tr(E G Eᵀ),  E = W − Q(W·s)/s,  G = Σ x xᵀ,
 evaluated exactly on all calibration tokens through the Gram matrix G. s = 1 (plain RTN) is
-always a candidate. Then, per group of each weight, a clipping ratio (1 → 0.5) is searched on
-the same objective restricted to the group's inputs. The caller folds 1/s into the previous op
-or keeps it as prequant_scaling_factor.
+always a candidate. For qkv and fc + gate the caller may instead judge candidates on the output
+of the block around them (`block_error`: the attention, the MLP), as AutoAWQ does: that sees
+the softmax and the gating the linear error misses, and on SmolLM2-135M at int4 per channel it is
+what keeps greedy chat answers from collapsing into loops. Then, per group of each weight, a
+clipping ratio (1 → 0.5) is searched on the linear objective restricted to the group's inputs.
+The caller folds 1/s into the previous op or keeps it as prequant_scaling_factor.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -28,26 +33,36 @@ def _output_error(E: torch.Tensor, G: torch.Tensor) -> float:
 
 @torch.no_grad()
 def awq_search_scales(weights: list[torch.Tensor], gram: torch.Tensor, x_abs_mean: torch.Tensor, bits: int,
-                      group_size: int | None, has_zero_point: bool, n_grid: int = 20) -> torch.Tensor:
-    """The per-input-channel scale s [in] for linears sharing one input (weights [out_j, in])."""
+                      group_size: int | None, has_zero_point: bool, n_grid: int = 20,
+                      block_error: Callable[[list[torch.Tensor]], float] | None = None) -> torch.Tensor:
+    """The per-input-channel scale s [in] for linears sharing one input (weights [out_j, in]).
+
+    block_error, if given, measures a candidate instead of the linears' own output error: it gets
+    the weights each linear would compute with (Q(W·s)/s, acting on the unscaled input) and returns
+    the error of the block around them (AutoAWQ's module2inspect: the attention or the MLP)."""
     W = torch.cat([w.float() for w in weights])
     in_f = W.shape[1]
     gs = effective_group_size(group_size, in_f)
     G = gram.float()
     G = G / max(float(torch.diag(G).mean()), 1e-30)  # only the argmin matters; keep numbers tame
+
+    def error(Wq: torch.Tensor) -> float:
+        if block_error is not None:
+            return block_error(list(Wq.split([w.shape[0] for w in weights])))
+        return _output_error(W - Wq, G)
+
     # AutoAWQ's weight statistic: |w| normalised by its group's max, averaged over output rows.
     wg = pad_to_groups(W.abs(), gs).reshape(-1, gs)
     w_mean = (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(W.shape[0], -1)[:, :in_f].mean(dim=0)
     x_mean = x_abs_mean.float()
 
     best_s = torch.ones(in_f)
-    best = _output_error(W - fake_quant(W, bits, gs, has_zero_point), G)
+    best = error(fake_quant(W, bits, gs, has_zero_point))
     for k in range(n_grid):
         alpha = k / n_grid
         s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        Wq = fake_quant(W * s, bits, gs, has_zero_point) / s
-        err = _output_error(W - Wq, G)
+        err = error(fake_quant(W * s, bits, gs, has_zero_point) / s)
         if err < best:
             best, best_s = err, s
     return best_s

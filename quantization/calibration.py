@@ -179,12 +179,16 @@ class InputStats:
 
     want_gram: bool = False
     token_norm: bool = True
+    keep_sample: bool = False  # keep the first batch of inputs as they came ([samples, T, in])
+    sample: Optional[torch.Tensor] = None
     n: int = 0
     abs_max: Optional[torch.Tensor] = None  # [in]
     abs_sum: Optional[torch.Tensor] = None  # [in]
     gram: Optional[torch.Tensor] = None  # [in, in] float64, sum of x̂ x̂ᵀ (x̂ = x, or x / rms(x))
 
     def add(self, x: torch.Tensor) -> None:
+        if self.keep_sample and self.sample is None:
+            self.sample = x.float().clone()
         x = x.reshape(-1, x.shape[-1]).float()
         a = x.abs()
         amax, asum = a.amax(dim=0), a.sum(dim=0, dtype=torch.float64)
@@ -245,13 +249,14 @@ class LayerwiseCalibrator:
 
     def __init__(self, model: ReferenceModel, samples: torch.Tensor, *, gram: bool = False, kv: bool = False,
                  sequential: bool = False, progress: bool = True, desc: str = "calibrating",
-                 token_norm: bool = True):
+                 token_norm: bool = True, keep_sample: bool = False):
         self.model = model
         self.samples = samples
         self.gram = gram
         self.token_norm = token_norm
         self.kv = kv
         self.sequential = sequential
+        self.keep_sample = keep_sample
         self.progress = progress
         self.desc = desc
 
@@ -266,8 +271,8 @@ class LayerwiseCalibrator:
                    postfix={"tokens": self.samples.numel()})
         for i in bar:
             groups = input_groups(cfg, i)
-            stats = LayerStats(inputs={g[0]: InputStats(want_gram=self.gram, token_norm=self.token_norm)
-                                       for g in groups})
+            stats = LayerStats(inputs={g[0]: InputStats(want_gram=self.gram, token_norm=self.token_norm,
+                                                        keep_sample=self.keep_sample) for g in groups})
 
             def linear_hook(name: str, x: torch.Tensor) -> None:
                 s = stats.inputs.get(name)

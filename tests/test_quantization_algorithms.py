@@ -144,6 +144,33 @@ def test_awq_keeps_identity_when_inputs_are_isotropic():
     assert awq <= rtn + 1e-6
 
 
+def test_awq_block_objective_picks_the_best_candidate_for_the_block():
+    """Scales judged on a gated block's output (AutoAWQ's module2inspect) do at least as well on that
+    block as plain RTN and as the scales the per-linear objective picks: the candidates are the same,
+    only the judge differs; each linear gets its own rows of the stacked candidate weights."""
+    fc, gate = W[:48], W[48:]
+    x = outliers(N, 1)
+    st = stats(x)
+
+    def block(ws):
+        return torch.nn.functional.silu(x @ ws[0].t()) * (x @ ws[1].t())
+
+    reference = block([fc, gate])
+
+    def block_error(ws):
+        assert [w.shape for w in ws] == [fc.shape, gate.shape]
+        return float((block(ws) - reference).pow(2).sum())
+
+    def deq(s):
+        return [awq_quantize(w, s, st.gram, 4, -1, False, clip=False).dequantize() / s for w in (fc, gate)]
+
+    s_block = awq_search_scales([fc, gate], st.gram, st.abs_mean, 4, -1, False, block_error=block_error)
+    s_linear = awq_search_scales([fc, gate], st.gram, st.abs_mean, 4, -1, False)
+    rtn = block_error([quantize_rtn(w, 4, -1, False).dequantize() for w in (fc, gate)])
+    assert block_error(deq(s_block)) <= min(rtn, block_error(deq(s_linear))) * (1 + 1e-6)
+    assert block_error(deq(s_block)) < 0.8 * rtn
+
+
 def _fake_quant_per_token(x):
     s = x.abs().amax(dim=-1, keepdim=True) / 127
     return torch.round(x / s).clamp(-127, 127) * s
