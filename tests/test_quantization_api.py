@@ -62,10 +62,10 @@ def test_rtn_weight_only_layout_and_config(precision, bits):
 
 def _int4_errors(model, gs):
     out = {}
-    for prec in ("int4", "int4_gptq", "int4_awq"):
-        r = QuantRecipe(use_weight_only=True, weight_only_precision=prec, per_group=gs > 0,
-                        group_size=gs if gs > 0 else 128, **SMALL)
-        out[prec], _, _ = logits_error(model, r)
+    for name in ("int4", "int4_gptq", "int4_awq", "int4_awq_linear"):
+        r = QuantRecipe(use_weight_only=True, weight_only_precision=name.removesuffix("_linear"), per_group=gs > 0,
+                        group_size=gs if gs > 0 else 128, awq_block_loss=not name.endswith("_linear"), **SMALL)
+        out[name], _, _ = logits_error(model, r)
     return out
 
 
@@ -75,6 +75,7 @@ def test_gptq_and_awq_beat_rtn_on_held_out_logits(gs):
     print(f"llama int4 gs {gs}: " + ", ".join(f"{k} {v:.4f}" for k, v in e.items()))
     assert e["int4_gptq"] < e["int4"]
     assert e["int4_awq"] < e["int4"]
+    assert e["int4_awq_linear"] < e["int4"]  # --awq_linear_objective
 
 
 def test_awq_folds_scales_where_it_can():
@@ -191,6 +192,7 @@ def test_trtllm_flags_build_the_recipe(tmp_path):
     ("--per_group", "--use_weight_only"),
     ("--use_weight_only --gptq_act_order", "int4_gptq"),
     ("--use_weight_only --weight_only_precision int4 --calib_plain_gram", "int4_gptq or int4_awq"),
+    ("--use_weight_only --weight_only_precision int4_gptq --awq_linear_objective", "applies to .* int4_awq"),
     ("--int8_kv_cache --calib_size 0", "--calib_size 0"),
     ("--use_weight_only --weight_only_precision int4_gptq", "--weight_only_precision int4_gptq needs calibration"),
     ("--smoothquant 0.5", "--smoothquant needs calibration text: pass --calib_dataset PATH"),
