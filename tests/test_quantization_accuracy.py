@@ -45,12 +45,14 @@ def measure(real_model_dir, tmp_path_factory, names):
 
 @pytest.fixture(scope="module")
 def results(real_model_dir, tmp_path_factory):
-    """Every recipe measured once (GPTQ calibrates ~2 min, AWQ ~4.5 min on 2 threads). Calibration
-    runs on 2 torch threads whatever the other test modules set (its results do not depend on it)."""
+    """Every recipe measured once (GPTQ calibrates ~3 min, AWQ ~8 min on one thread). Calibration
+    runs on one torch thread whatever the other test modules set: per-channel int4 is so close to
+    the edge that float summation order decides GPTQ's fluency (calibrated on 2 threads, ppl 34.06,
+    it answers the second question "1. 1. 1. ..."; on one, 34.32, it answers)."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         return measure(real_model_dir, tmp_path_factory, list(RECIPES))
     finally:
