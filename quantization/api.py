@@ -236,9 +236,10 @@ def _check_inputs(weights: dict[str, torch.Tensor], config: PretrainedConfig, re
             check_group_size(recipe.group_size, w.shape[1], name + ".weight")
 
 
-def _fold_into(out: dict, work: dict, name: str, inv_s: torch.Tensor, rows: Optional[slice] = None) -> None:
+def _fold_into(out: dict, work: dict, name: str, inv_s: torch.Tensor, rows: Optional[slice] = None,
+               suffixes: tuple[str, ...] = (".weight", ".bias")) -> None:
     """Multiply tensor `name` (a norm weight/bias, or rows of a linear weight/bias) by inv_s, in both dicts."""
-    for suffix in (".weight", ".bias"):
+    for suffix in suffixes:
         key = name + suffix
         if key not in work:
             continue
@@ -385,9 +386,7 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
                     gate = p + "mlp.gate"
                     out[gate + ".per_channel_scale"] = out[gate + ".per_channel_scale"] / s
                     work[gate + ".weight"] = work[gate + ".weight"] / s.reshape(-1, 1)
-                    if gate + ".bias" in out:
-                        work[gate + ".bias"] = work[gate + ".bias"].float() / s
-                        out[gate + ".bias"] = work[gate + ".bias"].to(out[gate + ".bias"].dtype)
+                    _fold_into(out, work, gate, 1.0 / s, suffixes=(".bias",))  # the weight is int8 already
                     fold = gate
                 else:
                     pre_quant = True

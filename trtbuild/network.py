@@ -96,7 +96,7 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             return y
 
         def lins(x: str, prefixes: list[str]) -> list[str]:
-            """Linears sharing input x as one GEMM (one kernel, one activation quantization), split."""
+            """Linears sharing input x as one GEMM of their stacked outputs, split after."""
             name = prefixes[0] + "".join("+" + prefix.rsplit(".", 1)[-1] for prefix in prefixes[1:])
             merged = merge_linears(tensors, prefixes, name)
             if merged is None:
