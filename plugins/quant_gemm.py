@@ -124,19 +124,26 @@ def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
     ws = g.weight(prefix + ".w_scale", w_scale if w_scale.size > 1 else w_scale.reshape(()))
     zero_i8 = g.const(0, dtype=np.int8)
     if per_token:
-        # per-row scale = max|x| / 127 over K (a zero row keeps scale 1e-8/127 to avoid 0/0)
+        # per-row scale = max|x| / 127 over K
         amax = g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1])], keepdims=1)
-        x_scale = g.op("Div", [g.op("Max", [amax, g.const(1e-8, np.float32)]), g.const(127.0, np.float32)])
         if fused:
+            # A zero row gets scale 0: its quantized values are whatever 0/0 saturates to, but the
+            # GEMM's row is then multiplied by that 0 scale, so it comes out exactly 0 with no epsilon
+            # guard (one node less in each of the ~4 linears of a layer).
+            x_scale = g.op("Mul", [amax, g.const(1 / 127, np.float32)])
             # u8 × s8: the symmetric int8 values shifted by 128 so MLAS takes its fastest path. One
             # QuantizeLinear blocked over the whole row (round half to even, as Round), the weight scales
             # applied in the GEMM's epilogue and one Mul by the row scales replace nine elementwise
             # passes (Div, Round, Clip, Add, Cast, Cast, Mul, Mul): ~20% of an int8 linear at 512 tokens.
-            zero_u8 = g.op("Expand", [g.const(128, dtype=np.uint8), g.op("Shape", [x_scale])])
+            # The zero points [batch, seq, 1] are the same for every linear: made once per graph.
+            zero_u8 = g.shared("per_token_zero_point_u8", lambda: g.op("Expand", [
+                g.const(128, dtype=np.uint8),
+                g.op("Concat", [g.op("Shape", [x], end=-1), g.const([1])], axis=0)], name="per_token_zero_point"))
             xq = g.op("QuantizeLinear", [x, x_scale, zero_u8], axis=-1, block_size=k)
             y = g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
                                               zero_i8], domain="com.microsoft", name=prefix + "/MatMulIntegerToFloat")
             return g.op("Mul", [y, x_scale])
+        x_scale = g.op("Mul", [g.op("Max", [amax, g.const(1e-8, np.float32)]), g.const(1 / 127, np.float32)])
         xdq = g.op("Mul", [g.op("Clip", [g.op("Round", [g.op("Div", [x, x_scale])]),
                                           g.const(-127.0, np.float32), g.const(127.0, np.float32)]), x_scale])
     else:

@@ -122,3 +122,41 @@ def test_merged_linears_compute_what_the_separate_ones_do():
     assert merged["ab.weight"].shape == (5, 4)
     assert merge_linears({**sq, "b.act_scale": np.array([0.2], np.float32)}, ["a", "b"], "ab") is None
     assert merge_linears({**sq, "b.bias": np.zeros(2, np.float32)}, ["a", "b"], "ab") is None
+
+
+def test_per_token_int8_linear_zero_row_and_shared_zero_point(tmp_path):
+    """W8A8 per token, fused: an all-zero row (scale 0, no epsilon guard) comes out exactly 0 and
+    finite, the other rows match the standard Q/DQ form, and two linears share one zero point."""
+    from onnx import TensorProto
+
+    from trtbuild.onnx_graph import GraphBuilder
+    from trtbuild.plugins.quant_gemm import smoothquant_linear
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 48
+    tensors = {f"{p}.{s}": v for p in ("a", "b") for s, v in (
+        ("weight", rng.integers(-127, 128, (n, k)).astype(np.int8)),
+        ("per_channel_scale", (rng.random(n) * 0.01 + 0.001).astype(np.float32)))}
+    outputs = {}
+    for fused in (True, False):
+        g = GraphBuilder(tmp_path / f"lin_{fused}.onnx")
+        x = g.input("x", TensorProto.FLOAT, ["batch", "seq", k])
+        for p in ("a", "b"):
+            g.op("Identity", [smoothquant_linear(g, x, tensors, p, per_token=True, fused=fused)], outputs=[f"y_{p}"])
+            g.output(f"y_{p}", TensorProto.FLOAT, ["batch", "seq", n])
+        if fused:
+            assert sum(node.op_type == "Expand" for node in g.nodes) == 1
+        session = ort.InferenceSession(str(g.save()), providers=["CPUExecutionProvider"])
+        g.close()
+        x_value = rng.standard_normal((2, 3, k)).astype(np.float32) if not outputs else outputs["x"]
+        x_value[1, 2] = 0.0
+        outputs["x"] = x_value
+        outputs[fused] = session.run(None, {"x": x_value})
+    for fused_y, standard_y in zip(outputs[True], outputs[False]):
+        assert np.isfinite(fused_y).all()
+        np.testing.assert_array_equal(fused_y[1, 2], 0.0)
+        # x / scale near .5 may round the other way in one form (QuantizeLinear vs Div, Round): a few
+        # int8 steps of an input, each moving an output by up to max|w| * w_scale * x_scale
+        x_scale = np.abs(outputs["x"]).max() / 127
+        step = 127 * max(tensors["a.per_channel_scale"].max(), tensors["b.per_channel_scale"].max()) * x_scale
+        np.testing.assert_allclose(fused_y, standard_y, rtol=0, atol=4 * step)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -43,6 +43,7 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self._counter: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
+        self._shared: dict[str, str] = {}
         self.opsets = {"": OPSET}
 
     def fresh(self, base: str) -> str:
@@ -89,6 +90,12 @@ class GraphBuilder:
             self.initializers.append(onnx.numpy_helper.from_array(arr, name))
             self._consts[key] = name
         return self._consts[key]
+
+    def shared(self, key: str, make: Callable[[], str]) -> str:
+        """A value computed once per graph by `make()` and reused by every caller asking for `key`."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     # ---- nodes --------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: Sequence[str], num_outputs: int = 1, name: str | None = None,
