@@ -91,21 +91,47 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
     return inputs
 
 
-def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, shared: AttentionInputs,
-              cache_type: int, kv_scales: np.ndarray | None) -> str:
-    """Self-attention of one layer over packed qkv [batch, seq, (H + 2 KV) * D] → [batch, seq, H * D].
-
-    Declares the layer's past/present KV graph inputs/outputs. `kv_scales` (k_scale, v_scale)
-    turns on the int8 cache.
-    """
-    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
+def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: bool, cache_type: int) -> None:
+    """The layer's past KV graph inputs and present KV graph outputs."""
+    KV, D = config.num_key_value_heads, config.head_size
     past_k, past_v, present_k, present_v = kv_io_names(layer)
-    cache_len = "max_sequence_length" if shared.fused else "past_sequence_length"
-    present_len = "max_sequence_length" if shared.fused else "total_sequence_length"
+    cache_len = "max_sequence_length" if fused else "past_sequence_length"
+    present_len = "max_sequence_length" if fused else "total_sequence_length"
     g.input(past_k, cache_type, ["batch_size", KV, cache_len, D])
     g.input(past_v, cache_type, ["batch_size", KV, cache_len, D])
     g.output(present_k, cache_type, ["batch_size", KV, present_len, D])
     g.output(present_v, cache_type, ["batch_size", KV, present_len, D])
+
+
+def _context_split(g: GraphBuilder, qkv: str, shared: AttentionInputs) -> tuple[str, str, str, str]:
+    """(sizes [S1, S2] along the sequence, S1 - 1 per row, S1, S - 1 per row) for a prompt of S
+    tokens cut in a first half S1 = S - S // 2 and a second S2 = S // 2."""
+    seq = g.op("Shape", [qkv], start=1, end=2)
+    second = g.op("Div", [seq, g.const([2])])
+    first = g.op("Sub", [seq, second])
+    rows = g.op("Shape", [shared.seqlens_k])
+    first32 = g.op("Cast", [first], to=TensorProto.INT32)
+    last = lambda n: g.op("Expand", [g.op("Sub", [n, g.const([1], np.int32)]), rows])  # noqa: E731
+    return (g.op("Concat", [first, second], axis=0), last(first32),
+            g.op("Squeeze", [first32]), last(g.op("Cast", [seq], to=TensorProto.INT32)))
+
+
+def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, shared: AttentionInputs,
+              cache_type: int, kv_scales: np.ndarray | None, present: tuple[str, str] | None = None,
+              split_context: bool = False) -> str:
+    """Self-attention of one layer over packed qkv [batch, seq, (H + 2 KV) * D] → [batch, seq, H * D].
+
+    Reads the layer's past KV graph inputs and writes `present` (default: the present graph
+    outputs; see declare_kv_io). `kv_scales` (k_scale, v_scale) turns on the int8 cache.
+    `split_context` (fused form, a prompt into an empty cache): the attention of the first half of
+    the prompt, then of the second half over the first as its past, skipping the quarter of the
+    score matrix the causal mask hides, which GroupQueryAttention computes in one call. Padded rows
+    run as full: their padding is never attended by a real token and is overwritten while decoding.
+    """
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
+    past_k, past_v, present_k, present_v = kv_io_names(layer)
+    if present is not None:
+        present_k, present_v = present
     rope = shared.cos is not None
     p = f"transformer.layers.{layer}.attention"
     k_scale = v_scale = None
@@ -113,16 +139,28 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
         k_scale = g.weight(f"{p}.k_cache_scale", np.asarray(kv_scales[:1], np.float32))
         v_scale = g.weight(f"{p}.v_cache_scale", np.asarray(kv_scales[1:2], np.float32))
     if shared.fused:
-        inputs = [qkv, "", "", past_k, past_v, shared.seqlens_k, shared.total_sequence_length,
-                  shared.cos or "", shared.sin or "", "", "", "", k_scale or "", v_scale or ""]
-        while inputs[-1] == "":
-            inputs.pop()
         quant = {"k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR", "kv_cache_bit_width": 8} \
             if kv_scales is not None else {}
-        out = g.op("GroupQueryAttention", inputs, num_outputs=3, domain="com.microsoft", name=f"{p}/GQA",
-                   outputs=[f"{p}/GQA/out", present_k, present_v],
-                   num_heads=H, kv_num_heads=KV, do_rotary=int(rope), rotary_interleaved=0, **quant)
-        return out[0]
+
+        def gqa(x: str, past: tuple[str, str], seqlens_k: str, total: str, outputs: list[str]) -> str:
+            inputs = [x, "", "", *past, seqlens_k, total, shared.cos or "", shared.sin or "", "", "", "",
+                      k_scale or "", v_scale or ""]
+            while inputs[-1] == "":
+                inputs.pop()
+            return g.op("GroupQueryAttention", inputs, num_outputs=3, domain="com.microsoft", name=f"{p}/GQA",
+                        outputs=outputs, num_heads=H, kv_num_heads=KV, do_rotary=int(rope), rotary_interleaved=0,
+                        **quant)[0]
+
+        if not split_context:
+            return gqa(qkv, (past_k, past_v), shared.seqlens_k, shared.total_sequence_length,
+                       [g.fresh(f"{p}/GQA/out"), present_k, present_v])
+        sizes, first_lens, first_total, full_lens = g.shared("context_split", lambda: _context_split(g, qkv, shared))
+        first, second = g.op("Split", [qkv, sizes], num_outputs=2, axis=1, name=f"{p}/context_split")
+        mid_k, mid_v = g.fresh(f"{p}/first_half.key"), g.fresh(f"{p}/first_half.value")
+        y1 = gqa(first, (past_k, past_v), first_lens, first_total, [g.fresh(f"{p}/GQA/out"), mid_k, mid_v])
+        y2 = gqa(second, (mid_k, mid_v), full_lens, shared.total_sequence_length,
+                 [g.fresh(f"{p}/GQA/out"), present_k, present_v])
+        return g.op("Concat", [y1, y2], axis=1, name=f"{p}/context_concat")
 
     q, k, v = g.op("Split", [qkv, g.const([H * D, KV * D, KV * D])], num_outputs=3, axis=-1, name=f"{p}/split")
     if rope:

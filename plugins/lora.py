@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,11 +99,11 @@ def lora_graph_inputs(config: PretrainedConfig, layout: dict[str, LoraLinearLayo
 
 @dataclass
 class LoraGraphValues:
-    """What add_graph_inputs made, plus per-graph values built on first use (shared by all layers)."""
+    """What add_graph_inputs made (values built on first use and shared by all layers live in the
+    GraphBuilder, per graph or If branch: GraphBuilder.shared)."""
 
     task_ids: str
     first_a: str | None = None
-    cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -149,10 +149,8 @@ class LoraNetworkOptions:
         return _masked_form(g, x, y, a, b, lay, values, self.np_dtype, prefix)
 
 
-def _shared(values: LoraGraphValues, key, make):
-    if key not in values.cache:
-        values.cache[key] = make()
-    return values.cache[key]
+def _shared(g: GraphBuilder, key, make):
+    return g.shared(("lora", key), make)
 
 
 def _masked_form(g: GraphBuilder, x: str, y: str, a: str, b: str, lay: LoraLinearLayout, values: LoraGraphValues,
@@ -173,17 +171,17 @@ def _masked_form(g: GraphBuilder, x: str, y: str, a: str, b: str, lay: LoraLinea
         return g.op("Unsqueeze", [hot, g.const([2])], name="lora/onehot")
 
     def mask(rank: int):  # [batch * seq, K * rank]: the one-hot widened over each slot's rank
-        wide = g.op("Expand", [_shared(values, "onehot", onehot), g.const([1, 1, rank])])
+        wide = g.op("Expand", [_shared(g, "onehot", onehot), g.const([1, 1, rank])])
         return g.op("Flatten", [wide], axis=1, name=f"lora/mask_r{rank}")
 
-    x2 = _shared(values, ("x2d", x), lambda: g.op("Reshape", [x, g.const([-1, lay.in_features])],
+    x2 = _shared(g, ("x2d", x), lambda: g.op("Reshape", [x, g.const([-1, lay.in_features])],
                                                   name=prefix + "/lora/x2d"))  # qkv, and fc with gate, share x
     a2 = g.op("Reshape", [a, g.const([-1, lay.in_features])], name=prefix + "/lora/A2d")  # [K*R, in], a view
     b2 = g.op("Reshape", [b, g.const([-1, lay.out_features])], name=prefix + "/lora/B2d")  # [K*R, out], a view
     xa = g.op("Gemm", [x2, a2], transB=1, name=prefix + "/lora/xA")  # [tokens, K*R]
-    xa = g.op("Mul", [xa, _shared(values, ("mask", lay.rank), lambda: mask(lay.rank))], name=prefix + "/lora/select")
+    xa = g.op("Mul", [xa, _shared(g, ("mask", lay.rank), lambda: mask(lay.rank))], name=prefix + "/lora/select")
     d = g.op("MatMul", [xa, b2], name=prefix + "/lora/xAB")  # [tokens, out]: sums over the slots
-    d = g.op("Reshape", [d, _shared(values, "out_shape", out_shape)], name=prefix + "/lora/delta")
+    d = g.op("Reshape", [d, _shared(g, "out_shape", out_shape)], name=prefix + "/lora/delta")
     return g.op("Add", [y, d], name=prefix + "/lora/add")
 
 
@@ -198,9 +196,9 @@ def _gather_form(g: GraphBuilder, x: str, y: str, a: str, b: str, values: LoraGr
         ok = g.op("GreaterOrEqual", [values.task_ids, g.const(0)])
         return g.op("Unsqueeze", [g.op("Cast", [ok], to=NP_TO_ONNX[dtype]), g.const([1, 2])], name="lora/valid")
 
-    idx = _shared(values, "index", index)
+    idx = _shared(g, "index", index)
     a_sel = g.op("Gather", [a, idx], axis=0, name=prefix + "/lora/A_sel")  # [batch, R, in]
     b_sel = g.op("Gather", [b, idx], axis=0, name=prefix + "/lora/B_sel")  # [batch, R, out]
     xa = g.op("MatMul", [x, g.op("Transpose", [a_sel], perm=[0, 2, 1])], name=prefix + "/lora/xA")  # [batch, seq, R]
-    xa = g.op("Mul", [xa, _shared(values, "valid", valid)], name=prefix + "/lora/select")
+    xa = g.op("Mul", [xa, _shared(g, "valid", valid)], name=prefix + "/lora/select")
     return g.op("Add", [y, g.op("MatMul", [xa, b_sel], name=prefix + "/lora/xAB")], name=prefix + "/lora/add")

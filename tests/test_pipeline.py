@@ -119,10 +119,11 @@ def test_streaming_callback_sees_every_token(engines):
 def test_plugin_forms_have_the_expected_ops(engines, tmp_path):
     import onnx
 
+    from test_context_split import op_types
+
     _, fused, standard = engines["llama"]
-    fused_ops = {n.op_type for n in onnx.load(str(fused.engine_dir / "rank0.engine"), load_external_data=False).graph.node}
-    standard_ops = {n.op_type for n in onnx.load(str(standard.engine_dir / "rank0.engine"),
-                                                 load_external_data=False).graph.node}
+    fused_ops = op_types(onnx.load(str(fused.engine_dir / "rank0.engine"), load_external_data=False).graph)
+    standard_ops = op_types(onnx.load(str(standard.engine_dir / "rank0.engine"), load_external_data=False).graph)
     assert "GroupQueryAttention" in fused_ops and "Attention" not in fused_ops
     assert "Attention" in standard_ops and "GroupQueryAttention" not in standard_ops
     assert "RotaryEmbedding" in standard_ops

@@ -95,7 +95,9 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> NetworkOpti
     pc.norm_plugin = resolve(pc.norm_plugin)
     return NetworkOptions(dtype=build.compute_dtype, fused_attention=pc.gpt_attention_plugin is not None,
                           fused_gemm=pc.gemm_plugin is not None, fused_norm=pc.norm_plugin is not None,
-                          max_seq_len=build.max_seq_len, quantize_lm_head=build.quantize_lm_head)
+                          max_seq_len=build.max_seq_len, quantize_lm_head=build.quantize_lm_head,
+                          context_split=(build.context_split_min_len, build.context_split_max_len)
+                          if build.max_input_len >= build.context_split_min_len else (0, 0))
 
 
 def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], recipe, ckpt: Path,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
-from trtbuild.plugins.attention import add_graph_inputs, attention
+from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, kv_io_names
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, weight_only_linear
@@ -32,6 +32,9 @@ class NetworkOptions:
     fused_gemm: bool = True
     fused_norm: bool = True
     max_seq_len: int = 2048
+    # fused attention: one prompt of min <= tokens < max into an empty cache attends in two halves
+    # (plugins.attention, split_context); min 0 = never
+    context_split: tuple[int, int] = (0, 0)
     quantize_lm_head: bool = True
     lora: "LoraNetworkOptions | None" = None
 
@@ -110,28 +113,66 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
 
         cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
         eps, norm_type, fused_norm = config.norm_epsilon, config.norm_type, options.fused_norm
-        residual = None
-        pending = None  # output of the previous block, still to be added to the residual
-        for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer", disable=not progress):
-            p = f"transformer.layers.{i}."
-            ln_w, ln_b = w(p + "input_layernorm.weight"), opt_w(p + "input_layernorm.bias")
-            if pending is None:
-                x, residual = norm(g, h, ln_w, ln_b, norm_type, eps, fused_norm), h
-            else:
-                x, residual = add_norm(g, pending, residual, ln_w, ln_b, norm_type, eps, fused_norm)
-            qkv = lin(x, p + "attention.qkv")
-            kv_scales = tensors.get(p + "attention.kv_cache_scaling_factor")
-            attn = attention(g, qkv, i, config, shared, cache_type, kv_scales)
-            attn = lin(attn, p + "attention.dense")
-            x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
-                                   opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
-            if config.gated_mlp:
-                fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
-                mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
-            else:
-                mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
-            pending = lin(mlp, p + "mlp.proj")
-        h = g.op("Add", [pending, residual]) if pending is not None else h
+        for i in range(config.num_hidden_layers):
+            declare_kv_io(g, i, config, options.fused_attention, cache_type)
+
+        def decoder(h: str, split_context: bool, in_branch: bool) -> tuple[str, list[str]]:
+            """The layer stack over embeddings h → (hidden states, present KV names in layer order)."""
+            residual = None
+            pending = None  # output of the previous block, still to be added to the residual
+            presents: list[str] = []
+            for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer",
+                          disable=not progress or split_context):
+                p = f"transformer.layers.{i}."
+                ln_w, ln_b = w(p + "input_layernorm.weight"), opt_w(p + "input_layernorm.bias")
+                if pending is None:
+                    x, residual = norm(g, h, ln_w, ln_b, norm_type, eps, fused_norm), h
+                else:
+                    x, residual = add_norm(g, pending, residual, ln_w, ln_b, norm_type, eps, fused_norm)
+                qkv = lin(x, p + "attention.qkv")
+                kv_scales = tensors.get(p + "attention.kv_cache_scaling_factor")
+                present = kv_io_names(i)[2:]
+                if in_branch:
+                    present = (g.fresh(present[0]), g.fresh(present[1]))
+                presents += present
+                attn = attention(g, qkv, i, config, shared, cache_type, kv_scales, present, split_context)
+                attn = lin(attn, p + "attention.dense")
+                x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
+                                       opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
+                if config.gated_mlp:
+                    fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
+                    mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
+                else:
+                    mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
+                pending = lin(mlp, p + "mlp.proj")
+            return (g.op("Add", [pending, residual]) if pending is not None else h), presents
+
+        split_min, split_max = options.context_split
+        if options.fused_attention and 0 < split_min < split_max:
+            # One If around the whole stack (one per layer would cost every decode step ~30 If
+            # dispatches): one prompt of a length in the window into an empty cache takes the split-attention branch
+            # (GroupQueryAttention continues a prompt over a past only at batch 1).
+            batch_seq = g.op("Shape", [input_ids])
+            seq = g.op("Slice", [batch_seq, g.const([1]), g.const([2])])
+            fresh = g.op("Equal", [g.op("Cast", [seq], to=TensorProto.INT32),
+                                   g.op("Unsqueeze", [shared.total_sequence_length, g.const([0])])])
+            long = g.op("And", [g.op("GreaterOrEqual", [seq, g.const([split_min])]),
+                                g.op("Less", [seq, g.const([split_max])])])
+            single = g.op("Equal", [g.op("Slice", [batch_seq, g.const([0]), g.const([1])]), g.const([1])])
+            cond = g.op("And", [g.op("And", [fresh, long]), single], name="context_split_condition")
+            branches = []
+            for split_context in (True, False):
+                with g.subgraph() as nodes:
+                    hidden, presents = decoder(h, split_context, in_branch=True)
+                branches.append((nodes, [hidden, *presents]))
+            KV, D = config.num_key_value_heads, config.head_size
+            kv_shape = ["batch_size", KV, "max_sequence_length", D]
+            h = g.if_op(cond, branches, [("decoder_hidden", float_type, ["batch_size", "sequence_length",
+                                                                         config.hidden_size])]
+                        + [(name, cache_type, kv_shape) for i in range(config.num_hidden_layers)
+                           for name in kv_io_names(i)[2:]], name="context_split")[0]
+        else:
+            h, _ = decoder(h, split_context=False, in_branch=False)
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = norm(g, picked, w("transformer.ln_f.weight"), opt_w("transformer.ln_f.bias"), norm_type, eps, fused_norm)

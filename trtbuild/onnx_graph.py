@@ -8,8 +8,9 @@ protobuf's 2 GB limit and are never held twice in memory while the network is wr
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -26,6 +27,8 @@ NP_TO_ONNX = {
     np.dtype("int8"): TensorProto.INT8, np.dtype("uint8"): TensorProto.UINT8, np.dtype("bool"): TensorProto.BOOL,
     np.dtype(ml_dtypes.bfloat16): TensorProto.BFLOAT16,
 }
+T = TypeVar("T")
+
 ONNX_FLOAT = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
@@ -43,7 +46,8 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self._counter: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
-        self._shared: dict[str, str] = {}
+        self._shared: dict[object, object] = {}
+        self._weights: dict[str, tuple[int, tuple[int, ...]]] = {}
         self.opsets = {"": OPSET}
 
     def fresh(self, base: str) -> str:
@@ -62,11 +66,19 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer stored in the external data file."""
+        if name in self._weights:
+            return self.raw_weight(name, b"", NP_TO_ONNX[np.asarray(array).dtype], np.shape(array))
         array = np.ascontiguousarray(array)
         return self.raw_weight(name, array.tobytes(), NP_TO_ONNX[array.dtype], array.shape)
 
     def raw_weight(self, name: str, raw: bytes, data_type: int, dims: Sequence[int]) -> str:
-        """An initializer from raw bytes (packed int4/uint4, whose numpy form has no dtype)."""
+        """An initializer from raw bytes (packed int4/uint4, whose numpy form has no dtype). A name
+        already written is reused (both branches of an If read one copy of the layer weights)."""
+        if name in self._weights:
+            if self._weights[name] != (data_type, tuple(dims)):
+                raise ValueError(f"weight {name} written twice with different types or shapes")
+            return name
+        self._weights[name] = (data_type, tuple(dims))
         offset = self._data.tell()
         pad = (-offset) % ALIGN
         if pad:
@@ -91,11 +103,11 @@ class GraphBuilder:
             self._consts[key] = name
         return self._consts[key]
 
-    def shared(self, key: str, make: Callable[[], str]) -> str:
-        """A value computed once per graph by `make()` and reused by every caller asking for `key`."""
+    def shared(self, key: object, make: Callable[[], T]) -> T:
+        """Values computed once per graph (or If branch) by `make()`, reused by every caller of `key`."""
         if key not in self._shared:
             self._shared[key] = make()
-        return self._shared[key]
+        return self._shared[key]  # type: ignore[return-value]
 
     # ---- nodes --------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: Sequence[str], num_outputs: int = 1, name: str | None = None,
@@ -109,6 +121,29 @@ class GraphBuilder:
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=base, domain=domain, **attrs))
         return outputs[0] if num_outputs == 1 else list(outputs)
+
+    @contextmanager
+    def subgraph(self) -> Iterator[list[onnx.NodeProto]]:
+        """Nodes added inside the `with` go to the yielded list (an If branch) instead of the graph;
+        weights and constants stay in the outer graph, where the branch reads them."""
+        saved = self.nodes, self._shared
+        self.nodes, self._shared = [], {}
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self._shared = saved
+
+    def if_op(self, cond: str, branches: Sequence[tuple[list[onnx.NodeProto], Sequence[str]]],
+              outputs: Sequence[tuple[str, int, Sequence[int | str]]], name: str) -> list[str]:
+        """If(cond) over two (nodes, output names) branches (then, else); `outputs` gives the If's
+        output names, element types and shapes, in the branches' output order."""
+        graphs = []
+        for label, (nodes, names) in zip(("then", "else"), branches):
+            infos = [helper.make_tensor_value_info(n, t, list(shape)) for n, (_, t, shape) in zip(names, outputs)]
+            graphs.append(helper.make_graph(nodes, f"{name}_{label}", [], infos))
+        self.nodes.append(helper.make_node("If", [cond], [o[0] for o in outputs], name=self.fresh(name),
+                                           then_branch=graphs[0], else_branch=graphs[1]))
+        return [o[0] for o in outputs]
 
     # ---- output -------------------------------------------------------------------------------
     def save(self) -> Path:

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt_compute_capabilities", nargs="+", default=None, help="tensorrt backend: SM targets")
     p.add_argument("--no_quantize_lm_head", action="store_true",
                    help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
+    p.add_argument("--context_split_min_len", type=int, default=128,
+                   help="attention plugin: one prompt of min <= tokens < --context_split_max_len attends in two "
+                        "causal halves, skipping a quarter of the score matrix (0: never)")
+    p.add_argument("--context_split_max_len", type=int, default=768)
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info")
@@ -69,7 +73,12 @@ def main(argv: list[str] | None = None) -> None:
                                    norm_plugin=args.norm_plugin,
                                    lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
         lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
-        quantize_lm_head=not args.no_quantize_lm_head)
+        quantize_lm_head=not args.no_quantize_lm_head, context_split_min_len=args.context_split_min_len,
+        context_split_max_len=args.context_split_max_len)
+    if args.context_split_min_len < 0 or (args.context_split_min_len
+                                          and args.context_split_max_len <= args.context_split_min_len):
+        raise TrtbuildError(f"--context_split_min_len {args.context_split_min_len} --context_split_max_len "
+                            f"{args.context_split_max_len}: give 0 (never) or a token window min < max")
     from trtbuild.quantization.api import recipe_from_args
 
     recipe = recipe_from_args(args)
