@@ -254,6 +254,9 @@ def _fold_into(out: dict, work: dict, name: str, inv_s: torch.Tensor, rows: Opti
         out[key] = t.to(out[key].dtype) if key in out else t
 
 
+AWQ_BLOCK_GROUPS = ("qkv", "fc")  # input groups whose AWQ scales are searched on their block's output
+
+
 def _awq_block_error(model: ReferenceModel, work: dict, layer: int, group: list[str], x: Optional[torch.Tensor],
                      token_norm: bool) -> Optional[Callable[[list[torch.Tensor]], float]]:
     """For qkv (the attention) and fc+gate (the MLP): a candidate's squared error of the block's
@@ -261,7 +264,7 @@ def _awq_block_error(model: ReferenceModel, work: dict, layer: int, group: list[
     token_norm each token's error is relative to its input's mean square, as in the Gram matrix.
     None for the other groups, whose block is the linear itself (the Gram error is exact there)."""
     kind = group[0].rsplit(".", 1)[-1]
-    if x is None or kind not in ("qkv", "fc"):
+    if x is None or kind not in AWQ_BLOCK_GROUPS:
         return None
     forward = model.attention if kind == "qkv" else model.mlp
     reference = forward(layer, x)
@@ -332,7 +335,7 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
             put_kv(i, st)
     elif method == "awq":
         cal = LayerwiseCalibrator(model, samples, gram=True, kv=recipe.int8_kv_cache, progress=progress, desc="AWQ",
-                                  token_norm=recipe.calib_token_norm, keep_sample=recipe.awq_block_loss)
+                                  token_norm=recipe.calib_token_norm, keep_sample=AWQ_BLOCK_GROUPS if recipe.awq_block_loss else ())
         c = config
         for i, st in cal.layers():
             p = layer_prefix.format(i)

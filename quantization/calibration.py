@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Collection, Iterable, Optional, Sequence
 
 import torch
 
@@ -244,12 +244,13 @@ class LayerwiseCalibrator:
     for i, stats in cal.layers(): ...quantize layer i (may change model.weights)...
     After the body, the next layer's inputs are recomputed through layer i when `sequential`
     (so later layers see the quantized earlier ones, as GPTQ does); otherwise the float outputs
-    from the statistics pass are used.
+    from the statistics pass are used. `keep_sample` names the input groups (by their first linear's
+    kind: "qkv", "fc", ...) whose first batch of inputs is kept as it came.
     """
 
     def __init__(self, model: ReferenceModel, samples: torch.Tensor, *, gram: bool = False, kv: bool = False,
                  sequential: bool = False, progress: bool = True, desc: str = "calibrating",
-                 token_norm: bool = True, keep_sample: bool = False):
+                 token_norm: bool = True, keep_sample: Collection[str] = ()):
         self.model = model
         self.samples = samples
         self.gram = gram
@@ -272,7 +273,8 @@ class LayerwiseCalibrator:
         for i in bar:
             groups = input_groups(cfg, i)
             stats = LayerStats(inputs={g[0]: InputStats(want_gram=self.gram, token_norm=self.token_norm,
-                                                        keep_sample=self.keep_sample) for g in groups})
+                                                        keep_sample=g[0].rsplit(".", 1)[-1] in self.keep_sample)
+                                       for g in groups})
 
             def linear_hook(name: str, x: torch.Tensor) -> None:
                 s = stats.inputs.get(name)
