@@ -103,6 +103,20 @@ def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: 
     g.output(present_v, cache_type, ["batch_size", KV, present_len, D])
 
 
+def context_split_condition(g: GraphBuilder, input_ids: str, shared: AttentionInputs, min_len: int,
+                            max_len: int) -> str:
+    """True for a step that may split its attention: one prompt (GroupQueryAttention continues a
+    prompt over a past only at batch 1) of min_len <= tokens < max_len into an empty cache."""
+    batch_seq = g.op("Shape", [input_ids])
+    seq = g.op("Slice", [batch_seq, g.const([1]), g.const([2])])
+    fresh = g.op("Equal", [g.op("Cast", [seq], to=TensorProto.INT32),
+                           g.op("Unsqueeze", [shared.total_sequence_length, g.const([0])])])
+    in_window = g.op("And", [g.op("GreaterOrEqual", [seq, g.const([min_len])]),
+                             g.op("Less", [seq, g.const([max_len])])])
+    single = g.op("Equal", [g.op("Slice", [batch_seq, g.const([0]), g.const([1])]), g.const([1])])
+    return g.op("And", [g.op("And", [fresh, in_window]), single], name="context_split_condition")
+
+
 def _context_split(g: GraphBuilder, qkv: str, shared: AttentionInputs) -> tuple[str, str, str, str]:
     """(sizes [S1, S2] along the sequence, S1 - 1 per row, S1, S - 1 per row) for a prompt of S
     tokens cut in a first half S1 = S - S // 2 and a second S2 = S // 2."""

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
-from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, kv_io_names
+from trtbuild.plugins.attention import (add_graph_inputs, attention, context_split_condition, declare_kv_io,
+                                       kv_io_names)
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, weight_only_linear
@@ -149,17 +150,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
 
         split_min, split_max = options.context_split
         if options.fused_attention and 0 < split_min < split_max:
-            # One If around the whole stack (one per layer would cost every decode step ~30 If
-            # dispatches): one prompt of a length in the window into an empty cache takes the split-attention branch
-            # (GroupQueryAttention continues a prompt over a past only at batch 1).
-            batch_seq = g.op("Shape", [input_ids])
-            seq = g.op("Slice", [batch_seq, g.const([1]), g.const([2])])
-            fresh = g.op("Equal", [g.op("Cast", [seq], to=TensorProto.INT32),
-                                   g.op("Unsqueeze", [shared.total_sequence_length, g.const([0])])])
-            long = g.op("And", [g.op("GreaterOrEqual", [seq, g.const([split_min])]),
-                                g.op("Less", [seq, g.const([split_max])])])
-            single = g.op("Equal", [g.op("Slice", [batch_seq, g.const([0]), g.const([1])]), g.const([1])])
-            cond = g.op("And", [g.op("And", [fresh, long]), single], name="context_split_condition")
+            # One If around the whole stack: one per layer would cost every decode step 30 If dispatches.
+            cond = context_split_condition(g, input_ids, shared, split_min, split_max)
             branches = []
             for split_context in (True, False):
                 with g.subgraph() as nodes:
