@@ -94,3 +94,16 @@ def real_model_dir() -> Path:
     from trtbuild.fetch import fetch_model
 
     return fetch_model(DEFAULT_MODEL)
+
+
+def op_types(graph) -> set[str]:
+    """Op types of an ONNX graph and of every If branch inside it."""
+    import onnx
+
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                ops |= op_types(attr.g)
+    return ops

@@ -13,22 +13,12 @@ from trtbuild.builder import build_engine
 from trtbuild.cli.build import main as build_main
 from trtbuild.convert.cli import main as convert_main
 from trtbuild.engine import BuildConfig
+from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
-from conftest import PPL_TEXT
+from conftest import PPL_TEXT, op_types
 
 WINDOW = (8, 40)
-
-
-def op_types(graph: onnx.GraphProto) -> set[str]:
-    """Op types of a graph and of every If branch inside it."""
-    ops = set()
-    for node in graph.node:
-        ops.add(node.op_type)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                ops |= op_types(attr.g)
-    return ops
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8_kv"])
@@ -82,4 +72,7 @@ def test_split_window_flags_are_checked(tiny_models, tmp_path, capsys):
                     "--context_split_min_len", "64", "--context_split_max_len", "32"])
     assert exit_info.value.code == 2
     assert "--context_split_max_len 32" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(TrtbuildError, match="context_split_min_len -1"):  # the same check for API callers
+        build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, context_split_min_len=-1))
     assert not (tmp_path / "e").exists()

@@ -119,7 +119,7 @@ def test_streaming_callback_sees_every_token(engines):
 def test_plugin_forms_have_the_expected_ops(engines, tmp_path):
     import onnx
 
-    from test_context_split import op_types
+    from conftest import op_types
 
     _, fused, standard = engines["llama"]
     fused_ops = op_types(onnx.load(str(fused.engine_dir / "rank0.engine"), load_external_data=False).graph)

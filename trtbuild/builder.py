@@ -55,6 +55,10 @@ def check_limits(config: PretrainedConfig, build: BuildConfig) -> None:
                             f"{config.max_position_embeddings}")
     if build.backend not in BACKENDS:
         raise TrtbuildError(f"--backend {build.backend!r} is not one of {', '.join(BACKENDS)}")
+    lo, hi = build.context_split_min_len, build.context_split_max_len
+    if lo < 0 or (lo and hi <= lo):
+        raise TrtbuildError(f"--context_split_min_len {lo} --context_split_max_len {hi}: give 0 (never) or a "
+                            "token window min < max")
 
 
 def check_tensors(config: PretrainedConfig, tensors: dict[str, np.ndarray], source: Path) -> None:

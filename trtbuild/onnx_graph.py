@@ -66,17 +66,15 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer stored in the external data file."""
-        if name in self._weights:
-            return self.raw_weight(name, b"", NP_TO_ONNX[np.asarray(array).dtype], np.shape(array))
+        if self._written(name, NP_TO_ONNX[np.asarray(array).dtype], np.shape(array)):
+            return name
         array = np.ascontiguousarray(array)
         return self.raw_weight(name, array.tobytes(), NP_TO_ONNX[array.dtype], array.shape)
 
     def raw_weight(self, name: str, raw: bytes, data_type: int, dims: Sequence[int]) -> str:
         """An initializer from raw bytes (packed int4/uint4, whose numpy form has no dtype). A name
         already written is reused (both branches of an If read one copy of the layer weights)."""
-        if name in self._weights:
-            if self._weights[name] != (data_type, tuple(dims)):
-                raise ValueError(f"weight {name} written twice with different types or shapes")
+        if self._written(name, data_type, dims):
             return name
         self._weights[name] = (data_type, tuple(dims))
         offset = self._data.tell()
@@ -92,6 +90,14 @@ class GraphBuilder:
             entry.key, entry.value = k, v
         self.initializers.append(t)
         return name
+
+    def _written(self, name: str, data_type: int, dims: Sequence[int]) -> bool:
+        """Whether weight `name` is already in the data file (with this type and shape, or an error)."""
+        if name not in self._weights:
+            return False
+        if self._weights[name] != (data_type, tuple(dims)):
+            raise ValueError(f"weight {name} written twice with different types or shapes")
+        return True
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant (shape vectors, axes, scalars), stored inline and shared."""
