@@ -103,18 +103,20 @@ def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: 
     g.output(present_v, cache_type, ["batch_size", KV, present_len, D])
 
 
-def context_split_condition(g: GraphBuilder, input_ids: str, shared: AttentionInputs, min_len: int,
-                            max_len: int) -> str:
-    """True for a step that may split its attention: one prompt (GroupQueryAttention continues a
-    prompt over a past only at batch 1) of min_len <= tokens < max_len into an empty cache."""
+def prompt_condition(g: GraphBuilder, input_ids: str, shared: AttentionInputs, min_len: int,
+                     max_len: int | None) -> str:
+    """True for a step that is one prompt of min_len <= tokens (< max_len) into an empty cache: the
+    steps `attention(prompt=...)` serves (GroupQueryAttention continues a prompt over a past only
+    at batch 1, and trtbuild's kernel takes one prompt)."""
     batch_seq = g.op("Shape", [input_ids])
     seq = g.op("Slice", [batch_seq, g.const([1]), g.const([2])])
     fresh = g.op("Equal", [g.op("Cast", [seq], to=TensorProto.INT32),
                            g.op("Unsqueeze", [shared.total_sequence_length, g.const([0])])])
-    in_window = g.op("And", [g.op("GreaterOrEqual", [seq, g.const([min_len])]),
-                             g.op("Less", [seq, g.const([max_len])])])
+    in_window = g.op("GreaterOrEqual", [seq, g.const([min_len])])
+    if max_len is not None:
+        in_window = g.op("And", [in_window, g.op("Less", [seq, g.const([max_len])])])
     single = g.op("Equal", [g.op("Slice", [batch_seq, g.const([0]), g.const([1])]), g.const([1])])
-    return g.op("And", [g.op("And", [fresh, in_window]), single], name="context_split_condition")
+    return g.op("And", [g.op("And", [fresh, in_window]), single], name="prompt_condition")
 
 
 def _context_split(g: GraphBuilder, qkv: str, shared: AttentionInputs) -> tuple[str, str, str, str]:
@@ -132,15 +134,16 @@ def _context_split(g: GraphBuilder, qkv: str, shared: AttentionInputs) -> tuple[
 
 def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, shared: AttentionInputs,
               cache_type: int, kv_scales: np.ndarray | None, present: tuple[str, str] | None = None,
-              split_context: bool = False) -> str:
+              prompt: str | None = None) -> str:
     """Self-attention of one layer over packed qkv [batch, seq, (H + 2 KV) * D] → [batch, seq, H * D].
 
     Reads the layer's past KV graph inputs and writes `present` (default: the present graph
     outputs; see declare_kv_io). `kv_scales` (k_scale, v_scale) turns on the int8 cache.
-    `split_context` (fused form, a prompt into an empty cache): the attention of the first half of
-    the prompt, then of the second half over the first as its past, skipping the quarter of the
-    score matrix the causal mask hides, which GroupQueryAttention computes in one call. Padded rows
-    run as full: their padding is never attended by a real token and is overwritten while decoding.
+    `prompt` (fused form, for steps that are one prompt into an empty cache, see prompt_condition):
+    GroupQueryAttention computes a prompt's whole score matrix and masks half of it.
+    "fmha": trtbuild's CausalPromptAttention kernel (trtbuild/kernels), which computes only the
+    causal half. "split": the attention of the first half of the prompt, then of the second half
+    over the first as its past, skipping a quarter of the matrix.
     """
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
     past_k, past_v, present_k, present_v = kv_io_names(layer)
@@ -165,7 +168,11 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
                         outputs=outputs, num_heads=H, kv_num_heads=KV, do_rotary=int(rope), rotary_interleaved=0,
                         **quant)[0]
 
-        if not split_context:
+        if prompt == "fmha":
+            return g.op("CausalPromptAttention", [qkv, past_k, *([shared.cos, shared.sin] if rope else [])],
+                        num_outputs=3, domain="trtbuild", name=f"{p}/fmha",
+                        outputs=[g.fresh(f"{p}/fmha/out"), present_k, present_v], num_heads=H, kv_num_heads=KV)[0]
+        if prompt != "split":
             return gqa(qkv, (past_k, past_v), shared.seqlens_k, shared.total_sequence_length,
                        [g.fresh(f"{p}/GQA/out"), present_k, present_v])
         sizes, first_lens, first_total, full_lens = g.shared("context_split", lambda: _context_split(g, qkv, shared))

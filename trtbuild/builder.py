@@ -104,6 +104,30 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> NetworkOpti
                           if build.max_input_len >= build.context_split_min_len else (0, 0))
 
 
+def resolve_prompt_attention(config: PretrainedConfig, build: BuildConfig, options: NetworkOptions) -> None:
+    """How a prompt into an empty cache attends (options.prompt_attention), once the checkpoint's
+    quantization is final: trtbuild's kernel (--context_fmha) where it applies and can be built
+    here, else GroupQueryAttention in halves for prompts in the --context_split window."""
+    pc = build.plugin_config
+    if pc.context_fmha and options.fused_attention and build.backend == "onnxruntime":
+        from trtbuild.kernels import FMHA_HEAD_SIZES, KernelUnavailable, library_path
+
+        if config.quantization.kv_cache_quant_algo == "INT8":
+            log.info("--context_fmha: the kernel writes a float32 KV cache; INT8 KV prompts use GroupQueryAttention")
+        elif config.head_size not in FMHA_HEAD_SIZES:
+            log.info("--context_fmha: no kernel for head size %d; prompts use GroupQueryAttention", config.head_size)
+        else:
+            try:
+                library_path()
+                options.prompt_attention = "fmha"
+                return
+            except KernelUnavailable as e:
+                log.warning("--context_fmha: %s; prompts use GroupQueryAttention instead", e)
+    pc.context_fmha = False
+    lo, hi = options.context_split
+    options.prompt_attention = "split" if options.fused_attention and 0 < lo < hi else None
+
+
 def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], recipe, ckpt: Path,
                       progress: bool) -> tuple[PretrainedConfig, dict[str, np.ndarray]]:
     """Quantize a floating-point checkpoint's tensors on the way into the network (trt-build flags)."""
@@ -148,13 +172,14 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
                 from trtbuild.lora_engine import prepare_lora
 
                 options.lora = prepare_lora(config, build, lora_dirs, tmp)
+            resolve_prompt_attention(config, build, options)
             onnx_path = tmp / f"rank{rank}.onnx"
             build_network(config, tensors, options, onnx_path, progress)
             engine_path = tmp / f"rank{rank}.engine"
             if build.backend == "onnxruntime":
                 from trtbuild.backends.onnxruntime_backend import compile_engine
 
-                compile_engine(onnx_path, engine_path)
+                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.context_fmha)
             else:
                 from trtbuild.backends.tensorrt_backend import (build_for_engine_dir, build_info_for_config,
                                                                 layers_report)

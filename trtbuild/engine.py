@@ -23,6 +23,10 @@ class PluginConfig:
     gpt_attention_plugin: str | None = "auto"
     norm_plugin: str | None = "auto"
     lora_plugin: str | None = None
+    # attention plugin: a prompt into an empty cache runs trtbuild's CausalPromptAttention kernel
+    # (trtbuild.kernels), which computes only the causal half of the scores. True after a build
+    # only if the engine uses it: the runtime then registers the kernel library.
+    context_fmha: bool = True
 
 
 @dataclass

@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
-from trtbuild.plugins.attention import (add_graph_inputs, attention, context_split_condition, declare_kv_io,
-                                       kv_io_names)
+from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, kv_io_names, prompt_condition
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, weight_only_linear
@@ -33,8 +32,10 @@ class NetworkOptions:
     fused_gemm: bool = True
     fused_norm: bool = True
     max_seq_len: int = 2048
-    # fused attention: one prompt of min <= tokens < max into an empty cache attends in two halves
-    # (plugins.attention, split_context); min 0 = never
+    # fused attention: how one prompt into an empty cache attends (plugins.attention, `prompt`):
+    # "fmha" (trtbuild's kernel, every length), "split" (GroupQueryAttention in halves, for
+    # context_split[0] <= tokens < context_split[1]) or None (as every other step)
+    prompt_attention: str | None = None
     context_split: tuple[int, int] = (0, 0)
     quantize_lm_head: bool = True
     lora: "LoraNetworkOptions | None" = None
@@ -117,13 +118,13 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         for i in range(config.num_hidden_layers):
             declare_kv_io(g, i, config, options.fused_attention, cache_type)
 
-        def decoder(h: str, split_context: bool, in_branch: bool) -> tuple[str, list[str]]:
+        def decoder(h: str, prompt: str | None, in_branch: bool) -> tuple[str, list[str]]:
             """The layer stack over embeddings h → (hidden states, present KV names in layer order)."""
             residual = None
             pending = None  # output of the previous block, still to be added to the residual
             presents: list[str] = []
             for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer",
-                          disable=not progress or split_context):
+                          disable=not progress or prompt is not None):
                 p = f"transformer.layers.{i}."
                 ln_w, ln_b = w(p + "input_layernorm.weight"), opt_w(p + "input_layernorm.bias")
                 if pending is None:
@@ -136,7 +137,7 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                 if in_branch:
                     present = (g.fresh(present[0]), g.fresh(present[1]))
                 presents += present
-                attn = attention(g, qkv, i, config, shared, cache_type, kv_scales, present, split_context)
+                attn = attention(g, qkv, i, config, shared, cache_type, kv_scales, present, prompt)
                 attn = lin(attn, p + "attention.dense")
                 x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
                                        opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
@@ -148,23 +149,23 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                 pending = lin(mlp, p + "mlp.proj")
             return (g.op("Add", [pending, residual]) if pending is not None else h), presents
 
-        split_min, split_max = options.context_split
-        if options.fused_attention and 0 < split_min < split_max:
+        if options.fused_attention and options.prompt_attention is not None:
             # One If around the whole stack: one per layer would cost every decode step 30 If dispatches.
-            cond = context_split_condition(g, input_ids, shared, split_min, split_max)
+            window = (1, None) if options.prompt_attention == "fmha" else options.context_split
+            cond = prompt_condition(g, input_ids, shared, *window)
             branches = []
-            for split_context in (True, False):
+            for prompt in (options.prompt_attention, None):
                 with g.subgraph() as nodes:
-                    hidden, presents = decoder(h, split_context, in_branch=True)
+                    hidden, presents = decoder(h, prompt, in_branch=True)
                 branches.append((nodes, [hidden, *presents]))
             KV, D = config.num_key_value_heads, config.head_size
             kv_shape = ["batch_size", KV, "max_sequence_length", D]
             h = g.if_op(cond, branches, [("decoder_hidden", float_type, ["batch_size", "sequence_length",
                                                                          config.hidden_size])]
                         + [(name, cache_type, kv_shape) for i in range(config.num_hidden_layers)
-                           for name in kv_io_names(i)[2:]], name="context_split")[0]
+                           for name in kv_io_names(i)[2:]], name="prompt_attention")[0]
         else:
-            h, _ = decoder(h, split_context=False, in_branch=False)
+            h, _ = decoder(h, prompt=None, in_branch=False)
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = norm(g, picked, w("transformer.ln_f.weight"), opt_w("transformer.ln_f.bias"), norm_type, eps, fused_norm)

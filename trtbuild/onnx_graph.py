@@ -66,10 +66,11 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer stored in the external data file."""
-        if self._written(name, NP_TO_ONNX[np.asarray(array).dtype], np.shape(array)):
+        array = np.asarray(array)
+        if self._written(name, NP_TO_ONNX[array.dtype], array.shape):
             return name
-        array = np.ascontiguousarray(array)
-        return self.raw_weight(name, array.tobytes(), NP_TO_ONNX[array.dtype], array.shape)
+        # (np.ascontiguousarray makes a 0-d array 1-d: the shape is taken from the array as given)
+        return self.raw_weight(name, np.ascontiguousarray(array).tobytes(), NP_TO_ONNX[array.dtype], array.shape)
 
     def raw_weight(self, name: str, raw: bytes, data_type: int, dims: Sequence[int]) -> str:
         """An initializer from raw bytes (packed int4/uint4, whose numpy form has no dtype). A name

@@ -32,9 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt_compute_capabilities", nargs="+", default=None, help="tensorrt backend: SM targets")
     p.add_argument("--no_quantize_lm_head", action="store_true",
                    help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
+    p.add_argument("--context_fmha", default="enable", choices=["enable", "disable"],
+                   help="attention plugin: one prompt into an empty cache runs trtbuild's causal attention kernel "
+                        "(compiled for this machine on first use; needs g++)")
     p.add_argument("--context_split_min_len", type=int, default=128,
-                   help="attention plugin: one prompt of min <= tokens < --context_split_max_len attends in two "
-                        "causal halves, skipping a quarter of the score matrix (0: never)")
+                   help="attention plugin without --context_fmha: one prompt of min <= tokens < "
+                        "--context_split_max_len attends in two causal halves, skipping a quarter of the score "
+                        "matrix (0: never)")
     p.add_argument("--context_split_max_len", type=int, default=768)
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         max_batch_size=args.max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
         max_num_tokens=args.max_num_tokens,
         plugin_config=PluginConfig(gemm_plugin=args.gemm_plugin, gpt_attention_plugin=args.gpt_attention_plugin,
-                                   norm_plugin=args.norm_plugin,
+                                   norm_plugin=args.norm_plugin, context_fmha=args.context_fmha == "enable",
                                    lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
         lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
         quantize_lm_head=not args.no_quantize_lm_head, context_split_min_len=args.context_split_min_len,

@@ -76,9 +76,14 @@ class ModelRunner:
             tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() or tokenizer_dir else None
             return cls(engine_dir, config, session, tokenizer)  # type: ignore[arg-type]
         from trtbuild.backends.onnxruntime_backend import open_session
+        from trtbuild.kernels import KernelUnavailable
 
         try:
-            session = open_session(engine_path, num_threads)
+            session = open_session(engine_path, num_threads, kernels=config.build_config.plugin_config.context_fmha)
+        except KernelUnavailable as e:
+            raise TrtbuildError(f"{engine_path} runs trtbuild's causal attention kernel (built with --context_fmha), "
+                                f"which cannot be built on this machine: {e}. Rebuild the engine with "
+                                "--context_fmha disable") from None
         except Exception as e:  # onnxruntime raises its own types for damaged files
             raise TrtbuildError(f"{engine_path} could not be loaded ({str(e).splitlines()[0]}); rebuild it") from None
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR

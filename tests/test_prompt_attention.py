@@ -1,7 +1,8 @@
-"""Split-context attention: one prompt in the window runs its attention in two causal halves inside
-an If branch of the engine; every output (prefill logits, scores, generated tokens, the KV cache it
-leaves behind) equals the one-call engine's, at batch 1, for batches (which take the one-call
-branch) and with an int8 KV cache."""
+"""Prompt attention: one prompt into an empty cache takes an If branch of the engine where it runs
+trtbuild's causal kernel (--context_fmha, the default) or, without it, GroupQueryAttention in two
+causal halves (--context_split window). Every output (prefill logits, scores, generated tokens, the
+KV cache it leaves behind) equals the one-call engine's, at batch 1, for batches (which take the
+one-call branch) and with an int8 KV cache (which the kernel leaves to the halves)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from trtbuild.builder import build_engine
 from trtbuild.cli.build import main as build_main
 from trtbuild.convert.cli import main as convert_main
-from trtbuild.engine import BuildConfig
+from trtbuild.engine import BuildConfig, PluginConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
@@ -32,11 +33,12 @@ def runners(request, tiny_models, tmp_path_factory):
         flags = ["--int8_kv_cache", "--calib_dataset", str(calib), "--calib_size", "2", "--calib_max_seq_length", "32"]
     convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt), *flags])
     out = {}
-    for name, (lo, hi) in (("split", WINDOW), ("one_call", (0, 0))):
+    for name, fmha, (lo, hi) in (("fmha", True, WINDOW), ("split", False, WINDOW), ("one_call", False, (0, 0))):
         build = BuildConfig(max_batch_size=4, max_input_len=48, max_seq_len=96, context_split_min_len=lo,
-                            context_split_max_len=hi)
+                            context_split_max_len=hi, plugin_config=PluginConfig(context_fmha=fmha))
         build_engine(ckpt, tmp / name, build, progress=False)
         out[name] = ModelRunner.from_dir(tmp / name, num_threads=1)
+    out["int8_kv"] = request.param == "int8_kv"
     return out
 
 
@@ -44,16 +46,26 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, 250, n)]
 
 
-def test_the_split_engine_has_the_two_branch_if(runners):
-    split = onnx.load(str(runners["split"].engine_dir / "rank0.engine"), load_external_data=False).graph
-    one_call = onnx.load(str(runners["one_call"].engine_dir / "rank0.engine"), load_external_data=False).graph
+def engine_graph(runner: ModelRunner) -> onnx.GraphProto:
+    return onnx.load(str(runner.engine_dir / "rank0.engine"), load_external_data=False).graph
+
+
+def test_prompt_engines_have_the_two_branch_if(runners):
+    fmha, split, one_call = (engine_graph(runners[name]) for name in ("fmha", "split", "one_call"))
     assert "If" in {n.op_type for n in split.node} and "If" not in op_types(one_call)
+    assert "If" in {n.op_type for n in fmha.node}
     assert "GroupQueryAttention" in op_types(split)
+    # the kernel writes a float32 cache: an int8 KV engine falls back to the halves, and says so
+    uses_kernel = not runners["int8_kv"]
+    assert ("CausalPromptAttention" in op_types(fmha)) == uses_kernel
+    assert runners["fmha"].config.build_config.plugin_config.context_fmha == uses_kernel
+    assert not runners["split"].config.build_config.plugin_config.context_fmha
 
 
 @pytest.mark.parametrize("lengths", [[7], [8], [21], [39], [40], [33, 20, 9]])
-def test_split_engine_equals_one_call_engine(runners, lengths):
-    split, one_call = runners["split"], runners["one_call"]
+@pytest.mark.parametrize("engine", ["fmha", "split"])
+def test_prompt_engine_equals_one_call_engine(runners, lengths, engine):
+    split, one_call = runners[engine], runners["one_call"]
     prompts = [prompt(n, seed=i) for i, n in enumerate(lengths)]
     np.testing.assert_allclose(split.prefill(prompts), one_call.prefill(prompts), atol=1e-5, rtol=0)
     # the cache the prefill left: decode steps read it
@@ -76,3 +88,18 @@ def test_split_window_flags_are_checked(tiny_models, tmp_path, capsys):
     with pytest.raises(TrtbuildError, match="context_split_min_len -1"):  # the same check for API callers
         build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, context_split_min_len=-1))
     assert not (tmp_path / "e").exists()
+
+
+def test_context_fmha_flag(tiny_models, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    convert_main(["--model_dir", str(tiny_models["qwen2"]), "--output_dir", str(ckpt)])
+    common = ["--checkpoint_dir", str(ckpt), "--max_input_len", "32", "--max_seq_len", "64"]
+    build_main([*common, "--output_dir", str(tmp_path / "on")])
+    build_main([*common, "--output_dir", str(tmp_path / "off"), "--context_fmha", "disable"])
+    on, off = (ModelRunner.from_dir(tmp_path / name, num_threads=1) for name in ("on", "off"))
+    assert "CausalPromptAttention" in op_types(engine_graph(on))
+    assert "CausalPromptAttention" not in op_types(engine_graph(off))
+    assert on.config.build_config.plugin_config.context_fmha and not off.config.build_config.plugin_config.context_fmha
+    prompts = [prompt(n, seed=n) for n in (1, 5, 31)]
+    for p in prompts:  # one at a time: each takes the kernel's branch (qkv biases, Qwen2)
+        np.testing.assert_allclose(on.prefill([p]), off.prefill([p]), atol=1e-5, rtol=0)

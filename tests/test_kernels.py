@@ -1,0 +1,139 @@
+"""trtbuild's own kernels (trtbuild/kernels): compiled for this machine, cached, and exact against a
+numpy reference; an engine that needs them says what to do on a machine that cannot build them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from trtbuild import kernels
+from trtbuild.builder import build_engine
+from trtbuild.convert.cli import main as convert_main
+from trtbuild.engine import BuildConfig
+from trtbuild.errors import TrtbuildError
+from trtbuild.runtime import ModelRunner
+
+from conftest import op_types
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+def rope_tables(positions: int, rotary_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim))
+    freqs = np.arange(positions)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def reference(qkv, H, KV, D, cos, sin):
+    """Causal attention of one prompt, rotate-half rotary over cos.shape[1] * 2 dims, in float64."""
+    S = qkv.shape[1]
+    x = qkv[0].astype(np.float64)
+    q = x[:, :H * D].reshape(S, H, D)
+    k = x[:, H * D:(H + KV) * D].reshape(S, KV, D)
+    v = x[:, (H + KV) * D:].reshape(S, KV, D)
+    if cos is not None:
+        half = cos.shape[1]
+        c, s = cos[:S, None, :].astype(np.float64), sin[:S, None, :].astype(np.float64)
+
+        def rope(t):
+            t = t.copy()
+            a, b = t[..., :half].copy(), t[..., half:2 * half].copy()
+            t[..., :half], t[..., half:2 * half] = a * c - b * s, b * c + a * s
+            return t
+
+        q, k = rope(q), rope(k)
+    group = H // KV
+    out = np.empty((S, H, D))
+    mask = np.tril(np.ones((S, S), bool))
+    for h in range(H):
+        scores = q[:, h] @ k[:, h // group].T / np.sqrt(D)
+        scores = np.where(mask, scores, -np.inf)
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
+    return out.reshape(1, S, H * D), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+
+
+def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2):
+    W = (H + 2 * KV) * D
+    inputs = ["qkv", "past_key"] + (["cos", "sin"] if cos is not None else [])
+    node = helper.make_node("CausalPromptAttention", inputs, ["out", "present_key", "present_value"],
+                            domain=kernels.DOMAIN, num_heads=H, kv_num_heads=KV)
+    inits = [] if cos is None else [helper.make_tensor("cos", TensorProto.FLOAT, cos.shape, cos.ravel()),
+                                    helper.make_tensor("sin", TensorProto.FLOAT, sin.shape, sin.ravel())]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([node], "g", [vi("qkv", TensorProto.FLOAT, ["B", "S", W]),
+                                            vi("past_key", TensorProto.FLOAT, ["B", KV, "M", D])],
+                              [vi(n, TensorProto.FLOAT, None) for n in node.output], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so, kernel_dir)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("H,KV,D,rotary", [(9, 3, 64, 64), (4, 2, 16, 16), (4, 1, 32, 16), (4, 4, 80, 80),
+                                           (2, 1, 128, 128), (3, 3, 64, 0)])
+@pytest.mark.parametrize("S", [1, 7, 64, 65, 200])
+def test_causal_prompt_attention_matches_reference(kernel_dir, H, KV, D, rotary, S):
+    capacity = 256
+    cos, sin = rope_tables(capacity, rotary) if rotary else (None, None)
+    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir)
+    qkv = np.random.default_rng(S).standard_normal((1, S, (H + 2 * KV) * D)).astype(np.float32)
+    past = np.zeros((1, KV, capacity, D), np.float32)
+    out, present_k, present_v = session.run(None, {"qkv": qkv, "past_key": past})
+    want, k, v = reference(qkv, H, KV, D, cos, sin)
+    assert out.shape == (1, S, H * D) and present_k.shape == (1, KV, capacity, D)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(present_k[0, :, :S], k, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(present_v[0, :, :S], v)  # values go into the cache unchanged
+
+
+def test_causal_prompt_attention_rejects_what_it_cannot_run(kernel_dir):
+    cos, sin = rope_tables(64, 16)
+    session = attention_session(4, 2, 16, 64, cos, sin, kernel_dir)
+    qkv = np.zeros((2, 5, 128), np.float32)
+    with pytest.raises(Exception, match="CausalPromptAttention: qkv must be"):
+        session.run(None, {"qkv": qkv, "past_key": np.zeros((2, 2, 64, 16), np.float32)})
+    with pytest.raises(Exception, match="past_key must be"):  # a prompt longer than the cache
+        session.run(None, {"qkv": np.zeros((1, 65, 128), np.float32), "past_key": np.zeros((1, 2, 64, 16), np.float32)})
+    odd = attention_session(2, 1, 24, 64, None, None, kernel_dir)
+    with pytest.raises(Exception, match="head size 24 has no kernel"):
+        odd.run(None, {"qkv": np.zeros((1, 3, 96), np.float32), "past_key": np.zeros((1, 1, 64, 24), np.float32)})
+
+
+def test_library_is_built_once_and_reused(kernel_dir):
+    first = kernels.library_path(kernel_dir)
+    mtime = first.stat().st_mtime_ns
+    assert kernels.library_path(kernel_dir) == first and first.stat().st_mtime_ns == mtime
+    assert not [p for p in kernel_dir.iterdir() if p.name.startswith(".partial")]  # no half-written library
+
+
+def test_no_compiler_builds_without_the_kernel_and_an_engine_that_needs_it_says_so(tiny_models, tmp_path, monkeypatch,
+                                                                                    caplog):
+    ckpt = tmp_path / "ckpt"
+    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt)])
+    build = BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64)
+    build_engine(ckpt, tmp_path / "fmha", build, progress=False)  # with the compiler: the kernel
+
+    monkeypatch.setattr(kernels, "find_compiler", lambda: None)
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "empty_kernel_dir"))  # nothing built yet
+    with caplog.at_level("WARNING"):
+        build_engine(ckpt, tmp_path / "plain", BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64),
+                     progress=False)
+    assert "install g++" in caplog.text
+    plain = ModelRunner.from_dir(tmp_path / "plain", num_threads=1)
+    assert not plain.config.build_config.plugin_config.context_fmha
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "plain" / "rank0.engine"), load_external_data=False).graph
+    assert "CausalPromptAttention" not in op_types(graph)
+    assert plain.prefill([[5, 6, 7]]).shape[-1] == plain.config.pretrained_config.vocab_size
+
+    with pytest.raises(TrtbuildError, match="--context_fmha disable") as err:
+        ModelRunner.from_dir(tmp_path / "fmha", num_threads=1)
+    assert "install g++" in str(err.value) and "rank0.engine" in str(err.value)

@@ -1,0 +1,99 @@
+"""trtbuild's own onnxruntime kernels: C++ sources shipped with the package, compiled for the
+machine they run on (-march=native: AVX-512 where there is one, AVX2 otherwise) on first use and
+cached by source, compiler and CPU in `$TRTBUILD_KERNEL_DIR` (default ~/.cache/trtbuild/kernels).
+
+Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the context_fmha of the
+attention plugin. An engine that uses them records `plugin_config.context_fmha`; the runtime then
+registers the library with its session (`register`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+
+from trtbuild.errors import TrtbuildError
+
+DOMAIN = "trtbuild"
+KERNEL_DIR_ENV = "TRTBUILD_KERNEL_DIR"
+SOURCES = ("causal_attention.cc",)
+# head sizes CausalPromptAttention is compiled for (attend_for in causal_attention.cc)
+FMHA_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
+_HERE = Path(__file__).resolve().parent
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+
+
+class KernelUnavailable(TrtbuildError):
+    """The kernel library cannot be built here (no C++ compiler, not Linux, a compile error)."""
+
+
+def default_kernel_dir() -> Path:
+    """`$TRTBUILD_KERNEL_DIR` if set, else ~/.cache/trtbuild/kernels."""
+    return Path(os.environ.get(KERNEL_DIR_ENV) or Path.home() / ".cache" / "trtbuild" / "kernels")
+
+
+def find_compiler() -> str | None:
+    """$CXX, else g++, else c++ (clang++ is not enough: the kernels use GCC vector extensions)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cpu_signature() -> str:
+    """The CPU model and its feature flags: a library built with -march=native is only for them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def library_path(kernel_dir: Path | None = None) -> Path:
+    """The kernel library for this machine: built on first call (a few seconds), then reused.
+
+    Raises KernelUnavailable (naming what is missing) when it cannot be built here.
+    """
+    if sys.platform != "linux":
+        raise KernelUnavailable(f"trtbuild's kernels are built for Linux only (this is {sys.platform})")
+    compiler = find_compiler()
+    if compiler is None:
+        raise KernelUnavailable("trtbuild's kernels need a C++ compiler: install g++ (apt install g++) or set $CXX")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise KernelUnavailable(f"the C++ compiler {compiler} does not run ({e})") from None
+    digest = hashlib.sha256()
+    for part in [version, _cpu_signature(), " ".join(_FLAGS)]:
+        digest.update(part.encode())
+    for name in [*SOURCES, *sorted(p.name for p in (_HERE / "include").iterdir())]:
+        digest.update(name.encode())
+        digest.update((_HERE / name if name in SOURCES else _HERE / "include" / name).read_bytes())
+    kernel_dir = kernel_dir or default_kernel_dir()
+    path = kernel_dir / f"libtrtbuild_kernels-{digest.hexdigest()[:16]}.so"
+    if path.is_file():
+        return path
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".so", dir=kernel_dir)
+    os.close(fd)
+    try:
+        cmd = [compiler, *_FLAGS, f"-I{_HERE / 'include'}", *[str(_HERE / s) for s in SOURCES], "-o", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelUnavailable(f"compiling trtbuild's kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def register(so: ort.SessionOptions, kernel_dir: Path | None = None) -> None:
+    """Make the kernels' ops known to sessions created with `so`."""
+    so.register_custom_ops_library(str(library_path(kernel_dir)))

@@ -1,0 +1,132 @@
+// What every trtbuild kernel shares: the onnxruntime custom-op table built from a kernel class,
+// status helpers, and 16-float vectors (GCC vector extensions: AVX-512 or 2 x AVX2 registers,
+// whichever -march=native gives).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_c_api.h"
+
+namespace trtbuild {
+
+constexpr uint32_t kOrtApiVersion = 17;  // KernelContext_ParallelFor
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+
+inline v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 splat(float x) { return v16{} + x; }
+inline float hsum(v16 v) {
+  float s = 0;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = m > v[i] ? m : v[i];
+  return m;
+}
+
+// e^x, 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (relative error ~2e-7), x clamped
+// to [-87, 88] (e^-87 ~ 1e-38: nothing a sum of exponentials can resolve; e^88 < FLT_MAX).
+inline v16 exp16(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  v16 nf = (x * 1.44269504088896341f + magic) - magic;
+  v16i n = __builtin_convertvector(nf, v16i);
+  v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+  v16 p = splat(1.0f / 720) * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  v16i bits = (n + 127) << 23;
+  v16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+#define TRTBUILD_RETURN_IF_ERROR(expr)        \
+  do {                                        \
+    if (OrtStatus* _status = (expr)) return _status; \
+  } while (0)
+
+inline OrtStatus* op_error(const OrtApi* api, const char* op, const std::string& message) {
+  return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("trtbuild::") + op + ": " + message).c_str());
+}
+
+inline OrtStatus* shape_of(const OrtApi* api, const OrtValue* value, std::vector<int64_t>& dims) {
+  OrtTensorTypeAndShapeInfo* info;
+  TRTBUILD_RETURN_IF_ERROR(api->GetTensorTypeAndShape(value, &info));
+  size_t n = 0;
+  OrtStatus* s = api->GetDimensionsCount(info, &n);
+  if (!s) {
+    dims.resize(n);
+    s = api->GetDimensions(info, dims.data(), n);
+  }
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  return s;
+}
+
+inline int64_t element_count(const std::vector<int64_t>& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) n *= d;
+  return n;
+}
+
+// The OrtCustomOp table of a kernel class K, which provides:
+//   static const char* name; static ONNXTensorElementDataType input_type(size_t), output_type(size_t);
+//   static size_t inputs, outputs, required_inputs;
+//   static OrtStatus* create(const OrtApi*, const OrtKernelInfo*, K**);  OrtStatus* compute(OrtKernelContext*);
+template <class K>
+struct OpTable : OrtCustomOp {
+  OpTable() : OrtCustomOp{} {
+    version = kOrtApiVersion;
+    GetName = [](const OrtCustomOp*) { return K::name; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetInputType = [](const OrtCustomOp*, size_t i) { return K::input_type(i); };
+    GetInputTypeCount = [](const OrtCustomOp*) { return K::inputs; };
+    GetOutputType = [](const OrtCustomOp*, size_t i) { return K::output_type(i); };
+    GetOutputTypeCount = [](const OrtCustomOp*) { return K::outputs; };
+    KernelDestroy = [](void* kernel) { delete static_cast<K*>(kernel); };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return i < K::required_inputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) -> OrtStatus* {
+      K* kernel = nullptr;
+      TRTBUILD_RETURN_IF_ERROR(K::create(api, info, &kernel));
+      *out = kernel;
+      return nullptr;
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* context) {
+      return static_cast<K*>(kernel)->compute(context);
+    };
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  }
+};
+
+// Each kernel source defines one of these; register.cc adds them all to the "trtbuild" domain.
+const OrtCustomOp* causal_prompt_attention_op();
+const OrtCustomOp* per_token_quantize_op();
+const OrtCustomOp* swiglu_quantize_op();
+
+}  // namespace trtbuild
