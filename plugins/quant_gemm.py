@@ -4,7 +4,9 @@ Weight-only int4/int8 (W4A16*, W8A16):
   fused    com.microsoft::MatMulNBits (block-wise, accuracy_level 4 = int8 compute on CPU)
   standard DequantizeLinear-21 block-wise along K → MatMul (weights stay packed in the file)
 SmoothQuant W8A8 (int8 weights per channel or per tensor; activations per token or static):
-  fused    u8 × s8 MatMulIntegerToFloat (dynamic per-token scales applied after it, or static)
+  fused    u8 × s8 MatMulIntegerToFloat (dynamic per-token scales applied after it, or static);
+           per token with trtbuild's kernels (smooth_quant_plugins): PerTokenQuantize, and a gated
+           SiLU MLP's middle in one SwiGLUQuantize
   standard QuantizeLinear/DequantizeLinear pairs around a float MatMul (what TensorRT fuses)
 Groups may end short (K not a multiple of group_size: the last group is partial, as in AutoGPTQ).
 """
@@ -110,18 +112,44 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
     return g.op("MatMul", [x, wf], name=prefix + "/MatMul")
 
 
-def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, per_token: bool,
-                       fused: bool) -> str:
+def _int8_weight(g: GraphBuilder, tensors: dict[str, np.ndarray], prefix: str) -> tuple[str, str, np.ndarray]:
+    """(qweight [K, N] int8, its scales [N] or scalar, the scales as numpy) of a SmoothQuant linear."""
     w = np.asarray(tensors[prefix + ".weight"])
     if w.dtype != np.int8:
         raise TrtbuildError(f"{prefix}.weight is {w.dtype}; SmoothQuant checkpoints store int8 weights")
-    n, k = w.shape
     w_scale = np.asarray(tensors[prefix + ".per_channel_scale"], np.float32).reshape(-1)
-    prequant = tensors.get(prefix + ".prequant_scaling_factor")
-    if prequant is not None:
-        x = g.op("Mul", [x, g.weight(prefix + ".prequant_scaling_factor", np.asarray(prequant, np.float32))])
-    wq = g.weight(prefix + ".qweight", np.ascontiguousarray(w.T))  # [K, N] int8
+    wq = g.weight(prefix + ".qweight", np.ascontiguousarray(w.T))
     ws = g.weight(prefix + ".w_scale", w_scale if w_scale.size > 1 else w_scale.reshape(()))
+    return wq, ws, w_scale
+
+
+def _u8_gemm(g: GraphBuilder, xq: str, x_scale: str, wq: str, ws: str, prefix: str) -> str:
+    """u8 (zero point 128) x s8 GEMM with the weight scales in its epilogue, times the row scales."""
+    y = g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
+                                      g.const(0, dtype=np.int8)], domain="com.microsoft",
+             name=prefix + "/MatMulIntegerToFloat")
+    return g.op("Mul", [y, x_scale])
+
+
+def per_token_quantize(g: GraphBuilder, x: str, prequant: str | None, prefix: str) -> tuple[str, str]:
+    """trtbuild's PerTokenQuantize kernel: (u8 values with zero point 128, row scales [..., 1])."""
+    xq, x_scale = g.op("PerTokenQuantize", [x] + ([prequant] if prequant else []), num_outputs=2, domain="trtbuild",
+                       name=prefix + "/PerTokenQuantize")
+    return xq, x_scale
+
+
+def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, per_token: bool,
+                       fused: bool, kernels: bool = False) -> str:
+    """`kernels` (fused, per token): trtbuild's PerTokenQuantize instead of onnxruntime's ops."""
+    wq, ws, w_scale = _int8_weight(g, tensors, prefix)
+    n, k = np.asarray(tensors[prefix + ".weight"]).shape
+    prequant = tensors.get(prefix + ".prequant_scaling_factor")
+    prequant = None if prequant is None else g.weight(prefix + ".prequant_scaling_factor",
+                                                      np.asarray(prequant, np.float32))
+    if fused and per_token and kernels:
+        return _u8_gemm(g, *per_token_quantize(g, x, prequant, prefix), wq, ws, prefix)
+    if prequant is not None:
+        x = g.op("Mul", [x, prequant])
     zero_i8 = g.const(0, dtype=np.int8)
     if per_token:
         # per-row scale = max|x| / 127 over K
@@ -140,9 +168,7 @@ def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
                 g.const(128, dtype=np.uint8),
                 g.op("Concat", [g.op("Shape", [x], end=-1), g.const([1])], axis=0)], name="per_token_zero_point"))
             xq = g.op("QuantizeLinear", [x, x_scale, zero_u8], axis=-1, block_size=k)
-            y = g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
-                                              zero_i8], domain="com.microsoft", name=prefix + "/MatMulIntegerToFloat")
-            return g.op("Mul", [y, x_scale])
+            return _u8_gemm(g, xq, x_scale, wq, ws, prefix)
         x_scale = g.op("Mul", [g.op("Max", [amax, g.const(1e-8, np.float32)]), g.const(1 / 127, np.float32)])
         xdq = g.op("Mul", [g.op("Clip", [g.op("Round", [g.op("Div", [x, x_scale])]),
                                           g.const(-127.0, np.float32), g.const(127.0, np.float32)]), x_scale])
@@ -159,12 +185,36 @@ def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
     return g.op("MatMul", [xdq, wf], name=prefix + "/MatMul")
 
 
+def smoothquant_swiglu_mlp(g: GraphBuilder, x: str, fc_gate: dict[str, np.ndarray], fc_gate_prefix: str,
+                           tensors: dict[str, np.ndarray], proj_prefix: str) -> str | None:
+    """A gated SiLU MLP, proj(silu(fc(x)) * gate(x)), in W8A8 per token with trtbuild's kernels:
+    PerTokenQuantize → one GEMM for fc and gate (`fc_gate`, merged) → SwiGLUQuantize (scales, SiLU,
+    product and the quantization for proj in one pass) → proj's GEMM. None when a bias or proj's
+    prequant scale needs the unfused form."""
+    if any(name.endswith(".bias") for name in fc_gate) or proj_prefix + ".bias" in tensors \
+            or proj_prefix + ".prequant_scaling_factor" in tensors:
+        return None
+    prequant = fc_gate.get(fc_gate_prefix + ".prequant_scaling_factor")
+    prequant = None if prequant is None else g.weight(fc_gate_prefix + ".prequant_scaling_factor",
+                                                      np.asarray(prequant, np.float32))
+    xq, x_scale = per_token_quantize(g, x, prequant, fc_gate_prefix)
+    wq, ws, _ = _int8_weight(g, fc_gate, fc_gate_prefix)
+    y = g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
+                                      g.const(0, dtype=np.int8)], domain="com.microsoft",
+             name=fc_gate_prefix + "/MatMulIntegerToFloat")
+    aq, a_scale = g.op("SwiGLUQuantize", [y, x_scale], num_outputs=2, domain="trtbuild",
+                       name=fc_gate_prefix + "/SwiGLUQuantize")
+    wq, ws, _ = _int8_weight(g, tensors, proj_prefix)
+    return _u8_gemm(g, aq, a_scale, wq, ws, proj_prefix)
+
+
 def quantized_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
-                     fused: bool, quant_algo: str, group_size: int = 128) -> str:
+                     fused: bool, quant_algo: str, group_size: int = 128, kernels: bool = False) -> str:
     """Lower one quantized linear; quant_algo uses TensorRT-LLM's names."""
     if quant_algo in WEIGHT_ONLY_BITS:
         return weight_only_linear(g, x, tensors, prefix, WEIGHT_ONLY_BITS[quant_algo], group_size, fused)
     if quant_algo.startswith("W8A8_SQ"):
-        return smoothquant_linear(g, x, tensors, prefix, per_token="PER_TOKEN" in quant_algo, fused=fused)
+        return smoothquant_linear(g, x, tensors, prefix, per_token="PER_TOKEN" in quant_algo, fused=fused,
+                                  kernels=kernels)
     raise TrtbuildError(f"quant_algo {quant_algo!r} is not supported by the gemm plugin "
                         f"({', '.join(WEIGHT_ONLY_BITS)}, W8A8_SQ_*)")

@@ -137,3 +137,76 @@ def test_no_compiler_builds_without_the_kernel_and_an_engine_that_needs_it_says_
     with pytest.raises(TrtbuildError, match="--context_fmha disable") as err:
         ModelRunner.from_dir(tmp_path / "fmha", num_threads=1)
     assert "install g++" in str(err.value) and "rank0.engine" in str(err.value)
+
+
+def quantize_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: scale = max|x| / 127 (float32 as the graph computes it), u8 = round-half-even(x / scale) + 128."""
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = (amax * np.float32(1 / 127)).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(scale > 0, np.rint(x / np.where(scale > 0, scale, 1)), 0)
+    return (np.clip(q, -128, 127) + 128).astype(np.uint8), scale
+
+
+QUANTIZED = [("q", TensorProto.UINT8), ("scale", TensorProto.FLOAT)]  # both quantize ops' outputs
+
+
+def one_op_session(op: str, inputs: list[tuple[str, int, list]], kernel_dir, threads=2):
+    vi = helper.make_tensor_value_info
+    node = helper.make_node(op, [name for name, _, _ in inputs], [n for n, _ in QUANTIZED], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "g", [vi(n, t, s) for n, t, s in inputs],
+                              [vi(n, t, None) for n, t in QUANTIZED])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so, kernel_dir)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 37, 100), (1, 700, 64)])
+def test_per_token_quantize_matches_reference(kernel_dir, shape):
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 30, shape[:-1] + (1,))).astype(np.float32)
+    x.reshape(-1, shape[-1])[0] = 0.0  # a row of zeros: scale 0, all values at the zero point
+    channel = rng.uniform(0.2, 3, shape[-1]).astype(np.float32)
+    F = TensorProto.FLOAT
+    plain = one_op_session("PerTokenQuantize", [("x", F, ["B", "S", "K"])], kernel_dir)
+    scaled = one_op_session("PerTokenQuantize", [("x", F, ["B", "S", "K"]), ("c", F, ["K"])], kernel_dir)
+    for session, feeds, x_eff in ((plain, {"x": x}, x), (scaled, {"x": x, "c": channel}, x * channel)):
+        xq, scale = session.run(None, feeds)
+        want_q, want_scale = quantize_reference(x_eff)
+        assert xq.dtype == np.uint8 and xq.shape == shape and scale.shape == shape[:-1] + (1,)
+        np.testing.assert_allclose(scale, want_scale, rtol=1e-6, atol=0)
+        # x / scale within an ulp of a .5 may round either way: at most one step off, rarely
+        diff = np.abs(xq.astype(int) - want_q.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+        assert np.all(xq.reshape(-1, shape[-1])[0] == 128)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 21, 2 * 40)])
+def test_swiglu_quantize_matches_reference(kernel_dir, shape):
+    rng = np.random.default_rng(shape[1])
+    y = (rng.standard_normal(shape) * 4).astype(np.float32)
+    y_scale = rng.uniform(0.001, 0.1, shape[:-1] + (1,)).astype(np.float32)
+    y_scale.reshape(-1)[-1] = 0.0  # a zero row scale: the row's product is 0
+    F = TensorProto.FLOAT
+    session = one_op_session("SwiGLUQuantize", [("y", F, ["B", "S", "N"]), ("s", F, ["B", "S", 1])], kernel_dir)
+    aq, a_scale = session.run(None, {"y": y, "s": y_scale})
+    half = shape[-1] // 2
+    g, u = y[..., :half].astype(np.float64) * y_scale, y[..., half:].astype(np.float64) * y_scale
+    a = g / (1 + np.exp(-g)) * u
+    # dequantized, the values are the float product to within half an int8 step
+    err = np.abs((aq.astype(np.float64) - 128) * a_scale - a)
+    assert np.all(err <= 0.5 * a_scale * 1.001 + 1e-7)
+    np.testing.assert_allclose(a_scale[..., 0], np.abs(a).max(axis=-1) / 127, rtol=1e-5)
+    assert np.all(aq.reshape(-1, half)[-1] == 128) and a_scale.reshape(-1)[-1] == 0
+
+
+def test_quantize_ops_reject_bad_shapes(kernel_dir):
+    F = TensorProto.FLOAT
+    scaled = one_op_session("PerTokenQuantize", [("x", F, ["S", "K"]), ("c", F, ["C"])], kernel_dir)
+    with pytest.raises(Exception, match="PerTokenQuantize: channel_scale must be \\[K\\]"):
+        scaled.run(None, {"x": np.ones((2, 8), np.float32), "c": np.ones(7, np.float32)})
+    swiglu = one_op_session("SwiGLUQuantize", [("y", F, ["S", "N"]), ("s", F, ["S", 1])], kernel_dir)
+    with pytest.raises(Exception, match="SwiGLUQuantize: y must be"):
+        swiglu.run(None, {"y": np.ones((2, 7), np.float32), "s": np.ones((2, 1), np.float32)})

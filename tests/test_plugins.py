@@ -7,6 +7,7 @@ onnxruntime's optimizer would otherwise fuse DequantizeLinear→MatMul back into
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -15,7 +16,7 @@ from trtbuild.convert.cli import main as convert_main
 from trtbuild.engine import BuildConfig, PluginConfig, load_engine_config
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
-from conftest import PPL_TEXT
+from conftest import PPL_TEXT, op_types
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304]]
 
@@ -78,6 +79,10 @@ def test_fused_equals_standard(recipe, tiny_models, calib_file, tmp_path):
                                    err_msg=f"{recipe}: fused != standard, prompt {i}")
     out = runners["fused"].generate(PROMPTS, SamplingConfig(max_new_tokens=6)).output_ids
     assert all(len(o) == 6 for o in out)
+    if recipe == "sq_per_token":  # the fused form ran trtbuild's per-token kernels (smooth_quant_plugins)
+        graph = onnx.load(str(tmp_path / "auto" / "rank0.engine"), load_external_data=False).graph
+        assert {"PerTokenQuantize", "SwiGLUQuantize"} <= op_types(graph)
+        assert runners["fused"].config.build_config.plugin_config.smooth_quant_plugins
 
 
 def test_merged_linears_compute_what_the_separate_ones_do():

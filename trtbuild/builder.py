@@ -104,28 +104,34 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> NetworkOpti
                           if build.max_input_len >= build.context_split_min_len else (0, 0))
 
 
-def resolve_prompt_attention(config: PretrainedConfig, build: BuildConfig, options: NetworkOptions) -> None:
-    """How a prompt into an empty cache attends (options.prompt_attention), once the checkpoint's
-    quantization is final: trtbuild's kernel (--context_fmha) where it applies and can be built
-    here, else GroupQueryAttention in halves for prompts in the --context_split window."""
-    pc = build.plugin_config
-    if pc.context_fmha and options.fused_attention and build.backend == "onnxruntime":
-        from trtbuild.kernels import FMHA_HEAD_SIZES, KernelUnavailable, library_path
+def resolve_kernels(config: PretrainedConfig, build: BuildConfig, options: NetworkOptions) -> None:
+    """Which of trtbuild's own kernels the network uses, once the checkpoint's quantization is final
+    (plugin_config.context_fmha / smooth_quant_plugins end True only if used): a prompt into an empty
+    cache runs CausalPromptAttention where it applies, else GroupQueryAttention in halves for
+    prompts in the --context_split window; W8A8 per token quantizes with PerTokenQuantize."""
+    from trtbuild.kernels import FMHA_HEAD_SIZES, KernelUnavailable, library_path
 
-        if config.quantization.kv_cache_quant_algo == "INT8":
-            log.info("--context_fmha: the kernel writes a float32 KV cache; INT8 KV prompts use GroupQueryAttention")
-        elif config.head_size not in FMHA_HEAD_SIZES:
-            log.info("--context_fmha: no kernel for head size %d; prompts use GroupQueryAttention", config.head_size)
-        else:
-            try:
-                library_path()
-                options.prompt_attention = "fmha"
-                return
-            except KernelUnavailable as e:
-                log.warning("--context_fmha: %s; prompts use GroupQueryAttention instead", e)
-    pc.context_fmha = False
+    pc = build.plugin_config
+    onnxruntime = build.backend == "onnxruntime"
+    fmha = pc.context_fmha and options.fused_attention and onnxruntime
+    if fmha and config.quantization.kv_cache_quant_algo == "INT8":
+        log.info("--context_fmha: the kernel writes a float32 KV cache; INT8 KV prompts use GroupQueryAttention")
+        fmha = False
+    if fmha and config.head_size not in FMHA_HEAD_SIZES:
+        log.info("--context_fmha: no kernel for head size %d; prompts use GroupQueryAttention", config.head_size)
+        fmha = False
+    algo = config.quantization.quant_algo or ""
+    per_token = pc.smooth_quant_plugins and options.fused_gemm and onnxruntime and "PER_TOKEN" in algo
+    if fmha or per_token:
+        try:
+            library_path()
+        except KernelUnavailable as e:
+            log.warning("trtbuild's kernels: %s; the engine uses onnxruntime's ops instead", e)
+            fmha = per_token = False
+    pc.context_fmha, pc.smooth_quant_plugins = bool(fmha), bool(per_token)
+    options.smooth_quant_kernels = pc.smooth_quant_plugins
     lo, hi = options.context_split
-    options.prompt_attention = "split" if options.fused_attention and 0 < lo < hi else None
+    options.prompt_attention = "fmha" if fmha else ("split" if options.fused_attention and 0 < lo < hi else None)
 
 
 def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], recipe, ckpt: Path,
@@ -172,14 +178,14 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
                 from trtbuild.lora_engine import prepare_lora
 
                 options.lora = prepare_lora(config, build, lora_dirs, tmp)
-            resolve_prompt_attention(config, build, options)
+            resolve_kernels(config, build, options)
             onnx_path = tmp / f"rank{rank}.onnx"
             build_network(config, tensors, options, onnx_path, progress)
             engine_path = tmp / f"rank{rank}.engine"
             if build.backend == "onnxruntime":
                 from trtbuild.backends.onnxruntime_backend import compile_engine
 
-                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.context_fmha)
+                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels)
             else:
                 from trtbuild.backends.tensorrt_backend import (build_for_engine_dir, build_info_for_config,
                                                                 layers_report)

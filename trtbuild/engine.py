@@ -27,6 +27,15 @@ class PluginConfig:
     # (trtbuild.kernels), which computes only the causal half of the scores. True after a build
     # only if the engine uses it: the runtime then registers the kernel library.
     context_fmha: bool = True
+    # gemm plugin, SmoothQuant W8A8 per token: trtbuild's PerTokenQuantize and SwiGLUQuantize ops
+    # (trtbuild.kernels) quantize activations in one pass each (TensorRT-LLM's quantize_per_token
+    # plugin). True after a build only if the engine uses them.
+    smooth_quant_plugins: bool = True
+
+    @property
+    def uses_kernels(self) -> bool:
+        """The engine has trtbuild's own ops: the runtime registers trtbuild.kernels' library."""
+        return bool(self.context_fmha or self.smooth_quant_plugins)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
 from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, kv_io_names, prompt_condition
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
-from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, weight_only_linear
+from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, smoothquant_swiglu_mlp, weight_only_linear
 
 
 @dataclass
@@ -37,6 +37,8 @@ class NetworkOptions:
     # context_split[0] <= tokens < context_split[1]) or None (as every other step)
     prompt_attention: str | None = None
     context_split: tuple[int, int] = (0, 0)
+    # gemm plugin, W8A8 per token: activations quantized by trtbuild's kernels (plugins.quant_gemm)
+    smooth_quant_kernels: bool = False
     quantize_lm_head: bool = True
     lora: "LoraNetworkOptions | None" = None
 
@@ -95,7 +97,7 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             h = g.op("Add", [h, pos])
 
         def lin(x: str, prefix: str) -> str:
-            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant)
+            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant, options.smooth_quant_kernels)
             if lora_inputs is not None:
                 y = options.lora.apply(g, x, y, prefix, lora_inputs)
             return y
@@ -106,12 +108,22 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             merged = merge_linears(tensors, prefixes, name)
             if merged is None:
                 return [lin(x, prefix) for prefix in prefixes]
-            y = linear(g, x, merged, name, dtype, options.fused_gemm, quant)
+            y = linear(g, x, merged, name, dtype, options.fused_gemm, quant, options.smooth_quant_kernels)
             sizes = [np.asarray(tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
             ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
             if lora_inputs is not None:
                 ys = [options.lora.apply(g, x, y, prefix, lora_inputs) for y, prefix in zip(ys, prefixes)]
             return ys
+
+        # W8A8 per token with trtbuild's kernels: a gated SiLU MLP's middle is one SwiGLUQuantize
+        swiglu_kernels = (options.smooth_quant_kernels and config.gated_mlp and config.hidden_act == "silu"
+                          and lora_inputs is None)
+
+        def swiglu_kernel_mlp(x: str, p: str) -> str | None:
+            merged = merge_linears(tensors, [p + "mlp.fc", p + "mlp.gate"], p + "mlp.fc+gate")
+            if merged is None:
+                return None
+            return smoothquant_swiglu_mlp(g, x, merged, p + "mlp.fc+gate", tensors, p + "mlp.proj")
 
         cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
         eps, norm_type, fused_norm = config.norm_epsilon, config.norm_type, options.fused_norm
@@ -141,12 +153,14 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                 attn = lin(attn, p + "attention.dense")
                 x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
                                        opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
-                if config.gated_mlp:
-                    fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
-                    mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
-                else:
-                    mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
-                pending = lin(mlp, p + "mlp.proj")
+                pending = swiglu_kernel_mlp(x, p) if swiglu_kernels else None
+                if pending is None:
+                    if config.gated_mlp:
+                        fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
+                        mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
+                    else:
+                        mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
+                    pending = lin(mlp, p + "mlp.proj")
             return (g.op("Add", [pending, residual]) if pending is not None else h), presents
 
         if options.fused_attention and options.prompt_attention is not None:

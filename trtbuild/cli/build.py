@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_fmha", default="enable", choices=["enable", "disable"],
                    help="attention plugin: one prompt into an empty cache runs trtbuild's causal attention kernel "
                         "(compiled for this machine on first use; needs g++)")
+    p.add_argument("--smooth_quant_plugins", default="enable", choices=["enable", "disable"],
+                   help="gemm plugin, SmoothQuant W8A8 per token: quantize activations with trtbuild's per-token "
+                        "kernels (one pass per row; compiled on first use, needs g++)")
     p.add_argument("--context_split_min_len", type=int, default=128,
                    help="attention plugin without --context_fmha: one prompt of min <= tokens < "
                         "--context_split_max_len attends in two causal halves, skipping a quarter of the score "
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         max_num_tokens=args.max_num_tokens,
         plugin_config=PluginConfig(gemm_plugin=args.gemm_plugin, gpt_attention_plugin=args.gpt_attention_plugin,
                                    norm_plugin=args.norm_plugin, context_fmha=args.context_fmha == "enable",
+                                   smooth_quant_plugins=args.smooth_quant_plugins == "enable",
                                    lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
         lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
         quantize_lm_head=not args.no_quantize_lm_head, context_split_min_len=args.context_split_min_len,

@@ -2,9 +2,10 @@
 machine they run on (-march=native: AVX-512 where there is one, AVX2 otherwise) on first use and
 cached by source, compiler and CPU in `$TRTBUILD_KERNEL_DIR` (default ~/.cache/trtbuild/kernels).
 
-Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the context_fmha of the
-attention plugin. An engine that uses them records `plugin_config.context_fmha`; the runtime then
-registers the library with its session (`register`).
+Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the attention plugin's
+context_fmha; PerTokenQuantize and SwiGLUQuantize (per_token_quant.cc), the gemm plugin's
+smooth_quant_plugins for W8A8 per token. An engine that uses them records those plugin flags
+(`PluginConfig.uses_kernels`); the runtime then registers the library with its session (`register`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from trtbuild.errors import TrtbuildError
 
 DOMAIN = "trtbuild"
 KERNEL_DIR_ENV = "TRTBUILD_KERNEL_DIR"
-SOURCES = ("causal_attention.cc",)
+SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc")
 # head sizes CausalPromptAttention is compiled for (attend_for in causal_attention.cc)
 FMHA_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 _HERE = Path(__file__).resolve().parent
@@ -72,9 +73,9 @@ def library_path(kernel_dir: Path | None = None) -> Path:
     digest = hashlib.sha256()
     for part in [version, _cpu_signature(), " ".join(_FLAGS)]:
         digest.update(part.encode())
-    for name in [*SOURCES, *sorted(p.name for p in (_HERE / "include").iterdir())]:
-        digest.update(name.encode())
-        digest.update((_HERE / name if name in SOURCES else _HERE / "include" / name).read_bytes())
+    for path in sorted([*_HERE.glob("*.cc"), *_HERE.glob("*.h"), *(_HERE / "include").glob("*.h")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     kernel_dir = kernel_dir or default_kernel_dir()
     path = kernel_dir / f"libtrtbuild_kernels-{digest.hexdigest()[:16]}.so"
     if path.is_file():

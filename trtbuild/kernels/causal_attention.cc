@@ -16,60 +16,14 @@
 // (rotate half, not interleaved) over the first R dims, at positions 0..S-1.
 
 #include <algorithm>
-#include <atomic>
-#include <climits>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <string>
-#include <vector>
 
-#include "onnxruntime_c_api.h"
+#include "ort_op.h"
 
+namespace trtbuild {
 namespace {
 
-constexpr uint32_t kOrtApiVersion = 17;  // KernelContext_ParallelFor
-constexpr int kBlock = 64;               // queries per task; keys are tiled by 32
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
-inline float hsum(v16 v) {
-  float s = 0;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-inline float hmax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-// e^x for x <= 0 (scores minus their row's max): 2^n * e^r, |r| <= ln2 / 2, degree-6 polynomial
-// (relative error ~2e-7); below -87 the result is ~1e-38, far under any row sum's resolution.
-inline v16 exp_nonpositive(v16 x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  v16i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v16i);  // round half down (x <= 0)
-  v16 nf = __builtin_convertvector(n, v16);
-  v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-  v16 p = splat(1.0f / 720) * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  v16i bits = (n + 127) << 23;
-  v16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
+constexpr int kBlock = 64;  // queries per task; keys are tiled by 32
 
 struct Problem {
   const float* qkv;
@@ -186,7 +140,7 @@ void attend_block(const Problem& p, int h, int qb) {
     v16 sum = {};
     j = 0;
     for (; j + 16 <= n; j += 16) {
-      const v16 e = exp_nonpositive(load(row + j) - m);
+      const v16 e = exp16(load(row + j) - m);
       store(row + j, e);
       sum += e;
     }
@@ -227,172 +181,100 @@ Task attend_for(int D) {
   }
 }
 
-struct Kernel {
+
+struct CausalPromptAttention {
+  static constexpr const char* name = "CausalPromptAttention";
+  static constexpr size_t inputs = 4, outputs = 3, required_inputs = 2;
+  static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
   const OrtApi* api;
   int64_t num_heads = 0, kv_num_heads = 0;
   float scale = 0.0f;  // 0: 1 / sqrt(D)
+
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, CausalPromptAttention** out) {
+    auto* k = new CausalPromptAttention{api};
+    OrtStatus* s = api->KernelInfoGetAttribute_int64(info, "num_heads", &k->num_heads);
+    if (!s) s = api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_num_heads);
+    if (s) {
+      delete k;
+      return s;
+    }
+    if (OrtStatus* missing = api->KernelInfoGetAttribute_float(info, "scale", &k->scale)) {
+      api->ReleaseStatus(missing);  // optional
+      k->scale = 0.0f;
+    }
+    *out = k;
+    return nullptr;
+  }
+
+  OrtStatus* error(const std::string& message) const { return op_error(api, name, message); }
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    size_t num_inputs = 0;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInputCount(context, &num_inputs));
+    const OrtValue *qkv, *past_key, *cos = nullptr, *sin = nullptr;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &qkv));
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 1, &past_key));
+    if (num_inputs > 3) {
+      TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 2, &cos));
+      TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 3, &sin));
+    }
+    std::vector<int64_t> x, cache, rot;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, qkv, x));
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, past_key, cache));
+    const int H = (int)num_heads, KV = (int)kv_num_heads;
+    if (x.size() != 3 || x[0] != 1) return error("qkv must be [1, S, (H + 2 KV) * D] (one prompt)");
+    if (H <= 0 || KV <= 0 || H % KV != 0 || x[2] % (H + 2 * KV) != 0)
+      return error("qkv's last dim is not (num_heads + 2 kv_num_heads) * head_size");
+    const int S = (int)x[1], D = (int)(x[2] / (H + 2 * KV));
+    if (!attend_for(D)) return error("head size " + std::to_string(D) + " has no kernel (16..128 by 16, 256)");
+    if (cache.size() != 4 || cache[0] != 1 || cache[1] != KV || cache[3] != D || cache[2] < S)
+      return error("past_key must be [1, kv_num_heads, M >= S, head_size]");
+    int rotary_dim = 0;
+    if (cos && sin) {
+      TRTBUILD_RETURN_IF_ERROR(shape_of(api, cos, rot));
+      if (rot.size() != 2 || rot[0] < S || 2 * rot[1] > D)
+        return error("cos_cache must be [positions >= S, rotary_dim / 2 <= head_size / 2]");
+      rotary_dim = (int)(2 * rot[1]);
+    }
+    Problem p{};
+    p.S = S, p.H = H, p.KV = KV, p.D = D, p.rotary_dim = rotary_dim, p.M = (int)cache[2];
+    p.scale = scale > 0 ? scale : 1.0f / std::sqrt((float)D);
+    p.blocks = (S + kBlock - 1) / kBlock;
+    p.Sp = p.blocks * kBlock;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(qkv, reinterpret_cast<const void**>(&p.qkv)));
+    if (rotary_dim) {
+      TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(cos, reinterpret_cast<const void**>(&p.cos)));
+      TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(sin, reinterpret_cast<const void**>(&p.sin)));
+    }
+    const int64_t out_shape[3] = {1, S, (int64_t)H * D};
+    OrtValue *out, *present_k, *present_v;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, out_shape, 3, &out));
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 1, cache.data(), 4, &present_k));
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 2, cache.data(), 4, &present_v));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(out, reinterpret_cast<void**>(&p.out)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_k, reinterpret_cast<void**>(&p.present_k)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_v, reinterpret_cast<void**>(&p.present_v)));
+    if (S == 0) return nullptr;
+    // Scratch per calling thread: sessions may run concurrently from several threads. Not cleared:
+    // rows of the last block past S (read by the 8-row score tiles) and keys past a query's own
+    // (read by the 32-key tiles) give scores that are never used.
+    thread_local std::vector<float> scratch;
+    scratch.resize((size_t)(H + KV) * p.Sp * D);
+    p.q = scratch.data();
+    p.kt = p.q + (size_t)H * p.Sp * D;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, prepare_task, p.blocks, p.blocks, &p));
+    const size_t tasks = (size_t)p.blocks * H;
+    return api->KernelContext_ParallelFor(context, attend_for(D), tasks, tasks, &p);
+  }
 };
-
-OrtStatus* error(const OrtApi* api, const std::string& message) {
-  return api->CreateStatus(ORT_INVALID_ARGUMENT, ("trtbuild::CausalPromptAttention: " + message).c_str());
-}
-
-#define RETURN_IF_ERROR(expr)          \
-  do {                                 \
-    if (OrtStatus* _s = (expr)) return _s; \
-  } while (0)
-
-OrtStatus* shape_of(const OrtApi* api, const OrtValue* value, std::vector<int64_t>& dims) {
-  OrtTensorTypeAndShapeInfo* info;
-  RETURN_IF_ERROR(api->GetTensorTypeAndShape(value, &info));
-  size_t n = 0;
-  OrtStatus* s = api->GetDimensionsCount(info, &n);
-  if (!s) {
-    dims.resize(n);
-    s = api->GetDimensions(info, dims.data(), n);
-  }
-  api->ReleaseTensorTypeAndShapeInfo(info);
-  return s;
-}
-
-OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
-  const OrtApi* api = k.api;
-  size_t num_inputs = 0;
-  RETURN_IF_ERROR(api->KernelContext_GetInputCount(context, &num_inputs));
-  const OrtValue *qkv, *past_key, *cos = nullptr, *sin = nullptr;
-  RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &qkv));
-  RETURN_IF_ERROR(api->KernelContext_GetInput(context, 1, &past_key));
-  if (num_inputs > 3) {
-    RETURN_IF_ERROR(api->KernelContext_GetInput(context, 2, &cos));
-    RETURN_IF_ERROR(api->KernelContext_GetInput(context, 3, &sin));
-  }
-  std::vector<int64_t> x, cache, rot;
-  RETURN_IF_ERROR(shape_of(api, qkv, x));
-  RETURN_IF_ERROR(shape_of(api, past_key, cache));
-  const int H = (int)k.num_heads, KV = (int)k.kv_num_heads;
-  if (x.size() != 3 || x[0] != 1)
-    return error(api, "qkv must be [1, S, (H + 2 KV) * D] (one prompt)");
-  if (H <= 0 || KV <= 0 || H % KV != 0 || x[2] % (H + 2 * KV) != 0)
-    return error(api, "qkv's last dim is not (num_heads + 2 kv_num_heads) * head_size");
-  const int S = (int)x[1], D = (int)(x[2] / (H + 2 * KV));
-  if (!attend_for(D)) return error(api, "head size " + std::to_string(D) + " has no kernel (16..128 by 16, 256)");
-  if (cache.size() != 4 || cache[0] != 1 || cache[1] != KV || cache[3] != D || cache[2] < S)
-    return error(api, "past_key must be [1, kv_num_heads, M >= S, head_size]");
-  int rotary_dim = 0;
-  if (cos && sin) {
-    RETURN_IF_ERROR(shape_of(api, cos, rot));
-    if (rot.size() != 2 || rot[0] < S || 2 * rot[1] > D)
-      return error(api, "cos_cache must be [positions >= S, rotary_dim / 2 <= head_size / 2]");
-    rotary_dim = (int)(2 * rot[1]);
-  }
-  Problem p{};
-  p.S = S, p.H = H, p.KV = KV, p.D = D, p.rotary_dim = rotary_dim, p.M = (int)cache[2];
-  p.scale = k.scale > 0 ? k.scale : 1.0f / std::sqrt((float)D);
-  p.blocks = (S + kBlock - 1) / kBlock;
-  p.Sp = p.blocks * kBlock;
-  const float* data;
-  RETURN_IF_ERROR(api->GetTensorData(qkv, reinterpret_cast<const void**>(&data)));
-  p.qkv = data;
-  if (rotary_dim) {
-    RETURN_IF_ERROR(api->GetTensorData(cos, reinterpret_cast<const void**>(&p.cos)));
-    RETURN_IF_ERROR(api->GetTensorData(sin, reinterpret_cast<const void**>(&p.sin)));
-  }
-  const int64_t out_shape[3] = {1, S, (int64_t)H * D};
-  OrtValue *out, *present_k, *present_v;
-  RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, out_shape, 3, &out));
-  RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 1, cache.data(), 4, &present_k));
-  RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 2, cache.data(), 4, &present_v));
-  RETURN_IF_ERROR(api->GetTensorMutableData(out, reinterpret_cast<void**>(&p.out)));
-  RETURN_IF_ERROR(api->GetTensorMutableData(present_k, reinterpret_cast<void**>(&p.present_k)));
-  RETURN_IF_ERROR(api->GetTensorMutableData(present_v, reinterpret_cast<void**>(&p.present_v)));
-  if (S == 0) return nullptr;
-  // Scratch per calling thread: sessions may run concurrently from several threads.
-  thread_local std::vector<float> scratch;
-  scratch.resize((size_t)(H + KV) * p.Sp * D);
-  p.q = scratch.data();
-  p.kt = p.q + (size_t)H * p.Sp * D;
-  // Not cleared: rows of the last block past S (read by the 8-row score tiles) and keys past a
-  // query's own (read by the 32-key tiles) give scores that are never used.
-  RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, prepare_task, p.blocks, p.blocks, &p));
-  const size_t tasks = (size_t)p.blocks * H;
-  return api->KernelContext_ParallelFor(context, attend_for(D), tasks, tasks, &p);
-}
-
-// --- the OrtCustomOp table ---
-
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
-  auto* k = new Kernel{api};
-  OrtStatus* s = api->KernelInfoGetAttribute_int64(info, "num_heads", &k->num_heads);
-  if (!s) s = api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_num_heads);
-  if (s) {
-    delete k;
-    return s;
-  }
-  if (OrtStatus* missing = api->KernelInfoGetAttribute_float(info, "scale", &k->scale)) {
-    api->ReleaseStatus(missing);  // optional
-    k->scale = 0.0f;
-  }
-  *out = k;
-  return nullptr;
-}
-
-OrtStatus* ORT_API_CALL kernel_compute(void* kernel, OrtKernelContext* context) {
-  return compute(*static_cast<Kernel*>(kernel), context);
-}
-void ORT_API_CALL kernel_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "CausalPromptAttention"; }
-const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp*, size_t) {
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
-size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 3; }
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp*, size_t i) {
-  return i < 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp*, size_t) {
-  return INPUT_OUTPUT_REQUIRED;
-}
-OrtMemType ORT_API_CALL input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
-int ORT_API_CALL one(const OrtCustomOp*) { return 1; }
-int ORT_API_CALL zero(const OrtCustomOp*) { return 0; }
-int ORT_API_CALL end_version(const OrtCustomOp*) { return INT_MAX; }
-
-OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = kOrtApiVersion;
-  op.GetName = op_name;
-  op.GetExecutionProviderType = op_provider;
-  op.GetInputType = float_type;
-  op.GetInputTypeCount = input_count;
-  op.GetOutputType = float_type;
-  op.GetOutputTypeCount = output_count;
-  op.KernelDestroy = kernel_destroy;
-  op.GetInputCharacteristic = input_kind;
-  op.GetOutputCharacteristic = output_kind;
-  op.GetInputMemoryType = input_memory;
-  op.GetVariadicInputMinArity = one;
-  op.GetVariadicInputHomogeneity = zero;
-  op.GetVariadicOutputMinArity = one;
-  op.GetVariadicOutputHomogeneity = zero;
-  op.CreateKernelV2 = create_kernel;
-  op.KernelComputeV2 = kernel_compute;
-  op.GetStartVersion = one;
-  op.GetEndVersion = end_version;
-  return op;
-}
-
-const OrtCustomOp kOp = make_op();
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
-                                                                                          const OrtApiBase* base) {
-  const OrtApi* api = base->GetApi(kOrtApiVersion);
-  if (!api) return nullptr;  // onnxruntime < 1.17: the op stays unknown and the model fails to load, naming it
-  OrtCustomOpDomain* domain = nullptr;
-  RETURN_IF_ERROR(api->CreateCustomOpDomain("trtbuild", &domain));
-  // The domain must outlive every session that uses it; it lives as long as the process.
-  RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &kOp));
-  return api->AddCustomOpDomain(options, domain);
+const OrtCustomOp* causal_prompt_attention_op() {
+  static const OpTable<CausalPromptAttention> op;
+  return &op;
 }
+
+}  // namespace trtbuild

@@ -79,11 +79,11 @@ class ModelRunner:
         from trtbuild.kernels import KernelUnavailable
 
         try:
-            session = open_session(engine_path, num_threads, kernels=config.build_config.plugin_config.context_fmha)
+            session = open_session(engine_path, num_threads, kernels=config.build_config.plugin_config.uses_kernels)
         except KernelUnavailable as e:
-            raise TrtbuildError(f"{engine_path} runs trtbuild's causal attention kernel (built with --context_fmha), "
-                                f"which cannot be built on this machine: {e}. Rebuild the engine with "
-                                "--context_fmha disable") from None
+            raise TrtbuildError(f"{engine_path} runs trtbuild's own kernels (built with --context_fmha / "
+                                f"--smooth_quant_plugins), which cannot be built on this machine: {e}. Rebuild the "
+                                "engine with --context_fmha disable --smooth_quant_plugins disable") from None
         except Exception as e:  # onnxruntime raises its own types for damaged files
             raise TrtbuildError(f"{engine_path} could not be loaded ({str(e).splitlines()[0]}); rebuild it") from None
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
