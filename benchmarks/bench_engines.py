@@ -4,7 +4,8 @@
 One run measures, with the same threads and the same prompts:
   - decode tokens/s at batch 1 and batch B (default 8): N new tokens (default 128) forced after a
     P-token prompt (default 32), timed from the call that receives the prompts to the last token;
-  - prefill tokens/s: one prompt of L tokens (default 512), time to the first token's logits (best of 3 a round);
+  - prefill tokens/s: one prompt of L tokens (default 512), time to the first token's logits (each round:
+    the engines take turns, 3 prefills each, 0.1 s apart; the best of an engine's 3);
 for our engines (the fp32 engine of --model_dir, built and cached if not given, and any
 `--engine NAME=DIR`), transformers (fp32, eager attention: the base line), onnxruntime-genai
 (fp32 and int4 through its model builder) and llama.cpp through llama-cpp-python (f32, q8_0,
@@ -111,6 +112,9 @@ def _bandwidth_array(nbytes: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ prompts
 
 PREFILLS_PER_ROUND = 3
+# Before each timed prefill: the engine measured just before keeps its worker threads spinning for a
+# while after its call, and on 2 cores they take a core from the next one (-10..-30% measured).
+PREFILL_PAUSE_S = 0.1
 
 
 def make_prompts(tokenizer_file: Path | None, vocab_size: int, batch: int, prompt_len: int, prefill_len: int,
@@ -646,9 +650,15 @@ def main(argv=None) -> int:
             t, out = timed(e.generate, prompts, a.new_tokens)
             assert all(len(o) == a.new_tokens for o in out), f"{e.name} made fewer tokens than asked"
             figures[i]["bN"].append(a.batch * a.new_tokens / t)
-            # a prefill is short (~0.5 s): the best of three per round, one of them alone is mostly noise
-            t = min(timed(e.prefill, long_prompt)[0] for _ in range(PREFILLS_PER_ROUND))
-            figures[i]["prefill"].append(len(long_prompt) / t)
+        # A prefill is short (~0.5 s) and one alone is mostly noise: the engines take turns (so a
+        # drifting host hits them alike), a pause before each call, the best of three per engine.
+        prefill_times: dict[int, list[float]] = {i: [] for i in range(len(engines))}
+        for _ in range(PREFILLS_PER_ROUND):
+            for i, e in enumerate(engines):
+                time.sleep(PREFILL_PAUSE_S)
+                prefill_times[i].append(timed(e.prefill, long_prompt)[0])
+        for i, e in enumerate(engines):
+            figures[i]["prefill"].append(len(long_prompt) / min(prefill_times[i]))
             log(f"  {e.name} {e.precision}: b1 {figures[i]['b1'][-1]:.1f}, b{a.batch} {figures[i]['bN'][-1]:.1f}, "
                 f"prefill {figures[i]['prefill'][-1]:.1f} tok/s")
     bandwidth = statistics.median(bandwidths)
