@@ -65,13 +65,16 @@ def profile_trtbuild(engine_dir: Path, batch: int, new_tokens: int, threads: int
     import onnxruntime as ort
 
     from trtbuild.backends import onnxruntime_backend as backend
+    from trtbuild.kernels import register
     from trtbuild.runtime import ModelRunner, SamplingConfig
 
     prof_dir = Path(tempfile.mkdtemp(prefix="trtbuild-prof-"))
     real_open = backend.open_session
 
-    def open_profiled(engine_path, num_threads=None):
+    def open_profiled(engine_path, num_threads=None, kernels=False):
         so = ort.SessionOptions()
+        if kernels:
+            register(so)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.intra_op_num_threads = num_threads or backend.default_num_threads()
         so.inter_op_num_threads = 1

@@ -153,14 +153,15 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                 attn = lin(attn, p + "attention.dense")
                 x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
                                        opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
-                pending = swiglu_kernel_mlp(x, p) if swiglu_kernels else None
-                if pending is None:
+                mlp_out = swiglu_kernel_mlp(x, p) if swiglu_kernels else None
+                if mlp_out is None:
                     if config.gated_mlp:
                         fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
                         mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
                     else:
                         mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
-                    pending = lin(mlp, p + "mlp.proj")
+                    mlp_out = lin(mlp, p + "mlp.proj")
+                pending = mlp_out
             return (g.op("Add", [pending, residual]) if pending is not None else h), presents
 
         if options.fused_attention and options.prompt_attention is not None:
