@@ -58,6 +58,12 @@ def _block_size(in_features: int, groups: int, group_size: int) -> int:
     return 128 if in_features >= 128 else 16 * max(1, in_features // 16)
 
 
+def _prequant(g: GraphBuilder, tensors: dict[str, np.ndarray], prefix: str) -> str | None:
+    """The linear's prequant_scaling_factor (AWQ's or SmoothQuant's 1/s kept for its input), if it has one."""
+    prequant = tensors.get(prefix + ".prequant_scaling_factor")
+    return None if prequant is None else g.weight(prefix + ".prequant_scaling_factor", np.asarray(prequant, np.float32))
+
+
 def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, bits: int,
                        group_size: int, fused: bool) -> str:
     q, scale, zero = _weight_only_values(tensors, prefix, bits)
@@ -69,9 +75,9 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
     blocks = -(-k // block)
     if groups == 1:  # per channel: the one scale repeated over every block
         scale, zero = np.repeat(scale, blocks, axis=1), np.repeat(zero, blocks, axis=1)
-    prequant = tensors.get(prefix + ".prequant_scaling_factor")
+    prequant = _prequant(g, tensors, prefix)
     if prequant is not None:
-        x = g.op("Mul", [x, g.weight(prefix + ".prequant_scaling_factor", np.asarray(prequant, np.float32))])
+        x = g.op("Mul", [x, prequant])
     if fused:
         padded = np.zeros((n, blocks * block), np.uint8)
         padded[:, :k] = q
@@ -123,12 +129,16 @@ def _int8_weight(g: GraphBuilder, tensors: dict[str, np.ndarray], prefix: str) -
     return wq, ws, w_scale
 
 
+def _u8_matmul(g: GraphBuilder, xq: str, wq: str, ws: str, prefix: str) -> str:
+    """u8 (zero point 128) x s8 GEMM with the weight scales in its epilogue; the row scales are the caller's."""
+    return g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
+                                         g.const(0, dtype=np.int8)], domain="com.microsoft",
+                name=prefix + "/MatMulIntegerToFloat")
+
+
 def _u8_gemm(g: GraphBuilder, xq: str, x_scale: str, wq: str, ws: str, prefix: str) -> str:
-    """u8 (zero point 128) x s8 GEMM with the weight scales in its epilogue, times the row scales."""
-    y = g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
-                                      g.const(0, dtype=np.int8)], domain="com.microsoft",
-             name=prefix + "/MatMulIntegerToFloat")
-    return g.op("Mul", [y, x_scale])
+    """_u8_matmul times the row scales."""
+    return g.op("Mul", [_u8_matmul(g, xq, wq, ws, prefix), x_scale])
 
 
 def per_token_quantize(g: GraphBuilder, x: str, prequant: str | None, prefix: str) -> tuple[str, str]:
@@ -143,9 +153,7 @@ def smoothquant_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
     """`kernels` (fused, per token): trtbuild's PerTokenQuantize instead of onnxruntime's ops."""
     wq, ws, w_scale = _int8_weight(g, tensors, prefix)
     n, k = np.asarray(tensors[prefix + ".weight"]).shape
-    prequant = tensors.get(prefix + ".prequant_scaling_factor")
-    prequant = None if prequant is None else g.weight(prefix + ".prequant_scaling_factor",
-                                                      np.asarray(prequant, np.float32))
+    prequant = _prequant(g, tensors, prefix)
     if fused and per_token and kernels:
         return _u8_gemm(g, *per_token_quantize(g, x, prequant, prefix), wq, ws, prefix)
     if prequant is not None:
@@ -194,14 +202,9 @@ def smoothquant_swiglu_mlp(g: GraphBuilder, x: str, fc_gate: dict[str, np.ndarra
     if any(name.endswith(".bias") for name in fc_gate) or proj_prefix + ".bias" in tensors \
             or proj_prefix + ".prequant_scaling_factor" in tensors:
         return None
-    prequant = fc_gate.get(fc_gate_prefix + ".prequant_scaling_factor")
-    prequant = None if prequant is None else g.weight(fc_gate_prefix + ".prequant_scaling_factor",
-                                                      np.asarray(prequant, np.float32))
-    xq, x_scale = per_token_quantize(g, x, prequant, fc_gate_prefix)
+    xq, x_scale = per_token_quantize(g, x, _prequant(g, fc_gate, fc_gate_prefix), fc_gate_prefix)
     wq, ws, _ = _int8_weight(g, fc_gate, fc_gate_prefix)
-    y = g.op("MatMulIntegerToFloat", [xq, wq, g.const(1.0, np.float32), ws, g.const(128, dtype=np.uint8),
-                                      g.const(0, dtype=np.int8)], domain="com.microsoft",
-             name=fc_gate_prefix + "/MatMulIntegerToFloat")
+    y = _u8_matmul(g, xq, wq, ws, fc_gate_prefix)  # the row scales go into SwiGLUQuantize
     aq, a_scale = g.op("SwiGLUQuantize", [y, x_scale], num_outputs=2, domain="trtbuild",
                        name=fc_gate_prefix + "/SwiGLUQuantize")
     wq, ws, _ = _int8_weight(g, tensors, proj_prefix)
