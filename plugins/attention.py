@@ -104,10 +104,10 @@ def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: 
 
 
 def prompt_condition(g: GraphBuilder, input_ids: str, shared: AttentionInputs, min_len: int,
-                     max_len: int | None) -> str:
-    """True for a step that is one prompt of min_len <= tokens (< max_len) into an empty cache: the
-    steps `attention(prompt=...)` serves (GroupQueryAttention continues a prompt over a past only
-    at batch 1, and trtbuild's kernel takes one prompt)."""
+                     max_len: int | None, single: bool) -> str:
+    """True for a step that is prompts of min_len <= tokens (< max_len) into an empty cache, only
+    one if `single` (GroupQueryAttention continues a prompt over a past only at batch 1): the steps
+    `attention(prompt=...)` serves."""
     batch_seq = g.op("Shape", [input_ids])
     seq = g.op("Slice", [batch_seq, g.const([1]), g.const([2])])
     fresh = g.op("Equal", [g.op("Cast", [seq], to=TensorProto.INT32),
@@ -115,8 +115,11 @@ def prompt_condition(g: GraphBuilder, input_ids: str, shared: AttentionInputs, m
     in_window = g.op("GreaterOrEqual", [seq, g.const([min_len])])
     if max_len is not None:
         in_window = g.op("And", [in_window, g.op("Less", [seq, g.const([max_len])])])
-    single = g.op("Equal", [g.op("Slice", [batch_seq, g.const([0]), g.const([1])]), g.const([1])])
-    return g.op("And", [g.op("And", [fresh, in_window]), single], name="prompt_condition")
+    cond = g.op("And", [fresh, in_window])
+    if single:
+        cond = g.op("And", [cond, g.op("Equal", [g.op("Slice", [batch_seq, g.const([0]), g.const([1])]),
+                                                 g.const([1])])])
+    return g.op("Identity", [cond], name="prompt_condition")
 
 
 def _context_split(g: GraphBuilder, qkv: str, shared: AttentionInputs) -> tuple[str, str, str, str]:
@@ -139,11 +142,13 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
 
     Reads the layer's past KV graph inputs and writes `present` (default: the present graph
     outputs; see declare_kv_io). `kv_scales` (k_scale, v_scale) turns on the int8 cache.
-    `prompt` (fused form, for steps that are one prompt into an empty cache, see prompt_condition):
+    `prompt` (fused form, for steps that are prompts into an empty cache, see prompt_condition):
     GroupQueryAttention computes a prompt's whole score matrix and masks half of it.
     "fmha": trtbuild's CausalPromptAttention kernel (trtbuild/kernels), which computes only the
-    causal half. "split": the attention of the first half of the prompt, then of the second half
-    over the first as its past, skipping a quarter of the matrix.
+    causal half (of every prompt of a batch). "split" (one prompt): the attention of the first half
+    of the prompt, then of the second half over the first as its past, skipping a quarter of the
+    matrix. Padded rows run as full: their padding is never attended by a real token and is
+    overwritten while decoding.
     """
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
     past_k, past_v, present_k, present_v = kv_io_names(layer)

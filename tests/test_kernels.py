@@ -67,7 +67,7 @@ def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2):
                                     helper.make_tensor("sin", TensorProto.FLOAT, sin.shape, sin.ravel())]
     vi = helper.make_tensor_value_info
     graph = helper.make_graph([node], "g", [vi("qkv", TensorProto.FLOAT, ["B", "S", W]),
-                                            vi("past_key", TensorProto.FLOAT, ["B", KV, "M", D])],
+                                            vi("past_key", TensorProto.FLOAT, ["P", KV, "M", D])],
                               [vi(n, TensorProto.FLOAT, None) for n in node.output], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
@@ -93,12 +93,28 @@ def test_causal_prompt_attention_matches_reference(kernel_dir, H, KV, D, rotary,
     np.testing.assert_array_equal(present_v[0, :, :S], v)  # values go into the cache unchanged
 
 
+@pytest.mark.parametrize("B,S", [(3, 9), (2, 130)])
+def test_causal_prompt_attention_batch_is_each_prompt_alone(kernel_dir, B, S):
+    H, KV, D, capacity = 6, 2, 32, 160
+    cos, sin = rope_tables(capacity, D)
+    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir)
+    qkv = np.random.default_rng(B).standard_normal((B, S, (H + 2 * KV) * D)).astype(np.float32)
+    out, present_k, present_v = session.run(None, {"qkv": qkv, "past_key": np.zeros((B, KV, capacity, D), np.float32)})
+    for b in range(B):
+        want, k, v = reference(qkv[b:b + 1], H, KV, D, cos, sin)
+        np.testing.assert_allclose(out[b:b + 1], want, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(present_k[b, :, :S], k, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(present_v[b, :, :S], v)
+
+
 def test_causal_prompt_attention_rejects_what_it_cannot_run(kernel_dir):
     cos, sin = rope_tables(64, 16)
     session = attention_session(4, 2, 16, 64, cos, sin, kernel_dir)
-    qkv = np.zeros((2, 5, 128), np.float32)
-    with pytest.raises(Exception, match="CausalPromptAttention: qkv must be"):
-        session.run(None, {"qkv": qkv, "past_key": np.zeros((2, 2, 64, 16), np.float32)})
+    uneven = attention_session(4, 3, 16, 64, cos, sin, kernel_dir)
+    with pytest.raises(Exception, match="CausalPromptAttention: num_heads 4 is not a multiple of kv_num_heads 3"):
+        uneven.run(None, {"qkv": np.zeros((1, 5, 160), np.float32), "past_key": np.zeros((1, 3, 64, 16), np.float32)})
+    with pytest.raises(Exception, match="CausalPromptAttention: past_key must be"):  # batch 2 against a cache of 1
+        session.run(None, {"qkv": np.zeros((2, 5, 128), np.float32), "past_key": np.zeros((1, 2, 64, 16), np.float32)})
     with pytest.raises(Exception, match="past_key must be"):  # a prompt longer than the cache
         session.run(None, {"qkv": np.zeros((1, 65, 128), np.float32), "past_key": np.zeros((1, 2, 64, 16), np.float32)})
     odd = attention_session(2, 1, 24, 64, None, None, kernel_dir)

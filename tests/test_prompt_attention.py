@@ -1,8 +1,8 @@
-"""Prompt attention: one prompt into an empty cache takes an If branch of the engine where it runs
-trtbuild's causal kernel (--context_fmha, the default) or, without it, GroupQueryAttention in two
-causal halves (--context_split window). Every output (prefill logits, scores, generated tokens, the
-KV cache it leaves behind) equals the one-call engine's, at batch 1, for batches (which take the
-one-call branch) and with an int8 KV cache (which the kernel leaves to the halves)."""
+"""Prompt attention: prompts into an empty cache take an If branch of the engine where they run
+trtbuild's causal kernel (--context_fmha, the default; batches too) or, without it, GroupQueryAttention
+in two causal halves (one prompt in the --context_split window). Every output (prefill logits,
+scores, generated tokens, the KV cache it leaves behind) equals the one-call engine's, at batch 1,
+for ragged batches and with an int8 KV cache (which the kernel leaves to the halves)."""
 
 from __future__ import annotations
 

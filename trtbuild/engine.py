@@ -23,7 +23,7 @@ class PluginConfig:
     gpt_attention_plugin: str | None = "auto"
     norm_plugin: str | None = "auto"
     lora_plugin: str | None = None
-    # attention plugin: a prompt into an empty cache runs trtbuild's CausalPromptAttention kernel
+    # attention plugin: prompts into an empty cache run trtbuild's CausalPromptAttention kernel
     # (trtbuild.kernels), which computes only the causal half of the scores. True after a build
     # only if the engine uses it: the runtime then registers the kernel library.
     context_fmha: bool = True
@@ -58,8 +58,9 @@ class BuildConfig:
     compute_dtype: str = "float32"
     trt_compute_capabilities: list[str] | None = None
     quantize_lm_head: bool = True  # int8 lm_head in weight-only engines
-    # attention plugin: one prompt of context_split_min_len <= tokens < context_split_max_len into an
-    # empty cache attends in two halves, skipping a quarter of the causal score matrix (0: never).
+    # attention plugin without context_fmha: one prompt of context_split_min_len <= tokens <
+    # context_split_max_len into an empty cache attends in two halves, skipping a quarter of the
+    # causal score matrix (0: never).
     # The window is where onnxruntime 1.32's GroupQueryAttention gains from it on CPU: its cost for
     # the second half over a past of 384+ tokens grows faster than the work (2 threads, SmolLM2
     # shapes: -17% attention time at 128-512 tokens, -7% at 640, +4% at 1024).

@@ -32,9 +32,9 @@ class NetworkOptions:
     fused_gemm: bool = True
     fused_norm: bool = True
     max_seq_len: int = 2048
-    # fused attention: how one prompt into an empty cache attends (plugins.attention, `prompt`):
-    # "fmha" (trtbuild's kernel, every length), "split" (GroupQueryAttention in halves, for
-    # context_split[0] <= tokens < context_split[1]) or None (as every other step)
+    # fused attention: how prompts into an empty cache attend (plugins.attention, `prompt`):
+    # "fmha" (trtbuild's kernel, every length and batch), "split" (GroupQueryAttention in halves, one
+    # prompt of context_split[0] <= tokens < context_split[1]) or None (as every other step)
     prompt_attention: str | None = None
     context_split: tuple[int, int] = (0, 0)
     # gemm plugin, W8A8 per token: activations quantized by trtbuild's kernels (plugins.quant_gemm)
@@ -166,8 +166,9 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
 
         if options.fused_attention and options.prompt_attention is not None:
             # One If around the whole stack: one per layer would cost every decode step 30 If dispatches.
-            window = (1, None) if options.prompt_attention == "fmha" else options.context_split
-            cond = prompt_condition(g, input_ids, shared, *window)
+            fmha = options.prompt_attention == "fmha"
+            window = (1, None) if fmha else options.context_split
+            cond = prompt_condition(g, input_ids, shared, *window, single=not fmha)
             branches = []
             for prompt in (options.prompt_attention, None):
                 with g.subgraph() as nodes:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_quantize_lm_head", action="store_true",
                    help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
     p.add_argument("--context_fmha", default="enable", choices=["enable", "disable"],
-                   help="attention plugin: one prompt into an empty cache runs trtbuild's causal attention kernel "
+                   help="attention plugin: prompts into an empty cache run trtbuild's causal attention kernel "
                         "(compiled for this machine on first use; needs g++)")
     p.add_argument("--smooth_quant_plugins", default="enable", choices=["enable", "disable"],
                    help="gemm plugin, SmoothQuant W8A8 per token: quantize activations with trtbuild's per-token "

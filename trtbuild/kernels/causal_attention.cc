@@ -1,4 +1,4 @@
-// trtbuild::CausalPromptAttention — causal self-attention of one prompt into an empty KV cache,
+// trtbuild::CausalPromptAttention — causal self-attention of prompts into an empty KV cache,
 // an onnxruntime custom op (C API; the vendored headers in include/ are onnxruntime's, MIT).
 //
 // GroupQueryAttention computes a prompt's whole S x S score matrix and masks half of it. This
@@ -7,10 +7,11 @@
 // weighted sum of values run in register tiles written with GCC vector extensions, so the same
 // source compiles to AVX-512 or AVX2 for the machine it is built on (-march=native).
 //
-// Inputs:  qkv [1, S, (H + 2 KV) * D] float (packed as GroupQueryAttention takes it),
-//          past_key [1, KV, M, D] float (only its capacity M is read: the cache is empty),
+// Inputs:  qkv [B, S, (H + 2 KV) * D] float (packed as GroupQueryAttention takes it; prompts
+//          right-padded to S),
+//          past_key [B, KV, M, D] float (only its capacity M is read: the cache is empty),
 //          cos_cache, sin_cache [P, R / 2] float (optional: no rotary embedding without them).
-// Outputs: output [1, S, H * D], present_key and present_value [1, KV, M, D] with rows 0..S-1
+// Outputs: output [B, S, H * D], present_key and present_value [B, KV, M, D] with rows 0..S-1
 //          written (rotary applied to keys; rows from S on are written by later decode steps).
 // Attributes: num_heads, kv_num_heads; scale (default 1 / sqrt(D)). Rotary is GPT-NeoX style
 // (rotate half, not interleaved) over the first R dims, at positions 0..S-1.
@@ -155,13 +156,25 @@ void attend_block(const Problem& p, int h, int qb) {
                         p.out + (size_t)(r0 + i) * p.H * D + (size_t)h * D, p.H * D);
 }
 
-void prepare_task(void* data, size_t i) { prepare_block(*static_cast<const Problem*>(data), (int)i); }
+// One Problem per prompt of the batch (right-padded prompts run as full: a real query never sees
+// a padding key, and the padding's cache rows are overwritten by the decode steps before use).
+struct Batch {
+  std::vector<Problem> rows;
+};
+
+void prepare_task(void* data, size_t i) {
+  const Batch& batch = *static_cast<const Batch*>(data);
+  const Problem& p = batch.rows[i / batch.rows[0].blocks];
+  prepare_block(p, (int)(i % p.blocks));
+}
 
 template <int ND>
 void attend_task(void* data, size_t i) {
-  const Problem& p = *static_cast<const Problem*>(data);
+  const Batch& batch = *static_cast<const Batch*>(data);
+  const size_t heads = batch.rows.size() * batch.rows[0].H;
+  const Problem& p = batch.rows[(i % heads) / batch.rows[0].H];
   // Largest blocks (last queries: most keys) first, so the threads finish together.
-  attend_block<ND>(p, (int)(i % p.H), p.blocks - 1 - (int)(i / p.H));
+  attend_block<ND>(p, (int)(i % heads % p.H), p.blocks - 1 - (int)(i / heads));
 }
 
 using Task = void (*)(void*, size_t);
@@ -224,13 +237,14 @@ struct CausalPromptAttention {
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, qkv, x));
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, past_key, cache));
     const int H = (int)num_heads, KV = (int)kv_num_heads;
-    if (x.size() != 3 || x[0] != 1) return error("qkv must be [1, S, (H + 2 KV) * D] (one prompt)");
-    if (H <= 0 || KV <= 0 || H % KV != 0 || x[2] % (H + 2 * KV) != 0)
-      return error("qkv's last dim is not (num_heads + 2 kv_num_heads) * head_size");
-    const int S = (int)x[1], D = (int)(x[2] / (H + 2 * KV));
+    if (x.size() != 3 || x[0] < 1) return error("qkv must be [B, S, (H + 2 KV) * D]");
+    if (H <= 0 || KV <= 0 || H % KV != 0)
+      return error("num_heads " + std::to_string(H) + " is not a multiple of kv_num_heads " + std::to_string(KV));
+    if (x[2] % (H + 2 * KV) != 0) return error("qkv's last dim is not (num_heads + 2 kv_num_heads) * head_size");
+    const int B = (int)x[0], S = (int)x[1], D = (int)(x[2] / (H + 2 * KV));
     if (!attend_for(D)) return error("head size " + std::to_string(D) + " has no kernel (16..128 by 16, 256)");
-    if (cache.size() != 4 || cache[0] != 1 || cache[1] != KV || cache[3] != D || cache[2] < S)
-      return error("past_key must be [1, kv_num_heads, M >= S, head_size]");
+    if (cache.size() != 4 || cache[0] != B || cache[1] != KV || cache[3] != D || cache[2] < S)
+      return error("past_key must be [B, kv_num_heads, M >= S, head_size]");
     int rotary_dim = 0;
     if (cos && sin) {
       TRTBUILD_RETURN_IF_ERROR(shape_of(api, cos, rot));
@@ -248,7 +262,7 @@ struct CausalPromptAttention {
       TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(cos, reinterpret_cast<const void**>(&p.cos)));
       TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(sin, reinterpret_cast<const void**>(&p.sin)));
     }
-    const int64_t out_shape[3] = {1, S, (int64_t)H * D};
+    const int64_t out_shape[3] = {B, S, (int64_t)H * D};
     OrtValue *out, *present_k, *present_v;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, out_shape, 3, &out));
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 1, cache.data(), 4, &present_k));
@@ -261,12 +275,21 @@ struct CausalPromptAttention {
     // rows of the last block past S (read by the 8-row score tiles) and keys past a query's own
     // (read by the 32-key tiles) give scores that are never used.
     thread_local std::vector<float> scratch;
-    scratch.resize((size_t)(H + KV) * p.Sp * D);
-    p.q = scratch.data();
-    p.kt = p.q + (size_t)H * p.Sp * D;
-    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, prepare_task, p.blocks, p.blocks, &p));
-    const size_t tasks = (size_t)p.blocks * H;
-    return api->KernelContext_ParallelFor(context, attend_for(D), tasks, tasks, &p);
+    const size_t row_scratch = (size_t)(H + KV) * p.Sp * D;
+    scratch.resize(B * row_scratch);
+    Batch batch{std::vector<Problem>(B, p)};
+    for (int b = 0; b < B; ++b) {
+      Problem& r = batch.rows[b];
+      r.qkv += (size_t)b * S * (H + 2 * KV) * D;
+      r.out += (size_t)b * S * H * D;
+      r.present_k += (size_t)b * KV * p.M * D;
+      r.present_v += (size_t)b * KV * p.M * D;
+      r.q = scratch.data() + b * row_scratch;
+      r.kt = r.q + (size_t)H * p.Sp * D;
+    }
+    const size_t prepare_tasks = (size_t)B * p.blocks, attend_tasks = prepare_tasks * H;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, prepare_task, prepare_tasks, prepare_tasks, &batch));
+    return api->KernelContext_ParallelFor(context, attend_for(D), attend_tasks, attend_tasks, &batch);
   }
 };
 
