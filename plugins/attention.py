@@ -174,9 +174,11 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
                         **quant)[0]
 
         if prompt == "fmha":
-            return g.op("CausalPromptAttention", [qkv, past_k, *([shared.cos, shared.sin] if rope else [])],
-                        num_outputs=3, domain="trtbuild", name=f"{p}/fmha",
-                        outputs=[g.fresh(f"{p}/fmha/out"), present_k, present_v], num_heads=H, kv_num_heads=KV)[0]
+            op, scales = ("CausalPromptAttention", []) if kv_scales is None else \
+                ("CausalPromptAttentionInt8KV", [k_scale, v_scale])
+            return g.op(op, [qkv, past_k, *scales, *([shared.cos, shared.sin] if rope else [])], num_outputs=3,
+                        domain="trtbuild", name=f"{p}/fmha", outputs=[g.fresh(f"{p}/fmha/out"), present_k, present_v],
+                        num_heads=H, kv_num_heads=KV)[0]
         if prompt != "split":
             return gqa(qkv, (past_k, past_v), shared.seqlens_k, shared.total_sequence_length,
                        [g.fresh(f"{p}/GQA/out"), present_k, present_v])

@@ -29,8 +29,9 @@ def rope_tables(positions: int, rotary_dim: int) -> tuple[np.ndarray, np.ndarray
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def reference(qkv, H, KV, D, cos, sin):
-    """Causal attention of one prompt, rotate-half rotary over cos.shape[1] * 2 dims, in float64."""
+def reference(qkv, H, KV, D, cos, sin, kv_scales=None):
+    """Causal attention of one prompt, rotate-half rotary over cos.shape[1] * 2 dims, in float64;
+    with kv_scales over the keys and values an int8 cache holds (and those int8 values)."""
     S = qkv.shape[1]
     x = qkv[0].astype(np.float64)
     q = x[:, :H * D].reshape(S, H, D)
@@ -47,6 +48,9 @@ def reference(qkv, H, KV, D, cos, sin):
             return t
 
         q, k = rope(q), rope(k)
+    if kv_scales is not None:
+        k8, v8 = (np.clip(np.rint(t.astype(np.float32) / np.float32(s)), -128, 127) for t, s in zip((k, v), kv_scales))
+        k, v = k8 * np.float32(kv_scales[0]), v8 * np.float32(kv_scales[1])
     group = H // KV
     out = np.empty((S, H, D))
     mask = np.tril(np.ones((S, S), bool))
@@ -55,20 +59,27 @@ def reference(qkv, H, KV, D, cos, sin):
         scores = np.where(mask, scores, -np.inf)
         p = np.exp(scores - scores.max(axis=1, keepdims=True))
         out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
+    if kv_scales is not None:
+        return out.reshape(1, S, H * D), k8.transpose(1, 0, 2), v8.transpose(1, 0, 2)
     return out.reshape(1, S, H * D), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
 
-def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2):
+def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2, kv_scales=None):
     W = (H + 2 * KV) * D
-    inputs = ["qkv", "past_key"] + (["cos", "sin"] if cos is not None else [])
-    node = helper.make_node("CausalPromptAttention", inputs, ["out", "present_key", "present_value"],
-                            domain=kernels.DOMAIN, num_heads=H, kv_num_heads=KV)
+    int8 = kv_scales is not None
+    inputs = ["qkv", "past_key"] + (["k_scale", "v_scale"] if int8 else []) + (["cos", "sin"] if cos is not None else [])
+    node = helper.make_node("CausalPromptAttentionInt8KV" if int8 else "CausalPromptAttention", inputs,
+                            ["out", "present_key", "present_value"], domain=kernels.DOMAIN, num_heads=H, kv_num_heads=KV)
     inits = [] if cos is None else [helper.make_tensor("cos", TensorProto.FLOAT, cos.shape, cos.ravel()),
                                     helper.make_tensor("sin", TensorProto.FLOAT, sin.shape, sin.ravel())]
+    if int8:
+        inits += [helper.make_tensor(n, TensorProto.FLOAT, [1], [s]) for n, s in zip(("k_scale", "v_scale"), kv_scales)]
+    cache = TensorProto.INT8 if int8 else TensorProto.FLOAT
     vi = helper.make_tensor_value_info
     graph = helper.make_graph([node], "g", [vi("qkv", TensorProto.FLOAT, ["B", "S", W]),
-                                            vi("past_key", TensorProto.FLOAT, ["P", KV, "M", D])],
-                              [vi(n, TensorProto.FLOAT, None) for n in node.output], initializer=inits)
+                                            vi("past_key", cache, ["P", KV, "M", D])],
+                              [vi("out", TensorProto.FLOAT, None), vi("present_key", cache, None),
+                               vi("present_value", cache, None)], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -91,6 +102,24 @@ def test_causal_prompt_attention_matches_reference(kernel_dir, H, KV, D, rotary,
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
     np.testing.assert_allclose(present_k[0, :, :S], k, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(present_v[0, :, :S], v)  # values go into the cache unchanged
+
+
+@pytest.mark.parametrize("S", [1, 70])
+def test_causal_prompt_attention_int8_cache(kernel_dir, S):
+    """The int8 KV variant writes round-half-even(x / scale) into the cache and attends over what
+    the cache holds, as every later decode step does."""
+    H, KV, D, capacity, kv_scales = 4, 2, 64, 128, (0.03, 0.02)
+    cos, sin = rope_tables(capacity, D)
+    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir, kv_scales=kv_scales)
+    qkv = np.random.default_rng(S).standard_normal((1, S, (H + 2 * KV) * D)).astype(np.float32)
+    out, present_k, present_v = session.run(None, {"qkv": qkv, "past_key": np.zeros((1, KV, capacity, D), np.int8)})
+    want, k8, v8 = reference(qkv, H, KV, D, cos, sin, kv_scales)
+    assert present_k.dtype == np.int8 and present_v.dtype == np.int8
+    np.testing.assert_array_equal(present_v[0, :, :S], v8)
+    # a rotated key within float rounding of a .5 step may land on either side: rarely, by one
+    assert np.abs(present_k[0, :, :S].astype(int) - k8).max() <= 1
+    assert (present_k[0, :, :S] != k8).mean() < 1e-3
+    np.testing.assert_allclose(out, want, atol=2e-3 if (present_k[0, :, :S] != k8).any() else 2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("B,S", [(3, 9), (2, 130)])

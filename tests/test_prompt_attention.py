@@ -2,7 +2,7 @@
 trtbuild's causal kernel (--context_fmha, the default; batches too) or, without it, GroupQueryAttention
 in two causal halves (one prompt in the --context_split window). Every output (prefill logits,
 scores, generated tokens, the KV cache it leaves behind) equals the one-call engine's, at batch 1,
-for ragged batches and with an int8 KV cache (which the kernel leaves to the halves)."""
+for ragged batches and with an int8 KV cache."""
 
 from __future__ import annotations
 
@@ -55,10 +55,10 @@ def test_prompt_engines_have_the_two_branch_if(runners):
     assert "If" in {n.op_type for n in split.node} and "If" not in op_types(one_call)
     assert "If" in {n.op_type for n in fmha.node}
     assert "GroupQueryAttention" in op_types(split)
-    # the kernel writes a float32 cache: an int8 KV engine falls back to the halves, and says so
-    uses_kernel = not runners["int8_kv"]
-    assert ("CausalPromptAttention" in op_types(fmha)) == uses_kernel
-    assert runners["fmha"].config.build_config.plugin_config.context_fmha == uses_kernel
+    # an int8 KV engine's kernel writes the int8 cache and attends over what it holds
+    kernel = "CausalPromptAttentionInt8KV" if runners["int8_kv"] else "CausalPromptAttention"
+    assert kernel in op_types(fmha) and "CausalPromptAttention" not in op_types(split)
+    assert runners["fmha"].config.build_config.plugin_config.context_fmha
     assert not runners["split"].config.build_config.plugin_config.context_fmha
 
 

@@ -114,9 +114,6 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, options: Netwo
     pc = build.plugin_config
     onnxruntime = build.backend == "onnxruntime"
     fmha = pc.context_fmha and options.fused_attention and onnxruntime
-    if fmha and config.quantization.kv_cache_quant_algo == "INT8":
-        log.info("--context_fmha: the kernel writes a float32 KV cache; INT8 KV prompts use GroupQueryAttention")
-        fmha = False
     if fmha and config.head_size not in FMHA_HEAD_SIZES:
         log.info("--context_fmha: no kernel for head size %d; prompts use GroupQueryAttention", config.head_size)
         fmha = False

@@ -31,13 +31,28 @@ struct Problem {
   const float* cos;  // nullptr: no rotary
   const float* sin;
   float* out;
-  float* present_k;
-  float* present_v;
+  // Keys (rotated) and values as the attention reads them: the float cache itself, or for an int8
+  // cache a scratch copy of what the cache holds, dequantized (what later decode steps read too).
+  float* k;
+  float* v;
+  size_t kv_head_stride;  // floats between heads of k and v: M * D (the cache) or Sp * D (scratch)
+  int8_t* k8;             // the int8 cache (nullptr: float cache) and its static scales
+  int8_t* v8;
+  float k_scale, v_scale;
   float* q;   // scratch [H, Sp, D]: rotated queries times scale
   float* kt;  // scratch [KV, D, Sp]: rotated keys, transposed
   int S, H, KV, D, rotary_dim, M, Sp, blocks;
   float scale;
 };
+
+// An int8 cache row: q = saturate(round_half_even(x / scale)), and x replaced by q * scale.
+void quantize_row(float* x, int8_t* q, int D, float scale) {
+  for (int i = 0; i < D; ++i) {
+    const float r = std::min(127.0f, std::max(-128.0f, std::nearbyint(x[i] / scale)));
+    q[i] = (int8_t)r;
+    x[i] = r * scale;
+  }
+}
 
 // Rows (queries) the weighted sum of values handles at once: its accumulators are RM x ND vectors.
 constexpr int rows_per_pv(int nd) { return nd >= 16 ? 1 : std::min(8, 16 / nd); }
@@ -62,12 +77,19 @@ void prepare_block(const Problem& p, int b) {
     const float* s = p.sin ? p.sin + (size_t)t * half : nullptr;
     for (int h = 0; h < p.H; ++h) rope(x + h * D, p.q + ((size_t)h * p.Sp + t) * D, c, s, p.rotary_dim, D, p.scale);
     for (int h = 0; h < p.KV; ++h) {
-      rope(x + (p.H + h) * D, p.present_k + ((size_t)h * p.M + t) * D, c, s, p.rotary_dim, D, 1.0f);
-      std::memcpy(p.present_v + ((size_t)h * p.M + t) * D, x + (p.H + p.KV + h) * D, D * sizeof(float));
+      float* k = p.k + h * p.kv_head_stride + (size_t)t * D;
+      float* v = p.v + h * p.kv_head_stride + (size_t)t * D;
+      rope(x + (p.H + h) * D, k, c, s, p.rotary_dim, D, 1.0f);
+      std::memcpy(v, x + (p.H + p.KV + h) * D, D * sizeof(float));
+      if (p.k8) {
+        const size_t row = ((size_t)h * p.M + t) * D;
+        quantize_row(k, p.k8 + row, D, p.k_scale);
+        quantize_row(v, p.v8 + row, D, p.v_scale);
+      }
     }
   }
   for (int h = 0; h < p.KV; ++h) {
-    const float* k = p.present_k + (size_t)h * p.M * D;
+    const float* k = p.k + h * p.kv_head_stride;
     float* kt = p.kt + (size_t)h * D * p.Sp;
     for (int d = 0; d < D; ++d)
       for (int t = t0; t < t1; ++t) kt[(size_t)d * p.Sp + t] = k[(size_t)t * D + d];
@@ -150,7 +172,7 @@ void attend_block(const Problem& p, int h, int qb) {
     for (; j < zero_to; ++j) row[j] = 0.0f;
     inv[i] = 1.0f / s;
   }
-  const float* v = p.present_v + (size_t)kv_head * p.M * D;
+  const float* v = p.v + kv_head * p.kv_head_stride;
   for (int i = 0; i < rows; i += RM)
     weighted_values<ND>(scores + (size_t)i * ld, ld, v, std::min(r0 + i + RM, r1), inv + i, std::min(RM, rows - i),
                         p.out + (size_t)(r0 + i) * p.H * D + (size_t)h * D, p.H * D);
@@ -195,11 +217,19 @@ Task attend_for(int D) {
 }
 
 
+// kInt8: CausalPromptAttentionInt8KV, the same over an int8 cache with static per-tensor scales:
+// inputs qkv, past_key (int8), k_scale, v_scale ([1] float), cos_cache, sin_cache (optional).
+template <bool kInt8>
 struct CausalPromptAttention {
-  static constexpr const char* name = "CausalPromptAttention";
-  static constexpr size_t inputs = 4, outputs = 3, required_inputs = 2;
-  static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static constexpr const char* name = kInt8 ? "CausalPromptAttentionInt8KV" : "CausalPromptAttention";
+  static constexpr size_t inputs = kInt8 ? 6 : 4, outputs = 3, required_inputs = kInt8 ? 4 : 2;
+  static constexpr size_t first_rotary_input = kInt8 ? 4 : 2;
+  static ONNXTensorElementDataType input_type(size_t i) {
+    return kInt8 && i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  static ONNXTensorElementDataType output_type(size_t i) {
+    return kInt8 && i > 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
 
   const OrtApi* api;
   int64_t num_heads = 0, kv_num_heads = 0;
@@ -229,9 +259,9 @@ struct CausalPromptAttention {
     const OrtValue *qkv, *past_key, *cos = nullptr, *sin = nullptr;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &qkv));
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 1, &past_key));
-    if (num_inputs > 3) {
-      TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 2, &cos));
-      TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 3, &sin));
+    if (num_inputs > first_rotary_input + 1) {
+      TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, first_rotary_input, &cos));
+      TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, first_rotary_input + 1, &sin));
     }
     std::vector<int64_t> x, cache, rot;
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, qkv, x));
@@ -268,24 +298,50 @@ struct CausalPromptAttention {
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 1, cache.data(), 4, &present_k));
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 2, cache.data(), 4, &present_v));
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(out, reinterpret_cast<void**>(&p.out)));
-    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_k, reinterpret_cast<void**>(&p.present_k)));
-    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_v, reinterpret_cast<void**>(&p.present_v)));
+    void *k_cache, *v_cache;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_k, &k_cache));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_v, &v_cache));
+    if (kInt8) {
+      p.k8 = static_cast<int8_t*>(k_cache), p.v8 = static_cast<int8_t*>(v_cache);
+      for (int i : {2, 3}) {
+        const OrtValue* value;
+        std::vector<int64_t> dims;
+        const float* data;
+        TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, i, &value));
+        TRTBUILD_RETURN_IF_ERROR(shape_of(api, value, dims));
+        if (element_count(dims) != 1) return error(i == 2 ? "k_scale must hold one value" : "v_scale must hold one value");
+        TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(value, reinterpret_cast<const void**>(&data)));
+        if (!(*data > 0.0f)) return error(i == 2 ? "k_scale must be > 0" : "v_scale must be > 0");
+        (i == 2 ? p.k_scale : p.v_scale) = *data;
+      }
+    } else {
+      p.k = static_cast<float*>(k_cache), p.v = static_cast<float*>(v_cache);
+    }
     if (S == 0) return nullptr;
     // Scratch per calling thread: sessions may run concurrently from several threads. Not cleared:
     // rows of the last block past S (read by the 8-row score tiles) and keys past a query's own
     // (read by the 32-key tiles) give scores that are never used.
     thread_local std::vector<float> scratch;
-    const size_t row_scratch = (size_t)(H + KV) * p.Sp * D;
+    const size_t row_scratch = (size_t)(H + KV + (kInt8 ? 2 * KV : 0)) * p.Sp * D;
     scratch.resize(B * row_scratch);
     Batch batch{std::vector<Problem>(B, p)};
     for (int b = 0; b < B; ++b) {
       Problem& r = batch.rows[b];
       r.qkv += (size_t)b * S * (H + 2 * KV) * D;
       r.out += (size_t)b * S * H * D;
-      r.present_k += (size_t)b * KV * p.M * D;
-      r.present_v += (size_t)b * KV * p.M * D;
       r.q = scratch.data() + b * row_scratch;
       r.kt = r.q + (size_t)H * p.Sp * D;
+      if (kInt8) {
+        r.k8 += (size_t)b * KV * p.M * D;
+        r.v8 += (size_t)b * KV * p.M * D;
+        r.k = r.kt + (size_t)KV * p.Sp * D;
+        r.v = r.k + (size_t)KV * p.Sp * D;
+        r.kv_head_stride = (size_t)p.Sp * D;
+      } else {
+        r.k += (size_t)b * KV * p.M * D;
+        r.v += (size_t)b * KV * p.M * D;
+        r.kv_head_stride = (size_t)p.M * D;
+      }
     }
     const size_t prepare_tasks = (size_t)B * p.blocks, attend_tasks = prepare_tasks * H;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, prepare_task, prepare_tasks, prepare_tasks, &batch));
@@ -296,7 +352,12 @@ struct CausalPromptAttention {
 }  // namespace
 
 const OrtCustomOp* causal_prompt_attention_op() {
-  static const OpTable<CausalPromptAttention> op;
+  static const OpTable<CausalPromptAttention<false>> op;
+  return &op;
+}
+
+const OrtCustomOp* causal_prompt_attention_int8_kv_op() {
+  static const OpTable<CausalPromptAttention<true>> op;
   return &op;
 }
 

@@ -126,6 +126,7 @@ struct OpTable : OrtCustomOp {
 
 // Each kernel source defines one of these; register.cc adds them all to the "trtbuild" domain.
 const OrtCustomOp* causal_prompt_attention_op();
+const OrtCustomOp* causal_prompt_attention_int8_kv_op();
 const OrtCustomOp* per_token_quantize_op();
 const OrtCustomOp* swiglu_quantize_op();
 
