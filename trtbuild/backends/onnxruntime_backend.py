@@ -36,7 +36,7 @@ def default_num_threads() -> int:
 
 def open_session(engine_path: Path, num_threads: int | None = None, kernels: bool = False) -> ort.InferenceSession:
     """Load a compiled engine; optimizations were applied at build, so loading is quick. `kernels`:
-    the engine uses trtbuild's own ops (its plugin_config.context_fmha)."""
+    the engine uses trtbuild's own ops (its plugin_config.uses_kernels)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.intra_op_num_threads = num_threads or default_num_threads()

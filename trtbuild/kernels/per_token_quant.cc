@@ -119,18 +119,23 @@ OrtStatus* run_rows(const OrtApi* api, OrtKernelContext* context, std::vector<in
   return api->KernelContext_ParallelFor(context, task, tasks, tasks, &r);
 }
 
-struct PerTokenQuantize {
-  static constexpr const char* name = "PerTokenQuantize";
-  static constexpr size_t inputs = 2, outputs = 2, required_inputs = 1;
+// What both ops share: float inputs, (u8 values, float row scales) out, no attributes.
+template <class K>
+struct QuantizeOp {
   static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   static ONNXTensorElementDataType output_type(size_t i) {
     return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
-  const OrtApi* api;
-  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, PerTokenQuantize** out) {
-    *out = new PerTokenQuantize{api};
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, K** out) {
+    *out = new K{{api}};
     return nullptr;
   }
+  const OrtApi* api;
+};
+
+struct PerTokenQuantize : QuantizeOp<PerTokenQuantize> {
+  static constexpr const char* name = "PerTokenQuantize";
+  static constexpr size_t inputs = 2, outputs = 2, required_inputs = 1;
 
   OrtStatus* compute(OrtKernelContext* context) const {
     size_t num_inputs = 0;
@@ -155,18 +160,9 @@ struct PerTokenQuantize {
   }
 };
 
-struct SwiGLUQuantize {
+struct SwiGLUQuantize : QuantizeOp<SwiGLUQuantize> {
   static constexpr const char* name = "SwiGLUQuantize";
   static constexpr size_t inputs = 2, outputs = 2, required_inputs = 2;
-  static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  static ONNXTensorElementDataType output_type(size_t i) {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  const OrtApi* api;
-  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, SwiGLUQuantize** out) {
-    *out = new SwiGLUQuantize{api};
-    return nullptr;
-  }
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue *y, *y_scale;
