@@ -23,6 +23,13 @@ def kernel_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")
 
 
+@pytest.fixture(params=list(kernels.ISA_FLAGS))
+def isa(request) -> str:
+    """Each kernel test runs the library built for this machine and the AVX2 form (tiles of 8-float
+    vectors), which any x86-64 with AVX2 runs: an AVX-512 machine checks both."""
+    return request.param
+
+
 def rope_tables(positions: int, rotary_dim: int) -> tuple[np.ndarray, np.ndarray]:
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim))
     freqs = np.arange(positions)[:, None] * inv_freq[None, :]
@@ -64,7 +71,7 @@ def reference(qkv, H, KV, D, cos, sin, kv_scales=None):
     return out.reshape(1, S, H * D), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
 
-def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2, kv_scales=None):
+def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2, kv_scales=None, isa="native"):
     W = (H + 2 * KV) * D
     int8 = kv_scales is not None
     inputs = ["qkv", "past_key"] + (["k_scale", "v_scale"] if int8 else []) + (["cos", "sin"] if cos is not None else [])
@@ -83,17 +90,18 @@ def attention_session(H, KV, D, capacity, cos, sin, kernel_dir, threads=2, kv_sc
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    kernels.register(so, kernel_dir)
+    kernels.register(so, kernel_dir, isa)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("H,KV,D,rotary", [(9, 3, 64, 64), (4, 2, 16, 16), (4, 1, 32, 16), (4, 4, 80, 80),
-                                           (2, 1, 128, 128), (3, 3, 64, 0)])
+                                           (2, 1, 128, 128), (3, 3, 64, 0), (2, 1, 48, 48), (2, 2, 112, 64),
+                                           (2, 1, 256, 256)])
 @pytest.mark.parametrize("S", [1, 7, 64, 65, 200])
-def test_causal_prompt_attention_matches_reference(kernel_dir, H, KV, D, rotary, S):
+def test_causal_prompt_attention_matches_reference(kernel_dir, isa, H, KV, D, rotary, S):
     capacity = 256
     cos, sin = rope_tables(capacity, rotary) if rotary else (None, None)
-    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir)
+    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir, isa=isa)
     qkv = np.random.default_rng(S).standard_normal((1, S, (H + 2 * KV) * D)).astype(np.float32)
     past = np.zeros((1, KV, capacity, D), np.float32)
     out, present_k, present_v = session.run(None, {"qkv": qkv, "past_key": past})
@@ -105,12 +113,12 @@ def test_causal_prompt_attention_matches_reference(kernel_dir, H, KV, D, rotary,
 
 
 @pytest.mark.parametrize("S", [1, 70])
-def test_causal_prompt_attention_int8_cache(kernel_dir, S):
+def test_causal_prompt_attention_int8_cache(kernel_dir, isa, S):
     """The int8 KV variant writes round-half-even(x / scale) into the cache and attends over what
     the cache holds, as every later decode step does."""
     H, KV, D, capacity, kv_scales = 4, 2, 64, 128, (0.03, 0.02)
     cos, sin = rope_tables(capacity, D)
-    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir, kv_scales=kv_scales)
+    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir, kv_scales=kv_scales, isa=isa)
     qkv = np.random.default_rng(S).standard_normal((1, S, (H + 2 * KV) * D)).astype(np.float32)
     out, present_k, present_v = session.run(None, {"qkv": qkv, "past_key": np.zeros((1, KV, capacity, D), np.int8)})
     want, k8, v8 = reference(qkv, H, KV, D, cos, sin, kv_scales)
@@ -123,10 +131,10 @@ def test_causal_prompt_attention_int8_cache(kernel_dir, S):
 
 
 @pytest.mark.parametrize("B,S", [(3, 9), (2, 130)])
-def test_causal_prompt_attention_batch_is_each_prompt_alone(kernel_dir, B, S):
+def test_causal_prompt_attention_batch_is_each_prompt_alone(kernel_dir, isa, B, S):
     H, KV, D, capacity = 6, 2, 32, 160
     cos, sin = rope_tables(capacity, D)
-    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir)
+    session = attention_session(H, KV, D, capacity, cos, sin, kernel_dir, isa=isa)
     qkv = np.random.default_rng(B).standard_normal((B, S, (H + 2 * KV) * D)).astype(np.float32)
     out, present_k, present_v = session.run(None, {"qkv": qkv, "past_key": np.zeros((B, KV, capacity, D), np.float32)})
     for b in range(B):
@@ -136,17 +144,17 @@ def test_causal_prompt_attention_batch_is_each_prompt_alone(kernel_dir, B, S):
         np.testing.assert_array_equal(present_v[b, :, :S], v)
 
 
-def test_causal_prompt_attention_rejects_what_it_cannot_run(kernel_dir):
+def test_causal_prompt_attention_rejects_what_it_cannot_run(kernel_dir, isa):
     cos, sin = rope_tables(64, 16)
-    session = attention_session(4, 2, 16, 64, cos, sin, kernel_dir)
-    uneven = attention_session(4, 3, 16, 64, cos, sin, kernel_dir)
+    session = attention_session(4, 2, 16, 64, cos, sin, kernel_dir, isa=isa)
+    uneven = attention_session(4, 3, 16, 64, cos, sin, kernel_dir, isa=isa)
     with pytest.raises(Exception, match="CausalPromptAttention: num_heads 4 is not a multiple of kv_num_heads 3"):
         uneven.run(None, {"qkv": np.zeros((1, 5, 160), np.float32), "past_key": np.zeros((1, 3, 64, 16), np.float32)})
     with pytest.raises(Exception, match="CausalPromptAttention: past_key must be"):  # batch 2 against a cache of 1
         session.run(None, {"qkv": np.zeros((2, 5, 128), np.float32), "past_key": np.zeros((1, 2, 64, 16), np.float32)})
     with pytest.raises(Exception, match="past_key must be"):  # a prompt longer than the cache
         session.run(None, {"qkv": np.zeros((1, 65, 128), np.float32), "past_key": np.zeros((1, 2, 64, 16), np.float32)})
-    odd = attention_session(2, 1, 24, 64, None, None, kernel_dir)
+    odd = attention_session(2, 1, 24, 64, None, None, kernel_dir, isa=isa)
     with pytest.raises(Exception, match="head size 24 has no kernel"):
         odd.run(None, {"qkv": np.zeros((1, 3, 96), np.float32), "past_key": np.zeros((1, 1, 64, 24), np.float32)})
 
@@ -196,7 +204,7 @@ def quantize_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 QUANTIZED = [("q", TensorProto.UINT8), ("scale", TensorProto.FLOAT)]  # both quantize ops' outputs
 
 
-def one_op_session(op: str, inputs: list[tuple[str, int, list]], kernel_dir, threads=2):
+def one_op_session(op: str, inputs: list[tuple[str, int, list]], kernel_dir, threads=2, isa="native"):
     vi = helper.make_tensor_value_info
     node = helper.make_node(op, [name for name, _, _ in inputs], [n for n, _ in QUANTIZED], domain=kernels.DOMAIN)
     graph = helper.make_graph([node], "g", [vi(n, t, s) for n, t, s in inputs],
@@ -204,19 +212,19 @@ def one_op_session(op: str, inputs: list[tuple[str, int, list]], kernel_dir, thr
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    kernels.register(so, kernel_dir)
+    kernels.register(so, kernel_dir, isa)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (2, 37, 100), (1, 700, 64)])
-def test_per_token_quantize_matches_reference(kernel_dir, shape):
+def test_per_token_quantize_matches_reference(kernel_dir, isa, shape):
     rng = np.random.default_rng(len(shape))
     x = (rng.standard_normal(shape) * rng.uniform(0.01, 30, shape[:-1] + (1,))).astype(np.float32)
     x.reshape(-1, shape[-1])[0] = 0.0  # a row of zeros: scale 0, all values at the zero point
     channel = rng.uniform(0.2, 3, shape[-1]).astype(np.float32)
     F = TensorProto.FLOAT
-    plain = one_op_session("PerTokenQuantize", [("x", F, ["B", "S", "K"])], kernel_dir)
-    scaled = one_op_session("PerTokenQuantize", [("x", F, ["B", "S", "K"]), ("c", F, ["K"])], kernel_dir)
+    plain = one_op_session("PerTokenQuantize", [("x", F, ["B", "S", "K"])], kernel_dir, isa=isa)
+    scaled = one_op_session("PerTokenQuantize", [("x", F, ["B", "S", "K"]), ("c", F, ["K"])], kernel_dir, isa=isa)
     for session, feeds, x_eff in ((plain, {"x": x}, x), (scaled, {"x": x, "c": channel}, x * channel)):
         xq, scale = session.run(None, feeds)
         want_q, want_scale = quantize_reference(x_eff)
@@ -229,13 +237,13 @@ def test_per_token_quantize_matches_reference(kernel_dir, shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 21, 2 * 40)])
-def test_swiglu_quantize_matches_reference(kernel_dir, shape):
+def test_swiglu_quantize_matches_reference(kernel_dir, isa, shape):
     rng = np.random.default_rng(shape[1])
     y = (rng.standard_normal(shape) * 4).astype(np.float32)
     y_scale = rng.uniform(0.001, 0.1, shape[:-1] + (1,)).astype(np.float32)
     y_scale.reshape(-1)[-1] = 0.0  # a zero row scale: the row's product is 0
     F = TensorProto.FLOAT
-    session = one_op_session("SwiGLUQuantize", [("y", F, ["B", "S", "N"]), ("s", F, ["B", "S", 1])], kernel_dir)
+    session = one_op_session("SwiGLUQuantize", [("y", F, ["B", "S", "N"]), ("s", F, ["B", "S", 1])], kernel_dir, isa=isa)
     aq, a_scale = session.run(None, {"y": y, "s": y_scale})
     half = shape[-1] // 2
     g, u = y[..., :half].astype(np.float64) * y_scale, y[..., half:].astype(np.float64) * y_scale
@@ -247,11 +255,11 @@ def test_swiglu_quantize_matches_reference(kernel_dir, shape):
     assert np.all(aq.reshape(-1, half)[-1] == 128) and a_scale.reshape(-1)[-1] == 0
 
 
-def test_quantize_ops_reject_bad_shapes(kernel_dir):
+def test_quantize_ops_reject_bad_shapes(kernel_dir, isa):
     F = TensorProto.FLOAT
-    scaled = one_op_session("PerTokenQuantize", [("x", F, ["S", "K"]), ("c", F, ["C"])], kernel_dir)
+    scaled = one_op_session("PerTokenQuantize", [("x", F, ["S", "K"]), ("c", F, ["C"])], kernel_dir, isa=isa)
     with pytest.raises(Exception, match="PerTokenQuantize: channel_scale must be \\[K\\]"):
         scaled.run(None, {"x": np.ones((2, 8), np.float32), "c": np.ones(7, np.float32)})
-    swiglu = one_op_session("SwiGLUQuantize", [("y", F, ["S", "N"]), ("s", F, ["S", 1])], kernel_dir)
+    swiglu = one_op_session("SwiGLUQuantize", [("y", F, ["S", "N"]), ("s", F, ["S", 1])], kernel_dir, isa=isa)
     with pytest.raises(Exception, match="SwiGLUQuantize: y must be"):
         swiglu.run(None, {"y": np.ones((2, 7), np.float32), "s": np.ones((2, 1), np.float32)})

@@ -1,5 +1,6 @@
 """trtbuild's own onnxruntime kernels: C++ sources shipped with the package, compiled for the
-machine they run on (-march=native: AVX-512 where there is one, AVX2 otherwise) on first use and
+machine they run on (-march=native: AVX-512 where there is one, AVX2 otherwise; tiles sized by
+the vector width, ort_op.h) on first use and
 cached by source, compiler and CPU in `$TRTBUILD_KERNEL_DIR` (default ~/.cache/trtbuild/kernels).
 
 Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the attention plugin's
@@ -29,7 +30,11 @@ SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc")
 # head sizes CausalPromptAttention is compiled for (attend_for in causal_attention.cc)
 FMHA_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 _HERE = Path(__file__).resolve().parent
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+# What the library is compiled for: "native" (the machine it runs on: what engines use) or "avx2",
+# the form an AVX2 machine without AVX-512 gets, which runs on any x86-64 with AVX2: tests run it on
+# an AVX-512 machine too, so both forms are checked wherever the suite runs.
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma"]}
 
 
 class KernelUnavailable(TrtbuildError):
@@ -56,8 +61,9 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def library_path(kernel_dir: Path | None = None) -> Path:
-    """The kernel library for this machine: built on first call (a few seconds), then reused.
+def library_path(kernel_dir: Path | None = None, isa: str = "native") -> Path:
+    """The kernel library for this machine (`isa`: a key of ISA_FLAGS): built on first call (a few
+    seconds), then reused.
 
     Raises KernelUnavailable (naming what is missing) when it cannot be built here.
     """
@@ -71,7 +77,8 @@ def library_path(kernel_dir: Path | None = None) -> Path:
     except (OSError, subprocess.CalledProcessError) as e:
         raise KernelUnavailable(f"the C++ compiler {compiler} does not run ({e})") from None
     digest = hashlib.sha256()
-    for part in [version, _cpu_signature(), " ".join(_FLAGS)]:
+    flags = [*_FLAGS, *ISA_FLAGS[isa]]
+    for part in [version, _cpu_signature(), " ".join(flags)]:
         digest.update(part.encode())
     for path in sorted([*_HERE.glob("*.cc"), *_HERE.glob("*.h"), *(_HERE / "include").glob("*.h")]):
         digest.update(path.name.encode())
@@ -84,7 +91,7 @@ def library_path(kernel_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".so", dir=kernel_dir)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, f"-I{_HERE / 'include'}", *[str(_HERE / s) for s in SOURCES], "-o", tmp]
+        cmd = [compiler, *flags, f"-I{_HERE / 'include'}", *[str(_HERE / s) for s in SOURCES], "-o", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise KernelUnavailable(f"compiling trtbuild's kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
@@ -95,6 +102,6 @@ def library_path(kernel_dir: Path | None = None) -> Path:
     return path
 
 
-def register(so: ort.SessionOptions, kernel_dir: Path | None = None) -> None:
+def register(so: ort.SessionOptions, kernel_dir: Path | None = None, isa: str = "native") -> None:
     """Make the kernels' ops known to sessions created with `so`."""
-    so.register_custom_ops_library(str(library_path(kernel_dir)))
+    so.register_custom_ops_library(str(library_path(kernel_dir, isa)))

@@ -4,8 +4,9 @@
 // GroupQueryAttention computes a prompt's whole S x S score matrix and masks half of it. This
 // kernel works in blocks of 64 queries and computes, for each, only the keys up to its last query:
 // the half of the matrix the causal mask keeps (plus the diagonal blocks). Scores, softmax and the
-// weighted sum of values run in register tiles written with GCC vector extensions, so the same
-// source compiles to AVX-512 or AVX2 for the machine it is built on (-march=native).
+// weighted sum of values run in register tiles written with GCC vector extensions and sized for
+// the machine's vectors (ort_op.h: kLanes, kRegisters), so the same source compiles to AVX-512 or
+// AVX2 for the machine it is built on (-march=native).
 //
 // Inputs:  qkv [B, S, (H + 2 KV) * D] float (packed as GroupQueryAttention takes it; prompts
 //          right-padded to S),
@@ -24,7 +25,12 @@
 namespace trtbuild {
 namespace {
 
-constexpr int kBlock = 64;  // queries per task; keys are tiled by 32
+constexpr int kBlock = 64;  // queries per task
+// Score tiles: kScoreRows queries x kKeyTile keys, 2 kScoreRows accumulators held in registers
+// (8 x 32 on AVX-512: 16 of 32 registers; 4 x 16 on AVX2: 8 of 16).
+constexpr int kKeyTile = 2 * kLanes;
+constexpr int kScoreRows = kRegisters / 4;
+static_assert(kBlock % kKeyTile == 0 && kBlock % kScoreRows == 0, "tiles must divide a block");
 
 struct Problem {
   const float* qkv;
@@ -54,8 +60,11 @@ void quantize_row(float* x, int8_t* q, int D, float scale) {
   }
 }
 
-// Rows (queries) the weighted sum of values handles at once: its accumulators are RM x ND vectors.
-constexpr int rows_per_pv(int nd) { return nd >= 16 ? 1 : std::min(8, 16 / nd); }
+// The weighted sum of values: a head's D floats are ND vectors, summed in chunks of NC vectors;
+// each call holds RM rows x NC accumulators plus NC value vectors in registers.
+constexpr int kValueAccumulators = kRegisters / 2;
+constexpr int value_chunk(int nd) { return nd / ((nd + kValueAccumulators - 1) / kValueAccumulators); }
+constexpr int rows_per_pv(int nc) { return nc >= kValueAccumulators ? 1 : std::min(8, kValueAccumulators / nc); }
 
 void rope(const float* in, float* out, const float* c, const float* s, int rotary_dim, int D, float mul) {
   const int half = rotary_dim / 2;
@@ -96,74 +105,77 @@ void prepare_block(const Problem& p, int b) {
   }
 }
 
-// scores[r][j] = q_r . k_j for 8 query rows and 32 keys.
+// scores[r][j] = q_r . k_j for kScoreRows query rows and kKeyTile keys.
 inline void score_tile(const float* q, const float* kt, int D, int Sp, float* scores, int ld) {
-  v16 acc[8][2] = {};
+  vf acc[kScoreRows][2] = {};
   for (int d = 0; d < D; ++d) {
-    const v16 k0 = load(kt + (size_t)d * Sp), k1 = load(kt + (size_t)d * Sp + 16);
-    for (int r = 0; r < 8; ++r) {
-      const v16 qd = splat(q[r * D + d]);
+    const vf k0 = load(kt + (size_t)d * Sp), k1 = load(kt + (size_t)d * Sp + kLanes);
+    for (int r = 0; r < kScoreRows; ++r) {
+      const vf qd = splat(q[r * D + d]);
       acc[r][0] += qd * k0;
       acc[r][1] += qd * k1;
     }
   }
-  for (int r = 0; r < 8; ++r) {
+  for (int r = 0; r < kScoreRows; ++r) {
     store(scores + r * ld, acc[r][0]);
-    store(scores + r * ld + 16, acc[r][1]);
+    store(scores + r * ld + kLanes, acc[r][1]);
   }
 }
 
-// out[r] = inv[r] * sum_j P[r][j] v_j for `rows` (<= RM) rows over keys [0, keys).
-template <int ND>
-inline void weighted_values(const float* P, int ld, const float* v, int keys, const float* inv, int rows, float* out,
-                            int ldo) {
-  constexpr int RM = rows_per_pv(ND);
-  v16 acc[RM][ND] = {};
+// out[r][0, NC kLanes) = inv[r] * sum_j P[r][j] v_j[0, NC kLanes) for `rows` (<= RM) rows over
+// keys [0, keys); value rows are ldv floats apart.
+template <int NC>
+inline void weighted_values(const float* P, int ld, const float* v, int ldv, int keys, const float* inv, int rows,
+                            float* out, int ldo) {
+  constexpr int RM = rows_per_pv(NC);
+  vf acc[RM][NC] = {};
   for (int j = 0; j < keys; ++j) {
-    v16 vj[ND];
-    for (int n = 0; n < ND; ++n) vj[n] = load(v + (size_t)j * ND * 16 + n * 16);
+    vf vj[NC];
+    for (int n = 0; n < NC; ++n) vj[n] = load(v + (size_t)j * ldv + n * kLanes);
     for (int r = 0; r < RM; ++r) {
-      const v16 pj = splat(P[r * ld + j]);
-      for (int n = 0; n < ND; ++n) acc[r][n] += pj * vj[n];
+      const vf pj = splat(P[r * ld + j]);
+      for (int n = 0; n < NC; ++n) acc[r][n] += pj * vj[n];
     }
   }
   for (int r = 0; r < rows; ++r)
-    for (int n = 0; n < ND; ++n) store(out + (size_t)r * ldo + n * 16, acc[r][n] * inv[r]);
+    for (int n = 0; n < NC; ++n) store(out + (size_t)r * ldo + n * kLanes, acc[r][n] * inv[r]);
 }
 
-// Query block qb of head h.
+// Query block qb of head h, for heads of ND vectors.
 template <int ND>
 void attend_block(const Problem& p, int h, int qb) {
-  constexpr int D = ND * 16, RM = rows_per_pv(ND);
+  constexpr int D = ND * kLanes, NC = value_chunk(ND), RM = rows_per_pv(NC);
+  static_assert(ND % NC == 0, "value chunks must divide the head");
   const int r0 = qb * kBlock, r1 = std::min(p.S, r0 + kBlock), rows = r1 - r0;
   const int kv_head = h / (p.H / p.KV);
-  const int ld = (r1 + 31) / 32 * 32;
+  const int ld = (r1 + kKeyTile - 1) / kKeyTile * kKeyTile;
   thread_local std::vector<float> buffer;
-  buffer.resize((size_t)(kBlock + 8) * ld + kBlock);
+  buffer.resize((size_t)(kBlock + kScoreRows) * ld + kBlock);
   float* scores = buffer.data();
-  float* inv = scores + (size_t)(kBlock + 8) * ld;
+  float* inv = scores + (size_t)(kBlock + kScoreRows) * ld;
   const float* q = p.q + ((size_t)h * p.Sp + r0) * D;
   const float* kt = p.kt + (size_t)kv_head * D * p.Sp;
-  for (int i = 0; i < rows; i += 8) {
-    const int keys = std::min(r0 + i + 8, r1);
-    for (int j = 0; j < keys; j += 32) score_tile(q + (size_t)i * D, kt + j, D, p.Sp, scores + (size_t)i * ld + j, ld);
+  for (int i = 0; i < rows; i += kScoreRows) {
+    const int keys = std::min(r0 + i + kScoreRows, r1);
+    for (int j = 0; j < keys; j += kKeyTile)
+      score_tile(q + (size_t)i * D, kt + j, D, p.Sp, scores + (size_t)i * ld + j, ld);
   }
   for (int i = 0; i < rows; ++i) {
     float* row = scores + (size_t)i * ld;
-    const int n = r0 + i + 1;                                     // keys query r0 + i sees
+    const int n = r0 + i + 1;                                  // keys query r0 + i sees
     const int zero_to = std::min(r0 + (i / RM + 1) * RM, r1);  // keys its row group sums over
-    v16 mv = splat(-INFINITY);
+    vf mv = splat(-INFINITY);
     int j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const v16 r = load(row + j);
+    for (; j + kLanes <= n; j += kLanes) {
+      const vf r = load(row + j);
       mv = r > mv ? r : mv;
     }
     float m = hmax(mv);
     for (; j < n; ++j) m = std::max(m, row[j]);
-    v16 sum = {};
+    vf sum = {};
     j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const v16 e = exp16(load(row + j) - m);
+    for (; j + kLanes <= n; j += kLanes) {
+      const vf e = vexp(load(row + j) - m);
       store(row + j, e);
       sum += e;
     }
@@ -174,8 +186,10 @@ void attend_block(const Problem& p, int h, int qb) {
   }
   const float* v = p.v + kv_head * p.kv_head_stride;
   for (int i = 0; i < rows; i += RM)
-    weighted_values<ND>(scores + (size_t)i * ld, ld, v, std::min(r0 + i + RM, r1), inv + i, std::min(RM, rows - i),
-                        p.out + (size_t)(r0 + i) * p.H * D + (size_t)h * D, p.H * D);
+    for (int c = 0; c < ND; c += NC)
+      weighted_values<NC>(scores + (size_t)i * ld, ld, v + c * kLanes, D, std::min(r0 + i + RM, r1), inv + i,
+                          std::min(RM, rows - i), p.out + (size_t)(r0 + i) * p.H * D + (size_t)h * D + c * kLanes,
+                          p.H * D);
 }
 
 // One Problem per prompt of the batch (right-padded prompts run as full: a real query never sees
@@ -202,20 +216,32 @@ void attend_task(void* data, size_t i) {
 using Task = void (*)(void*, size_t);
 
 Task attend_for(int D) {
-  switch (D) {
-    case 16: return attend_task<1>;
-    case 32: return attend_task<2>;
-    case 48: return attend_task<3>;
-    case 64: return attend_task<4>;
-    case 80: return attend_task<5>;
-    case 96: return attend_task<6>;
-    case 112: return attend_task<7>;
-    case 128: return attend_task<8>;
-    case 256: return attend_task<16>;
+  if (D % kLanes != 0) return nullptr;
+  switch (D / kLanes) {  // the head sizes FMHA_HEAD_SIZES (trtbuild/kernels/__init__.py) lists
+#if defined(__AVX512F__)
+    case 1: return attend_task<1>;
+    case 2: return attend_task<2>;
+    case 3: return attend_task<3>;
+    case 4: return attend_task<4>;
+    case 5: return attend_task<5>;
+    case 6: return attend_task<6>;
+    case 7: return attend_task<7>;
+    case 8: return attend_task<8>;
+    case 16: return attend_task<16>;
+#else
+    case 2: return attend_task<2>;
+    case 4: return attend_task<4>;
+    case 6: return attend_task<6>;
+    case 8: return attend_task<8>;
+    case 10: return attend_task<10>;
+    case 12: return attend_task<12>;
+    case 14: return attend_task<14>;
+    case 16: return attend_task<16>;
+    case 32: return attend_task<32>;
+#endif
     default: return nullptr;
   }
 }
-
 
 // kInt8: CausalPromptAttentionInt8KV, the same over an int8 cache with static per-tensor scales:
 // inputs qkv, past_key (int8), k_scale, v_scale ([1] float), cos_cache, sin_cache (optional).
@@ -319,8 +345,8 @@ struct CausalPromptAttention {
     }
     if (S == 0) return nullptr;
     // Scratch per calling thread: sessions may run concurrently from several threads. Not cleared:
-    // rows of the last block past S (read by the 8-row score tiles) and keys past a query's own
-    // (read by the 32-key tiles) give scores that are never used.
+    // rows of the last block past S (read by the kScoreRows-row score tiles) and keys past a query's own
+    // (read by the kKeyTile-key tiles) give scores that are never used.
     thread_local std::vector<float> scratch;
     const size_t row_scratch = (size_t)(H + KV + (kInt8 ? 2 * KV : 0)) * p.Sp * D;
     scratch.resize(B * row_scratch);

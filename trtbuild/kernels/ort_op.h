@@ -1,6 +1,9 @@
 // What every trtbuild kernel shares: the onnxruntime custom-op table built from a kernel class,
-// status helpers, and 16-float vectors (GCC vector extensions: AVX-512 or 2 x AVX2 registers,
-// whichever -march=native gives).
+// status helpers, and float vectors of the machine's width (GCC vector extensions): 16 lanes where
+// the library is compiled for AVX-512, 8 for AVX2. A vector wider than the registers is not split
+// cleanly by GCC (comparisons, conversions and by-value calls fall back to memory and scalar code:
+// the prompt kernel ran 20-30x slower on AVX2 with 16-lane vectors), so every kernel sizes its
+// tiles from kLanes and kRegisters.
 #pragma once
 
 #include <climits>
@@ -15,45 +18,55 @@ namespace trtbuild {
 
 constexpr uint32_t kOrtApiVersion = 17;  // KernelContext_ParallelFor
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint8_t v16u8 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;      // floats in a vector register
+constexpr int kRegisters = 32;  // vector registers
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+constexpr int kRegisters = 16;
+#else
+#error "trtbuild's kernels need AVX2 (-mavx2 -mfma) or AVX-512"
+#endif
 
-inline v16 load(const float* p) {
-  v16 v;
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
+typedef uint8_t vu8 __attribute__((vector_size(kLanes)));
+
+inline vf load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
-inline float hsum(v16 v) {
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+inline float hsum(vf v) {
   float s = 0;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
-inline float hmax(v16 v) {
+inline float hmax(vf v) {
   float m = v[0];
-  for (int i = 1; i < 16; ++i) m = m > v[i] ? m : v[i];
+  for (int i = 1; i < kLanes; ++i) m = m > v[i] ? m : v[i];
   return m;
 }
 
 // e^x, 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (relative error ~2e-7), x clamped
 // to [-87, 88] (e^-87 ~ 1e-38: nothing a sum of exponentials can resolve; e^88 < FLT_MAX).
-inline v16 exp16(v16 x) {
+inline vf vexp(vf x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   x = x > 88.0f ? splat(88.0f) : x;
-  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
-  v16 nf = (x * 1.44269504088896341f + magic) - magic;
-  v16i n = __builtin_convertvector(nf, v16i);
-  v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-  v16 p = splat(1.0f / 720) * r + 1.0f / 120;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  vf nf = (x * 1.44269504088896341f + magic) - magic;
+  vi n = __builtin_convertvector(nf, vi);
+  vf r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+  vf p = splat(1.0f / 720) * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
   p = p * r + 1.0f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  v16i bits = (n + 127) << 23;
-  v16 two_n;
+  vi bits = (n + 127) << 23;
+  vf two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
 }

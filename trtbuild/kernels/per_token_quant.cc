@@ -23,14 +23,14 @@ namespace {
 
 constexpr int64_t kRowsWork = 1 << 15;  // elements a parallel task handles at least
 
-inline v16 abs16(v16 x) { return x < 0.0f ? -x : x; }
+inline vf vabs(vf x) { return x < 0.0f ? -x : x; }
 
 // Quantize one row of K floats: (xq, scale) as described above.
 void quantize_row(const float* x, int64_t K, uint8_t* xq, float* scale) {
-  v16 mv = {};
+  vf mv = {};
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const v16 a = abs16(load(x + k));
+  for (; k + kLanes <= K; k += kLanes) {
+    const vf a = vabs(load(x + k));
     mv = a > mv ? a : mv;
   }
   float amax = hmax(mv);
@@ -41,15 +41,15 @@ void quantize_row(const float* x, int64_t K, uint8_t* xq, float* scale) {
     std::memset(xq, 128, K);
     return;
   }
-  const v16 magic = splat(12582912.0f);  // rounds to nearest even under the default rounding mode
+  const vf magic = splat(12582912.0f);  // rounds to nearest even under the default rounding mode
   k = 0;
-  for (; k + 16 <= K; k += 16) {
-    v16 r = (load(x + k) / s + magic) - magic;
+  for (; k + kLanes <= K; k += kLanes) {
+    vf r = (load(x + k) / s + magic) - magic;
     r = r < -128.0f ? splat(-128.0f) : r;
     r = r > 127.0f ? splat(127.0f) : r;
-    const v16i q = __builtin_convertvector(r, v16i) + 128;
-    const v16u8 b = __builtin_convertvector(q, v16u8);
-    std::memcpy(xq + k, &b, 16);
+    const vi q = __builtin_convertvector(r, vi) + 128;
+    const vu8 b = __builtin_convertvector(q, vu8);
+    std::memcpy(xq + k, &b, kLanes);
   }
   for (; k < K; ++k) xq[k] = (uint8_t)(std::clamp(std::nearbyint(x[k] / s), -128.0f, 127.0f) + 128);
 }
@@ -85,9 +85,9 @@ void swiglu_task(void* data, size_t t) {
     const float* u = g + r.K;
     const float s = r.aux[i];
     int64_t k = 0;
-    for (; k + 16 <= r.K; k += 16) {
-      const v16 gk = load(g + k) * s;
-      store(row.data() + k, gk / (1.0f + exp16(-gk)) * (load(u + k) * s));
+    for (; k + kLanes <= r.K; k += kLanes) {
+      const vf gk = load(g + k) * s;
+      store(row.data() + k, gk / (1.0f + vexp(-gk)) * (load(u + k) * s));
     }
     for (; k < r.K; ++k) {
       const float gk = g[k] * s;
