@@ -27,8 +27,19 @@ from typing import Any, Iterable, Optional, Sequence
 
 from trtbuild.errors import TrtbuildError, cli_entry
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEMPLATE_DIR = REPO_ROOT / "triton_repo" / "all_models" / "inflight_batcher_llm"
+
+def _triton_repo_dir() -> Path:
+    """The triton_repo/ files (model templates, launcher, clients). pyproject.toml installs the
+    checkout's top-level triton_repo/ as package data trtbuild/triton_repo, so a wheel finds them
+    beside this module; a checkout (editable install) has them one level up, where they are kept."""
+    package = Path(__file__).resolve().parent
+    installed = package / "triton_repo"
+    return installed if installed.is_dir() else package.parent / "triton_repo"
+
+
+TRITON_REPO_DIR = _triton_repo_dir()
+DEFAULT_TEMPLATE_DIR = TRITON_REPO_DIR / "all_models" / "inflight_batcher_llm"
+LAUNCHER = TRITON_REPO_DIR / "launch_triton_server.py"
 MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
 TOKENIZER_SUBDIR = "tokenizer"
 DEFAULT_MAX_TOKENS = 64
@@ -275,9 +286,10 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
     templates = Path(template_dir) if template_dir else DEFAULT_TEMPLATE_DIR
     missing = [m for m in models if not (templates / m / "config.pbtxt").is_file()]
     if missing:
-        raise TrtbuildError(f"template dir {templates} lacks {', '.join(missing)}: pass "
-                            f"--template_dir <trtbuild checkout>/triton_repo/all_models/"
-                            f"inflight_batcher_llm")
+        hint = ("this trtbuild install lacks its Triton templates: reinstall it"
+                if templates == DEFAULT_TEMPLATE_DIR else
+                f"pass --template_dir {DEFAULT_TEMPLATE_DIR} (or a copy of it)")
+        raise TrtbuildError(f"template dir {templates} lacks {', '.join(missing)}: {hint}")
     out = check_output_dir(output, force, flag="--output")
 
     values = {
@@ -306,7 +318,7 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
             f"Triton model repository for {engine_dir}\n"
             f"made by trtbuild-triton-repo {_version()}: {', '.join(models)} (decoupled={values['decoupled_mode']}, "
             f"max_batch_size={max_batch_size}, instance_count={instance_count})\n"
-            f"serve: python {REPO_ROOT / 'triton_repo' / 'launch_triton_server.py'} "
+            f"serve: python {LAUNCHER} "
             f"--model_repo {Path(output).resolve()}\n")
     return Path(output).resolve()
 
@@ -354,7 +366,7 @@ def main(argv=None) -> int:
                           template_dir=args.template_dir, force=args.force, models=models)
     print(f"wrote {out} ({', '.join(models)}; decoupled={'yes' if args.decoupled else 'no'}) "
           f"in {time.monotonic() - t0:.1f} s\n"
-          f"serve it: python {REPO_ROOT / 'triton_repo' / 'launch_triton_server.py'} "
+          f"serve it: python {LAUNCHER} "
           f"--model_repo {out}")
     return 0
 

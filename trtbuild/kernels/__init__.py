@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,21 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def _missing_sources() -> list[str]:
+    """The SOURCES and the headers they #include "..." (here or in include/) that are absent: a
+    trtbuild installed without them (pyproject.toml's package-data ships them)."""
+    missing, seen, todo = [], set(), list(SOURCES)
+    while todo:
+        name = todo.pop()
+        path = next((d / name for d in (_HERE, _HERE / "include") if (d / name).is_file()), None)
+        if path is None:
+            missing.append(name)
+        elif path not in seen:
+            seen.add(path)
+            todo += re.findall(r'^\s*#\s*include\s*"([^"]+)"', path.read_text(errors="replace"), re.M)
+    return sorted(set(missing))
+
+
 def library_path(kernel_dir: Path | None = None, isa: str = "native") -> Path:
     """The kernel library for this machine (`isa`: a key of ISA_FLAGS): built on first call (a few
     seconds), then reused.
@@ -76,6 +92,10 @@ def library_path(kernel_dir: Path | None = None, isa: str = "native") -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise KernelUnavailable(f"the C++ compiler {compiler} does not run ({e})") from None
+    missing = _missing_sources()
+    if missing:
+        raise KernelUnavailable(f"trtbuild's kernel sources are incomplete: {_HERE} lacks {', '.join(missing)}; "
+                                "this trtbuild install is broken: reinstall it")
     digest = hashlib.sha256()
     flags = [*_FLAGS, *ISA_FLAGS[isa]]
     for part in [version, _cpu_signature(), " ".join(flags)]:
