@@ -9,7 +9,9 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch is pinned exactly (torch==2.13.0 in pyproject): a looser pin pulls GBs of CUDA wheels.
-python -m pip install -q -e ".[dev]"
+# setuptools says "Editable installation ... careful with folders named as your package" on every
+# editable install of a package-dir layout such as ours (convert/ -> trtbuild.convert): information only.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[dev]"
 OUT=${TRTBUILD_OUT:-out}
 if [ $# -ge 1 ]; then
   MODEL=$1

@@ -7,5 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q -e ".[dev]"
+# setuptools says "Editable installation ... careful with folders named as your package" on every
+# editable install of a package-dir layout such as ours (convert/ -> trtbuild.convert): information only.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[dev]"
 exec python -m pytest -q -p no:cacheprovider "$@"
