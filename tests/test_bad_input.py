@@ -172,3 +172,31 @@ def test_force_replaces_an_existing_engine_atomically(ckpt, engine, tmp_path):
     build_cli.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(e), "--force", "--max_batch_size", "3"])
     assert json.loads((e / "config.json").read_text())["build_config"]["max_batch_size"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+@pytest.mark.parametrize("failure", ["missing_header", "compile_error"])
+def test_kernels_that_do_not_compile_are_reported_at_build(ckpt, tmp_path, monkeypatch, caplog, failure):
+    """trt-build that cannot compile trtbuild's kernels says what failed and that the engine uses onnxruntime's
+    ops instead (an install lacking a header, a compiler error), and the engine records that it has no kernels."""
+    from trtbuild import kernels
+
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "kernels"))  # no library built yet
+    if failure == "missing_header":  # what a wheel without ort_op.h did
+        sources = tmp_path / "sources"
+        shutil.copytree(kernels._HERE, sources, ignore=shutil.ignore_patterns("__pycache__", "ort_op.h"))
+        monkeypatch.setattr(kernels, "_HERE", sources)
+        expected = f"{sources} lacks ort_op.h"
+    else:
+        cxx = tmp_path / "g++"
+        cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake g++ 1.0"; exit 0; }\n'
+                       'echo "causal_attention.cc:1: error: out of registers" >&2\nexit 1\n')
+        cxx.chmod(0o755)
+        monkeypatch.setenv("CXX", str(cxx))
+        expected = "error: out of registers"
+    with caplog.at_level("WARNING"):
+        build_cli.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "engine"),
+                        "--max_batch_size", "2", "--max_input_len", "16", "--max_seq_len", "64"])
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert expected in warning and "the engine uses onnxruntime's ops instead" in warning, warning
+    plugins = json.loads((tmp_path / "engine" / "config.json").read_text())["build_config"]["plugin_config"]
+    assert plugins["context_fmha"] is False
