@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trtbuild.cli.helpformat import HelpFormatter
 from trtbuild.convert.converter import convert_checkpoint
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.quantization.api import add_quant_args, quantize_checkpoint, recipe_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__)
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model_dir", required=True, help="Hugging Face model dir (config.json + weights)")
     p.add_argument("--output_dir", required=True, help="checkpoint dir to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

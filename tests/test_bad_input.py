@@ -200,3 +200,17 @@ def test_kernels_that_do_not_compile_are_reported_at_build(ckpt, tmp_path, monke
     assert expected in warning and "the engine uses onnxruntime's ops instead" in warning, warning
     plugins = json.loads((tmp_path / "engine" / "config.json").read_text())["build_config"]["plugin_config"]
     assert plugins["context_fmha"] is False
+
+
+@pytest.mark.parametrize("command, shown", [
+    (build_cli, ["--max_batch_size MAX_BATCH_SIZE sequences run together, at most (default: 8)",
+                 "--group_size GROUP_SIZE inputs per scale with --per_group: 16, 32, 64, 128 or 256",
+                 "--context_fmha {enable,disable}", "(default: enable)", "(default: onnxruntime)"]),
+    (convert_cli, ["--dtype {float32,float16,bfloat16} default: float32", "--tp_size TP_SIZE", "(default: 1)"]),
+])
+def test_help_shows_the_defaults(command, shown):
+    """--help names each flag's default; switches and flags whose default is "not set" show none."""
+    text = " ".join(command.build_parser().format_help().split())
+    for s in shown:
+        assert s in text, s
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text

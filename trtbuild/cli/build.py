@@ -5,30 +5,39 @@ from __future__ import annotations
 import argparse
 
 from trtbuild.builder import BACKENDS, build_engine
+from trtbuild.cli.helpformat import HelpFormatter
 from trtbuild.engine import PLUGIN_CHOICES, BuildConfig, LoraConfig, PluginConfig
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trt-build", description=__doc__)
-    p.add_argument("--checkpoint_dir", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--max_batch_size", type=int, default=8)
+    p = argparse.ArgumentParser(prog="trt-build", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint_dir", required=True, help="checkpoint dir made by convert_checkpoint.py")
+    p.add_argument("--output_dir", required=True, help="engine dir to write")
+    p.add_argument("--max_batch_size", type=int, default=8, help="sequences run together, at most")
     p.add_argument("--max_input_len", type=int, default=None, help="default: min(1024, max_seq_len)")
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="prompt + output tokens per sequence (default: min(2048, max_position_embeddings))")
-    p.add_argument("--max_num_tokens", type=int, default=None, help="tokens per prefill batch")
-    p.add_argument("--gpt_attention_plugin", default="auto", choices=PLUGIN_CHOICES)
-    p.add_argument("--gemm_plugin", default="auto", choices=PLUGIN_CHOICES)
+    p.add_argument("--max_num_tokens", type=int, default=None,
+                   help="tokens per prefill batch (default: max_batch_size x max_input_len)")
+    p.add_argument("--gpt_attention_plugin", default="auto", choices=PLUGIN_CHOICES,
+                   help="attention as onnxruntime's fused GroupQueryAttention (auto: in the engine's compute "
+                        "dtype) or, with disable, standard ONNX ops (what the tensorrt backend always uses)")
+    p.add_argument("--gemm_plugin", default="auto", choices=PLUGIN_CHOICES,
+                   help="quantized linears as fused MatMulNBits / MatMulIntegerToFloat or, with disable, "
+                        "DequantizeLinear + MatMul")
     p.add_argument("--norm_plugin", default="auto", choices=PLUGIN_CHOICES,
                    help="fused residual-add + RMSNorm/LayerNorm")
-    p.add_argument("--lora_plugin", default=None, choices=PLUGIN_CHOICES)
+    p.add_argument("--lora_plugin", default=None, choices=PLUGIN_CHOICES,
+                   help="per-request LoRA adapters (default: auto when --lora_dir is given)")
     p.add_argument("--lora_dir", nargs="+", default=None, help="PEFT adapter dirs stored in the engine")
     p.add_argument("--max_lora_rank", type=int, default=None,
                    help="rank capacity of every adapter slot (default: the largest rank among --lora_dir)")
-    p.add_argument("--lora_target_modules", nargs="+", default=None)
+    p.add_argument("--lora_target_modules", nargs="+", default=None,
+                   help="modules that take adapters (default: every module the --lora_dir adapters have)")
     p.add_argument("--max_loras", type=int, default=None, help="adapter slots (default: adapters given + 4)")
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="onnxruntime (CPU) or tensorrt (NVIDIA GPUs; builds without one)")
     p.add_argument("--trt_compute_capabilities", nargs="+", default=None, help="tensorrt backend: SM targets")
     p.add_argument("--no_quantize_lm_head", action="store_true",
                    help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
@@ -42,13 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention plugin without --context_fmha: one prompt of min <= tokens < "
                         "--context_split_max_len attends in two causal halves, skipping a quarter of the score "
                         "matrix (0: never)")
-    p.add_argument("--context_split_max_len", type=int, default=768)
+    p.add_argument("--context_split_max_len", type=int, default=768,
+                   help="the end of --context_split_min_len's window (exclusive)")
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
-    p.add_argument("--log_level", default="info")
-    from trtbuild.quantization.api import add_quant_args
+    p.add_argument("--log_level", default="info", help="internal_error, error, warning, info, verbose or debug")
+    from trtbuild.quantization.api import GROUP_SIZES, add_quant_args
 
     add_quant_args(p)  # quantize a floating-point checkpoint while building
+    # what the recipe accepts (QuantRecipe.validate); add_quant_args' own help names 32, 64 or 128 only
+    group_size = next(a for a in p._actions if a.dest == "group_size")
+    group_size.help = (f"inputs per scale with --per_group: {', '.join(map(str, GROUP_SIZES[:-1]))} or "
+                       f"{GROUP_SIZES[-1]}, at most a linear's input size; where it does not divide that size the "
+                       "last group is partial (onnxruntime backend; tensorrt refuses it)")
     return p
 
 
