@@ -202,7 +202,25 @@ def test_kernels_that_do_not_compile_are_reported_at_build(ckpt, tmp_path, monke
     assert plugins["context_fmha"] is False
 
 
+def test_sampling_flags_with_top_k_1_say_that_decoding_is_greedy(engine, capsys):
+    """--top_k defaults to 1 (greedy, TensorRT-LLM's meaning): --temperature / --top_p alone change nothing, and
+    run.py says so in one line on stderr; it says nothing when sampling is on or was not asked for."""
+    base = ["--engine_dir", str(engine), "--input_text", "hi", "--max_output_len", "2"]
+    run_cli.main([*base, "--temperature", "0.8", "--top_p", "0.9"])
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if "greedy" in line]
+    assert len(notes) == 1 and "--temperature and --top_p have no effect" in notes[0], err
+    assert "--top_k 0" in notes[0] and "greedy" not in out and 'Output [Text 0 Beam 0]' in out
+    run_cli.main([*base, "--top_p", "0.9"])
+    assert "--top_p has no effect" in capsys.readouterr().err
+    for extra in ([], ["--temperature", "0"], ["--top_k", "0", "--temperature", "0.8"], ["--top_k", "40", "--top_p", "0.9"]):
+        run_cli.main([*base, *extra])
+        assert "greedy" not in capsys.readouterr().err, extra
+
+
 @pytest.mark.parametrize("command, shown", [
+    (run_cli, ["--top_k TOP_K sample from the k most likely tokens; 1 = greedy", "(default: 1)",
+               "--temperature TEMPERATURE", "(default: 1.0)", "--max_output_len MAX_OUTPUT_LEN", "(default: 32)"]),
     (build_cli, ["--max_batch_size MAX_BATCH_SIZE sequences run together, at most (default: 8)",
                  "--group_size GROUP_SIZE inputs per scale with --per_group: 16, 32, 64, 128 or 256",
                  "--context_fmha {enable,disable}", "(default: enable)", "(default: onnxruntime)"]),

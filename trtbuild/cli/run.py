@@ -10,36 +10,64 @@ from pathlib import Path
 
 import numpy as np
 
+from trtbuild.cli.helpformat import HelpFormatter
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.py", description=__doc__)
-    p.add_argument("--engine_dir", required=True)
+    p = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--engine_dir", required=True, help="engine dir built by trt-build")
     p.add_argument("--tokenizer_dir", default=None, help="default: the tokenizer stored in the engine dir")
-    p.add_argument("--input_text", nargs="+", default=None)
+    p.add_argument("--input_text", nargs="+", default=None, help="prompts, run as one batch")
     p.add_argument("--input_file", default=None, help=".txt (a prompt a line), .json (list of strings), "
                    ".csv (token ids a row) or .npy (token ids, padded with --pad_id/end id)")
-    p.add_argument("--max_output_len", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=1)
-    p.add_argument("--top_p", type=float, default=0.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--end_id", type=int, default=None)
-    p.add_argument("--pad_id", type=int, default=None)
-    p.add_argument("--stop_words", nargs="+", default=None)
-    p.add_argument("--bad_words", nargs="+", default=None)
-    p.add_argument("--streaming", action="store_true")
+    p.add_argument("--max_output_len", type=int, default=32, help="new tokens per prompt, at most")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (0: greedy); samples only with --top_k other than 1")
+    p.add_argument("--top_k", type=int, default=1,
+                   help="sample from the k most likely tokens; 1 = greedy (as in TensorRT-LLM), 0 = no top-k "
+                        "limit (then greedy unless --top_p is set)")
+    p.add_argument("--top_p", type=float, default=0.0,
+                   help="sample from the smallest set of tokens whose probabilities reach p (0 = off); needs "
+                        "--top_k 0 or above 1")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--random_seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--end_id", type=int, default=None, help="default: the model's eos token")
+    p.add_argument("--pad_id", type=int, default=None, help="padding token id (default: the end id)")
+    p.add_argument("--stop_words", nargs="+", default=None, help="generation of a prompt stops after any of these")
+    p.add_argument("--bad_words", nargs="+", default=None, help="never generated")
+    p.add_argument("--streaming", action="store_true", help="print tokens as they are generated")
     p.add_argument("--apply_chat_template", action="store_true", help="wrap each prompt as a user chat turn")
-    p.add_argument("--output_csv", default=None)
-    p.add_argument("--output_npy", default=None)
+    p.add_argument("--output_csv", default=None, help="write the output token ids here")
+    p.add_argument("--output_npy", default=None, help="write the output token ids here, [batch, 1, len], padded")
     p.add_argument("--lora_dir", nargs="+", default=None, help="adapter dirs to load into the engine")
     p.add_argument("--lora_task_uids", nargs="+", default=None, help="adapter per prompt; -1 = base model")
-    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--num_threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--log_level", default="warning")
     return p
+
+
+def greedy_note(args, argv: list[str] | None) -> str | None:
+    """The line to tell a user who set --temperature/--top_p that --top_k 1 (the default) decodes greedily."""
+    if args.top_k != 1:
+        return None
+    given = vars(explicit_args(argv))
+    flags = [f"--{name}" for name in ("temperature", "top_p") if name in given]
+    if not flags or ("temperature" in given and args.temperature == 0):
+        return None
+    return (f"note: {' and '.join(flags)} {'have' if len(flags) > 1 else 'has'} no effect: --top_k is 1 "
+            f"(TensorRT-LLM's default), so decoding is greedy; pass --top_k 0 (no top-k limit) or --top_k N to "
+            f"sample")
+
+
+def explicit_args(argv: list[str] | None) -> argparse.Namespace:
+    """Only the flags given on the command line (each parser default suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return p.parse_args(argv)
 
 
 def read_prompts(args, tokenizer, tokenizer_dir) -> list[list[int]]:
@@ -83,6 +111,9 @@ def default_end_id(runner: ModelRunner) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    note = greedy_note(args, argv)
+    if note:
+        print(note, file=sys.stderr)
     runner = ModelRunner.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir)
     tok = runner.tokenizer
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.engine_dir) / "tokenizer"
