@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -132,6 +133,47 @@ def test_check_accuracy_perplexity_threshold(tiny, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "engine perplexity" in err and "above --tensorrt_llm_ppl_threshold 1.5" in err and "rouge1" not in err
+
+
+README_CHECK = ["--eval_ppl", "--check_accuracy", "--tensorrt_llm_rouge1_threshold", 0]  # a random model's rouge is ~0
+
+
+def test_readme_check_passes_on_a_correct_engine_and_fails_on_a_broken_one(tiny, tmp_path, capsys):
+    """The README's command (--eval_ppl --check_accuracy, perplexity thresholds left at their defaults) judges the
+    engine's perplexity against the transformers model's: the correct engine passes, a broken one fails."""
+    from safetensors.numpy import load_file, save_file
+
+    assert run_summarize(base_args(tiny, tmp_path / "good", *README_CHECK)) == 0
+    out = capsys.readouterr().out
+    assert "accuracy check passed" in out and "perplexity ratio, engine / hf: 1.0000" in out
+    assert json.loads((tmp_path / "good" / "metrics.json").read_text())["engine_over_hf"]["perplexity"] == \
+        pytest.approx(1.0, abs=1e-4)
+
+    model, _, data = tiny  # broken: the final norm's weights x4, so every logit is 4x too large
+    convert_checkpoint(model, tmp_path / "ckpt", progress=False)
+    tensors = load_file(tmp_path / "ckpt" / "rank0.safetensors")
+    tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"] * 4
+    save_file(tensors, tmp_path / "ckpt" / "rank0.safetensors")
+    build_engine(tmp_path / "ckpt", tmp_path / "broken", BuildConfig(max_batch_size=4, max_input_len=128,
+                                                                     max_seq_len=160), progress=False)
+    code = run_summarize(base_args((model, tmp_path / "broken", data), tmp_path / "bad", *README_CHECK))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert re.search(r"engine perplexity [\d.]+ is [\d.]+x the transformers model's [\d.]+, above "
+                     r"--ppl_ratio_threshold 1.1", err), err
+
+
+def test_ppl_ratio_threshold_is_the_flag_that_decides(tiny, tmp_path, capsys):
+    """The same broken-free engine fails a ratio below 1 (its perplexity equals the model's), and a run without
+    the transformers side says that the perplexity was not checked."""
+    assert run_summarize(base_args(tiny, tmp_path / "a", *README_CHECK, "--ppl_ratio_threshold", 0.99)) == 1
+    assert "above --ppl_ratio_threshold 0.99" in capsys.readouterr().err
+    model, engine, data = tiny
+    code = run_summarize(["--engine_dir", engine, "--dataset_file", data, "--max_ite", 2, "--max_input_length", 32,
+                          "--output_len", 4, "--no_progress", *README_CHECK])
+    captured = capsys.readouterr()
+    assert code == 0 and "accuracy check passed" in captured.out
+    assert "perplexity is not checked" in captured.err and "--hf_model_dir" in captured.err
 
 
 def test_check_accuracy_passes_within_thresholds(tiny, tmp_path, capsys):
@@ -267,13 +309,20 @@ def test_example_script_is_the_same_command():
                  "--dataset_dir", "--dataset_file", "--eval_task", "--batch_size", "--max_ite", "--max_input_length",
                  "--output_len", "--num_beams", "--temperature", "--top_k", "--top_p", "--random_seed",
                  "--check_accuracy", "--tensorrt_llm_rouge1_threshold", "--tensorrt_llm_ppl_threshold",
-                 "--eval_ppl", "--output_dir", "--lora_dir", "--lora_task_uids", "--no_chat_template"):
+                 "--ppl_ratio_threshold", "--eval_ppl", "--output_dir", "--lora_dir", "--lora_task_uids",
+                 "--no_chat_template"):
         assert flag in out, flag
+    text = " ".join(out.split())  # --help shows the defaults
+    for shown in ("must reach this (default: 15.0)", "pass a larger RATIO for those) (default: 1.1)",
+                  "--top_k TOP_K 1 = greedy (as in TensorRT-LLM) (default: 1)", "(default: summarize)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 @pytest.mark.slow
 def test_real_model_engine_agrees_with_transformers(real_model_dir, tmp_path, capsys):
-    """SmolLM2 fp32 engine vs transformers on 20 papers of summarize.jsonl: rouge1 within 1 point.
+    """SmolLM2 fp32 engine vs transformers on 20 papers of summarize.jsonl: rouge1 within 1 point, and the
+    README's command (its flags and default perplexity thresholds) passes --check_accuracy.
 
     One thread per side: on the 2 shared cores of CI, 2 threads spin against other jobs and run 2-3x slower.
     """
@@ -285,7 +334,7 @@ def test_real_model_engine_agrees_with_transformers(real_model_dir, tmp_path, ca
                           "--dataset_file", SUMMARIZE_DATA, "--batch_size", 4, "--max_ite", 5,
                           "--max_input_length", 512, "--output_len", 64, "--eval_ppl", "--num_threads", 1,
                           "--no_progress", "--output_dir", out, "--check_accuracy",
-                          "--tensorrt_llm_rouge1_threshold", 15, "--tensorrt_llm_ppl_threshold", 100])
+                          "--tensorrt_llm_rouge1_threshold", 30])
     print(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
     print(json.dumps(metrics, indent=1))
@@ -293,6 +342,7 @@ def test_real_model_engine_agrees_with_transformers(real_model_dir, tmp_path, ca
     assert metrics["engine"]["num_samples"] == metrics["hf"]["num_samples"] == 20
     assert abs(metrics["engine_minus_hf"]["rouge1"]) <= 1.0
     assert metrics["engine"]["perplexity"] == pytest.approx(metrics["hf"]["perplexity"], rel=1e-3)
+    assert metrics["engine_over_hf"]["perplexity"] == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
