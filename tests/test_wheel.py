@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import site
 import subprocess
 import sys
 import time
@@ -114,7 +113,9 @@ def installed(tmp_path_factory):
         run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
         purelib = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                            cwd=root).stdout.strip())
-        deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
+        # the site dirs this process imports its third-party packages from (a venv's, and any it chains to)
+        deps = list(dict.fromkeys(p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")
+                                  and Path(p).is_dir()))
         (purelib / "_project_venv_deps.pth").write_text("".join(p + "\n" for p in deps))
         run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
              "-q", wheel], cwd=root)
