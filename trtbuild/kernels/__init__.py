@@ -36,6 +36,7 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 # the form an AVX2 machine without AVX-512 gets, which runs on any x86-64 with AVX2: tests run it on
 # an AVX-512 machine too, so both forms are checked wherever the suite runs.
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma"]}
+ISA_ENV = "TRTBUILD_KERNEL_ISA"
 
 
 class KernelUnavailable(TrtbuildError):
@@ -52,7 +53,7 @@ def find_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """The CPU model and its feature flags: a library built with -march=native is only for them."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -60,6 +61,29 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
     keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
     return "\n".join(sorted(set(keep)))
+
+
+def _process_cpu_features() -> dict[str, bool]:
+    """The features this process's CPUID reports (numpy asks the CPU itself, so an emulated CPU such
+    as qemu's Haswell shows its own features where /proc/cpuinfo shows the host's)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return dict(__cpu_features__)
+
+
+def default_isa() -> str:
+    """`$TRTBUILD_KERNEL_ISA` if set, else "native" where this process's CPU has AVX-512 (the compiler's
+    -march=native, which reads the host, then matches it) or lacks AVX2, else "avx2": a process on an
+    AVX2-only CPU emulated on an AVX-512 host (qemu) must not get the host's instructions."""
+    isa = os.environ.get(ISA_ENV)
+    if isa:
+        if isa not in ISA_FLAGS:
+            raise TrtbuildError(f"${ISA_ENV}={isa!r} is not one of {', '.join(ISA_FLAGS)}")
+        return isa
+    features = _process_cpu_features()
+    return "avx2" if features.get("AVX2") and features.get("FMA3") and not features.get("AVX512F") else "native"
 
 
 def _missing_sources() -> list[str]:
@@ -77,9 +101,9 @@ def _missing_sources() -> list[str]:
     return sorted(set(missing))
 
 
-def library_path(kernel_dir: Path | None = None, isa: str = "native") -> Path:
-    """The kernel library for this machine (`isa`: a key of ISA_FLAGS): built on first call (a few
-    seconds), then reused.
+def library_path(kernel_dir: Path | None = None, isa: str | None = None) -> Path:
+    """The kernel library for this machine (`isa`: a key of ISA_FLAGS, default `default_isa()`): built
+    on first call (a few seconds), then reused.
 
     Raises KernelUnavailable (naming what is missing) when it cannot be built here.
     """
@@ -97,8 +121,8 @@ def library_path(kernel_dir: Path | None = None, isa: str = "native") -> Path:
         raise KernelUnavailable(f"trtbuild's kernel sources are incomplete: {_HERE} lacks {', '.join(missing)}; "
                                 "this trtbuild install is broken: reinstall it")
     digest = hashlib.sha256()
-    flags = [*_FLAGS, *ISA_FLAGS[isa]]
-    for part in [version, _cpu_signature(), " ".join(flags)]:
+    flags = [*_FLAGS, *ISA_FLAGS[isa or default_isa()]]
+    for part in [version, cpu_signature(), " ".join(flags)]:
         digest.update(part.encode())
     for path in sorted([*_HERE.glob("*.cc"), *_HERE.glob("*.h"), *(_HERE / "include").glob("*.h")]):
         digest.update(path.name.encode())
@@ -122,6 +146,6 @@ def library_path(kernel_dir: Path | None = None, isa: str = "native") -> Path:
     return path
 
 
-def register(so: ort.SessionOptions, kernel_dir: Path | None = None, isa: str = "native") -> None:
+def register(so: ort.SessionOptions, kernel_dir: Path | None = None, isa: str | None = None) -> None:
     """Make the kernels' ops known to sessions created with `so`."""
     so.register_custom_ops_library(str(library_path(kernel_dir, isa)))
