@@ -15,6 +15,7 @@ import numpy as np
 from onnx import TensorProto
 
 from trtbuild.checkpoint import PretrainedConfig
+from trtbuild.engine_io import kv_io_names
 from trtbuild.onnx_graph import GraphBuilder
 
 
@@ -59,11 +60,6 @@ class AttentionInputs:
     total_sequence_length: str | None = None
     # standard form: boolean mask [batch, 1, seq, total]
     mask: str | None = None
-
-
-def kv_io_names(layer: int) -> tuple[str, str, str, str]:
-    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
-            f"present.{layer}.key", f"present.{layer}.value")
 
 
 def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max_seq_len: int,

@@ -131,12 +131,17 @@ def test_merged_linears_compute_what_the_separate_ones_do():
 
 def test_per_token_int8_linear_zero_row_and_shared_zero_point(tmp_path):
     """W8A8 per token, fused: an all-zero row (scale 0, no epsilon guard) comes out exactly 0 and
-    finite, the other rows match the standard Q/DQ form, and two linears share one zero point."""
+    finite, the other rows match the standard Q/DQ form (in the u8 x u8 form everywhere, in the u8 x s8
+    form where this CPU's u8 x s8 GEMM is exact), and two linears share one zero point."""
     from onnx import TensorProto
 
+    from trtbuild.cpu_forms import write_u8s8_probe, write_u8u8_form
     from trtbuild.onnx_graph import GraphBuilder
     from trtbuild.plugins.quant_gemm import smoothquant_linear
+    from trtbuild.runtime.cpu_forms import u8s8_gemm_is_exact
 
+    probe = tmp_path / "u8s8_probe.onnx"
+    write_u8s8_probe(probe)
     rng = np.random.default_rng(0)
     k, n = 64, 48
     tensors = {f"{p}.{s}": v for p in ("a", "b") for s, v in (
@@ -151,13 +156,19 @@ def test_per_token_int8_linear_zero_row_and_shared_zero_point(tmp_path):
             g.output(f"y_{p}", TensorProto.FLOAT, ["batch", "seq", n])
         if fused:
             assert sum(node.op_type == "Expand" for node in g.nodes) == 1
-        session = ort.InferenceSession(str(g.save()), providers=["CPUExecutionProvider"])
+        path = g.save()
         g.close()
         x_value = rng.standard_normal((2, 3, k)).astype(np.float32) if not outputs else outputs["x"]
         x_value[1, 2] = 0.0
         outputs["x"] = x_value
-        outputs[fused] = session.run(None, {"x": x_value})
-    for fused_y, standard_y in zip(outputs[True], outputs[False]):
+        # the fused graph in both CPU forms (u8 x s8; u8 x u8 for CPUs where u8 x s8 saturates)
+        forms = {"u8u8": write_u8u8_form(path), **({"u8s8": path} if u8s8_gemm_is_exact(probe) else {})} \
+            if fused else {False: path}
+        for form, form_path in forms.items():
+            session = ort.InferenceSession(str(form_path), providers=["CPUExecutionProvider"])
+            outputs[form] = session.run(None, {"x": x_value})
+    for fused_y, standard_y in [(y, s) for form in ("u8u8", "u8s8") if form in outputs
+                                for y, s in zip(outputs[form], outputs[False])]:
         assert np.isfinite(fused_y).all()
         np.testing.assert_array_equal(fused_y[1, 2], 0.0)
         # x / scale near .5 may round the other way in one form (QuantizeLinear vs Div, Round): a few

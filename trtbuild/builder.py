@@ -165,6 +165,7 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
 
         check_tensorrt_build(config, build, recipe)
     tensorrt_builds: dict[str, dict] = {}
+    kv_scales = None
     with atomic_output_dir(out) as tmp:
         for rank in range(config.mapping.world_size):
             tensors = read_tensors(ckpt / rank_file(rank))
@@ -181,8 +182,11 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             engine_path = tmp / f"rank{rank}.engine"
             if build.backend == "onnxruntime":
                 from trtbuild.backends.onnxruntime_backend import compile_engine
+                from trtbuild.cpu_forms import write_u8u8_form
 
                 compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels)
+                build.u8u8_form = write_u8u8_form(engine_path) is not None
+                kv_scales = tensors.get("transformer.layers.0.attention.kv_cache_scaling_factor")
             else:
                 from trtbuild.backends.tensorrt_backend import (build_for_engine_dir, build_info_for_config,
                                                                 layers_report)
@@ -196,6 +200,10 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             if not keep_onnx:
                 onnx_path.unlink()
                 (tmp / (onnx_path.name + ".data")).unlink()
+        if build.backend == "onnxruntime":
+            from trtbuild.cpu_forms import write_probes
+
+            write_probes(tmp, config, build.max_seq_len, build.plugin_config.context_fmha, build.u8u8_form, kv_scales)
         if (ckpt / TOKENIZER_DIR).is_dir():
             shutil.copytree(ckpt / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         built_by = {"trtbuild": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,

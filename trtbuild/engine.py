@@ -66,6 +66,9 @@ class BuildConfig:
     # shapes: -17% attention time at 128-512 tokens, -7% at 640, +4% at 1024).
     context_split_min_len: int = 128
     context_split_max_len: int = 768
+    # Set by the build: the engine dir also holds rank{N}.u8u8.engine, its W8A8 GEMMs in the form
+    # that is exact on CPUs without VNNI (trtbuild.cpu_forms); the runtime picks one by probe.
+    u8u8_form: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
-from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, kv_io_names, prompt_condition
+from trtbuild.engine_io import USE_PROMPT_KERNEL, kv_io_names
+from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, prompt_condition
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, smoothquant_swiglu_mlp, weight_only_linear
@@ -169,6 +170,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             fmha = options.prompt_attention == "fmha"
             window = (1, None) if fmha else options.context_split
             cond = prompt_condition(g, input_ids, shared, *window, single=not fmha)
+            if fmha:  # the runtime says whether the kernel is the faster form on its CPU
+                cond = g.op("And", [cond, g.input(USE_PROMPT_KERNEL, TensorProto.BOOL, [])], name="use_prompt_kernel")
             branches = []
             for prompt in (options.prompt_attention, None):
                 with g.subgraph() as nodes:

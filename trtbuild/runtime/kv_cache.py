@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from trtbuild.plugins.attention import kv_io_names
+from trtbuild.engine_io import kv_io_names
 
 
 class SharedKVCache:

@@ -15,7 +15,9 @@ import onnxruntime as ort
 
 from trtbuild.checkpoint import TOKENIZER_DIR
 from trtbuild.engine import EngineConfig, load_engine_config
+from trtbuild.engine_io import USE_PROMPT_KERNEL
 from trtbuild.errors import TrtbuildError
+from trtbuild.runtime.cpu_forms import CpuForms
 from trtbuild.runtime.kv_cache import ConcatKVCache, SharedKVCache
 from trtbuild.runtime.request import Request
 from trtbuild.runtime.sampling import SamplingConfig
@@ -44,11 +46,17 @@ def load_tokenizer(path: str | Path):
 class ModelRunner:
     """Runs one engine (rank 0) with a preallocated KV cache."""
 
-    def __init__(self, engine_dir: Path, config: EngineConfig, session: ort.InferenceSession, tokenizer=None):
+    def __init__(self, engine_dir: Path, config: EngineConfig, session: ort.InferenceSession, tokenizer=None,
+                 forms: CpuForms | None = None):
         self.engine_dir = engine_dir
         self.config = config
         self.session = session
         self.tokenizer = tokenizer
+        self.forms = forms  # what the engine runs as on this CPU (trtbuild.runtime.cpu_forms)
+        # prompt attention engines: which branch prompts into an empty cache take (default: the kernel's)
+        inputs = {i.name for i in session.get_inputs()} if hasattr(session, "get_inputs") else set()
+        self.prompt_kernel = None if USE_PROMPT_KERNEL not in inputs else \
+            np.array(forms.prompt_kernel if forms is not None and forms.prompt_kernel is not None else True)
         pc, bc = config.pretrained_config, config.build_config
         self.shared_cache = config.kv_cache_layout == "shared_buffer"
         self.cache_dtype = np.int8 if pc.quantization.kv_cache_quant_algo == "INT8" else np.dtype(bc.compute_dtype)
@@ -60,8 +68,13 @@ class ModelRunner:
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
-                 tokenizer_dir: str | Path | None = None, rank: int = 0) -> "ModelRunner":
-        """Load an engine dir: checks its version, opens rank{rank}.engine and its tokenizer."""
+                 tokenizer_dir: str | Path | None = None, rank: int = 0, int8_gemm: str = "auto",
+                 prompt_attention: str = "auto") -> "ModelRunner":
+        """Load an engine dir: checks its version, opens rank{rank}.engine and its tokenizer.
+
+        The forms of its ops that are exact and fastest on this CPU are picked by probe
+        (trtbuild.runtime.cpu_forms); `int8_gemm` ("u8s8" / "u8u8") and `prompt_attention`
+        ("kernel" / "gqa") force one instead of "auto"."""
         engine_dir = Path(engine_dir)
         config = load_engine_config(engine_dir)
         backend = config.build_config.backend
@@ -75,20 +88,29 @@ class ModelRunner:
             tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
             tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() or tokenizer_dir else None
             return cls(engine_dir, config, session, tokenizer)  # type: ignore[arg-type]
-        from trtbuild.backends.onnxruntime_backend import open_session
+        from trtbuild.backends.onnxruntime_backend import default_num_threads, open_session
         from trtbuild.kernels import KernelUnavailable
+        from trtbuild.runtime.cpu_forms import choose_forms
 
+        bc = config.build_config
         try:
-            session = open_session(engine_path, num_threads, kernels=config.build_config.plugin_config.uses_kernels)
+            forms = choose_forms(engine_dir, engine_path, bc.u8u8_form, bc.plugin_config.context_fmha,
+                                 num_threads or default_num_threads(), bc.max_input_len, bc.max_seq_len, int8_gemm, prompt_attention)
+            session = open_session(forms.engine_path, num_threads, kernels=bc.plugin_config.uses_kernels)
         except KernelUnavailable as e:
             raise TrtbuildError(f"{engine_path} runs trtbuild's own kernels (built with --context_fmha / "
                                 f"--smooth_quant_plugins), which cannot be built on this machine: {e}. Rebuild the "
                                 "engine with --context_fmha disable --smooth_quant_plugins disable") from None
+        except TrtbuildError:
+            raise
         except Exception as e:  # onnxruntime raises its own types for damaged files
             raise TrtbuildError(f"{engine_path} could not be loaded ({str(e).splitlines()[0]}); rebuild it") from None
+        log.info("%s runs as %s (int8 GEMMs: %s, prompt attention: %s)", engine_path, forms.engine_path.name,
+                 forms.int8_gemm or "none", {True: "trtbuild's kernel", False: "GroupQueryAttention",
+                                             None: "as decode"}[forms.prompt_kernel])
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
         tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() or tokenizer_dir else None
-        runner = cls(engine_dir, config, session, tokenizer)
+        runner = cls(engine_dir, config, session, tokenizer, forms)
         if config.build_config.plugin_config.lora_plugin:
             from trtbuild.runtime.lora import LoraManager
 
@@ -139,6 +161,8 @@ class ModelRunner:
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if self.lora is not None:
             self.lora.bind(io, lora_task_ids if lora_task_ids is not None else np.full(batch, -1, np.int64))
+        if self.prompt_kernel is not None:
+            io.bind_cpu_input(USE_PROMPT_KERNEL, self.prompt_kernel)
         if self.shared_cache:
             io.bind_cpu_input("seqlens_k", (lengths_after - 1).astype(np.int32))
             io.bind_cpu_input("total_sequence_length", np.array(int(lengths_after.max()), np.int32))
