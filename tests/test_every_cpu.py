@@ -1,0 +1,100 @@
+"""The engines on an AVX2 CPU without VNNI, whichever CPU runs the suite: qemu-user runs a process as
+a Haswell (AVX2, FMA, no AVX-512, no VNNI), where onnxruntime's u8 x s8 GEMM saturates
+(../shared/DESIGN.md, "Every CPU"). Engines built here must pick there the forms that are exact,
+and trtbuild's kernels must be built for the CPU the process sees, not the host's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from trtbuild.builder import build_engine
+from trtbuild.convert.cli import main as convert_main
+from trtbuild.engine import BuildConfig, PluginConfig
+from trtbuild.runtime import ModelRunner
+
+from conftest import PPL_TEXT
+
+QEMU = shutil.which("qemu-x86_64")
+AVX2_CPU = "Haswell-v4"
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310]]
+
+pytestmark = pytest.mark.skipif(
+    QEMU is None and not os.environ.get("CI"),
+    reason="qemu-user is not installed (apt-get install qemu-user; scripts/test.sh installs it)")
+
+# Runs under qemu: reports what the emulated CPU computes, as JSON on the last line of stdout.
+AVX2_PROCESS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from trtbuild.kernels import default_isa
+    from trtbuild.runtime import ModelRunner
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mmi",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 64]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [64, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    u8s8 = session.run(None, {"a": np.full((1, 64), 255, np.uint8), "b": np.full((64, 1), 127, np.int8)})[0]
+    prompts = json.loads(sys.argv[2])
+    report = {"u8s8_sum": int(u8s8[0, 0]), "isa": default_isa(), "engines": {}}
+    for engine in sys.argv[3:]:
+        runner = ModelRunner.from_dir(engine, num_threads=1, prompt_attention="kernel")
+        np.save(f"{engine}/avx2_logits.npy", runner.score(prompts))
+        report["engines"][engine] = {"int8_gemm": runner.forms.int8_gemm, "prompt_kernel": runner.forms.prompt_kernel}
+    print(json.dumps(report))
+""")
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models, tmp_path_factory):
+    """W8A8 per token (trtbuild's quantize kernels) and static, and an fp32 prompt kernel engine."""
+    root = tmp_path_factory.mktemp("every_cpu")
+    calib = root / "calib.txt"
+    calib.write_text(PPL_TEXT.read_text()[:100_000])
+    recipes = {"sq_per_token": ["--smoothquant", "0.5", "--per_channel", "--per_token"],
+               "sq_static": ["--smoothquant", "0.5", "--per_channel"], "fp32": []}
+    out = {}
+    for name, flags in recipes.items():
+        calib_flags = ["--calib_dataset", str(calib), "--calib_size", "4", "--calib_max_seq_length", "64"]
+        convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(root / name / "ckpt"), *flags,
+                      *(calib_flags if flags else [])])
+        out[name] = root / name / "engine"
+        build_engine(root / name / "ckpt", out[name], BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64,
+                                                                  plugin_config=PluginConfig()), progress=False)
+    return out
+
+
+def test_an_avx2_cpu_runs_every_engine_exactly(engines, tmp_path):
+    assert QEMU is not None, "qemu-user is needed to check the AVX2 CPU (apt-get install qemu-user)"
+    script = tmp_path / "avx2_process.py"
+    script.write_text(AVX2_PROCESS)
+    env = dict(os.environ, TRTBUILD_KERNEL_DIR=str(tmp_path / "kernels"))
+    env.pop("TRTBUILD_KERNEL_ISA", None)
+    result = subprocess.run([QEMU, "-cpu", AVX2_CPU, sys.executable, str(script), "-", json.dumps(PROMPTS),
+                             *map(str, engines.values())], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # the emulated CPU is the one the issue describes: pairs of u8 x s8 products saturate in int16
+    assert report["u8s8_sum"] == 1_048_544 != 255 * 127 * 64
+    assert report["isa"] == "avx2"  # the host's -march=native would be illegal instructions there
+    for name, engine in engines.items():
+        seen = report["engines"][str(engine)]
+        assert seen["int8_gemm"] == (None if name == "fp32" else "u8u8"), name
+        assert seen["prompt_kernel"] is True
+        here = ModelRunner.from_dir(engine, num_threads=1, prompt_attention="kernel").score(PROMPTS)
+        there = np.load(engine / "avx2_logits.npy")
+        for i, p in enumerate(PROMPTS):  # the same integer GEMMs; float rounding of 8- vs 16-lane sums
+            np.testing.assert_allclose(there[i, :len(p)], here[i, :len(p)], atol=1e-4, rtol=0,
+                                       err_msg=f"{name}: the AVX2 CPU's logits differ, prompt {i}")
