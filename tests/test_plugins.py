@@ -176,3 +176,59 @@ def test_per_token_int8_linear_zero_row_and_shared_zero_point(tmp_path):
         x_scale = np.abs(outputs["x"]).max() / 127
         step = 127 * max(tensors["a.per_channel_scale"].max(), tensors["b.per_channel_scale"].max()) * x_scale
         np.testing.assert_allclose(fused_y, standard_y, rtol=0, atol=4 * step)
+
+
+def _matmulnbits_attrs(engine_dir) -> list[dict]:
+    graph = onnx.load(str(engine_dir / "rank0.engine"), load_external_data=False).graph
+    nodes = []
+
+    def walk(g):
+        for node in g.node:
+            if node.op_type == "MatMulNBits":
+                nodes.append({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+    walk(graph)
+    return nodes
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a16_g32_zp"])
+def test_weight_only_activations_float_is_exact(recipe, tiny_models, calib_file, tmp_path):
+    """--weight_only_activations float: MatMulNBits at accuracy_level 0 (float activations) equals
+    the standard DequantizeLinear → MatMul form to float rounding, fused by the gemm plugin, fused
+    by onnxruntime from the standard form, and unfused (the standard form in the attention plugin's
+    prompt branch, where onnxruntime cannot fuse it). The default quantizes activations per block of
+    32 (per-channel weights) or of the group."""
+    ckpt = tmp_path / "ckpt"
+    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt), *RECIPES[recipe]])
+    engines = {}
+    for name, gemm, attention, activations in (("fused", "auto", "auto", "float"), ("standard", "disable", "disable", "float"),
+                                               ("standard_in_branch", "disable", "auto", "float"),
+                                               ("default", "auto", "auto", "int8")):
+        plugins = PluginConfig(gemm_plugin=gemm, gpt_attention_plugin=attention, norm_plugin=attention)
+        build = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, plugin_config=plugins,
+                            weight_only_activations=activations)
+        build_engine(ckpt, tmp_path / name, build, progress=False, keep_onnx=name == "standard")
+        engines[name] = tmp_path / name
+    levels = {name: {a["accuracy_level"] for a in _matmulnbits_attrs(d)} for name, d in engines.items()}
+    assert levels["fused"] == levels["standard"] == {0} and levels["default"] == {4}, levels
+    assert levels["standard_in_branch"] <= {0}, levels
+    blocks = {a["block_size"] for a in _matmulnbits_attrs(engines["default"]) if a["K"] >= 32}
+    assert blocks == {32}, blocks
+    reference = unoptimized_runner(engines["standard"]).score(PROMPTS)
+    for name in ("fused", "standard", "standard_in_branch"):
+        scores = ModelRunner.from_dir(engines[name], num_threads=1).score(PROMPTS)
+        for i, p in enumerate(PROMPTS):
+            np.testing.assert_allclose(scores[i, :len(p)], reference[i, :len(p)], atol=1e-4, rtol=0,
+                                       err_msg=f"{recipe} {name}: prompt {i}")
+
+
+def test_bad_weight_only_activations_named(tiny_models, tmp_path):
+    from trtbuild.errors import TrtbuildError
+
+    ckpt = tmp_path / "ckpt"
+    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt), *RECIPES["w8a16"]])
+    with pytest.raises(TrtbuildError, match="--weight_only_activations 'fp8'"):
+        build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, weight_only_activations="fp8"), progress=False)
+    assert not (tmp_path / "e").exists()

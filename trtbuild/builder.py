@@ -18,6 +18,7 @@ from trtbuild.engine import BuildConfig, EngineConfig, save_engine_config
 from trtbuild.errors import TrtbuildError
 from trtbuild.fsutil import atomic_output_dir, check_output_dir, dir_size, human_bytes
 from trtbuild.network import NetworkOptions, build_network
+from trtbuild.plugins.quant_gemm import accuracy_level
 from trtbuild.tensor_file import read_tensors
 from trtbuild.version import __version__
 
@@ -100,6 +101,7 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> NetworkOpti
     return NetworkOptions(dtype=build.compute_dtype, fused_attention=pc.gpt_attention_plugin is not None,
                           fused_gemm=pc.gemm_plugin is not None, fused_norm=pc.norm_plugin is not None,
                           max_seq_len=build.max_seq_len, quantize_lm_head=build.quantize_lm_head,
+                          weight_only_activations=build.weight_only_activations,
                           context_split=(build.context_split_min_len, build.context_split_max_len)
                           if build.max_input_len >= build.context_split_min_len else (0, 0))
 
@@ -159,6 +161,7 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
         build.max_num_tokens = build.max_batch_size * build.max_input_len
     if config.mapping.world_size != 1:
         raise TrtbuildError(f"{ckpt}: world_size {config.mapping.world_size} checkpoints are not supported yet")
+    accuracy_level(build.weight_only_activations)  # a bad value fails before any work
     options = resolve_plugins(config, build)
     if build.backend == "tensorrt":  # TensorRT missing, bad targets, a recipe it cannot compile: before any work
         from trtbuild.backends.tensorrt_backend import check_tensorrt_build
@@ -184,7 +187,8 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
                 from trtbuild.backends.onnxruntime_backend import compile_engine
                 from trtbuild.cpu_forms import write_u8u8_form
 
-                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels)
+                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels,
+                               matmulnbits_accuracy_level=accuracy_level(build.weight_only_activations))
                 build.u8u8_form = write_u8u8_form(engine_path) is not None
                 kv_scales = tensors.get("transformer.layers.0.attention.kv_cache_scaling_factor")
             else:

@@ -58,6 +58,11 @@ class BuildConfig:
     compute_dtype: str = "float32"
     trt_compute_capabilities: list[str] | None = None
     quantize_lm_head: bool = True  # int8 lm_head in weight-only engines
+    # weight-only engines (W8A16, W4A16*): "int8" multiplies the int8/int4 weights by activations
+    # quantized to int8 per block of 32 (or of the weights' group) with onnxruntime's fast kernel
+    # (MatMulNBits accuracy_level 4); "float" by float activations (accuracy_level 0: exactly
+    # A16, ~8x slower decode than fp32 on CPU). See plugins/quant_gemm.py.
+    weight_only_activations: str = "int8"
     # attention plugin without context_fmha: one prompt of context_split_min_len <= tokens <
     # context_split_max_len into an empty cache attends in two halves, skipping a quarter of the
     # causal score matrix (0: never).

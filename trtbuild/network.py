@@ -41,6 +41,8 @@ class NetworkOptions:
     # gemm plugin, W8A8 per token: activations quantized by trtbuild's kernels (plugins.quant_gemm)
     smooth_quant_kernels: bool = False
     quantize_lm_head: bool = True
+    # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)
+    weight_only_activations: str = "int8"
     lora: "LoraNetworkOptions | None" = None
 
 
@@ -98,7 +100,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             h = g.op("Add", [h, pos])
 
         def lin(x: str, prefix: str) -> str:
-            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant, options.smooth_quant_kernels)
+            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant, options.smooth_quant_kernels,
+                       options.weight_only_activations)
             if lora_inputs is not None:
                 y = options.lora.apply(g, x, y, prefix, lora_inputs)
             return y
@@ -109,7 +112,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             merged = merge_linears(tensors, prefixes, name)
             if merged is None:
                 return [lin(x, prefix) for prefix in prefixes]
-            y = linear(g, x, merged, name, dtype, options.fused_gemm, quant, options.smooth_quant_kernels)
+            y = linear(g, x, merged, name, dtype, options.fused_gemm, quant, options.smooth_quant_kernels,
+                       options.weight_only_activations)
             sizes = [np.asarray(tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
             ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
             if lora_inputs is not None:
@@ -192,7 +196,7 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
         if quantize_lm_head(config, options):
             logits = weight_only_linear(g, flat, int8_per_channel(tensors[lm_head_name], "lm_head"), "lm_head", 8,
-                                        -1, options.fused_gemm)
+                                        -1, options.fused_gemm, options.weight_only_activations)
         else:
             lm_head = embedding if config.tie_word_embeddings else w("lm_head.weight")
             logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")

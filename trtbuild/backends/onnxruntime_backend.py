@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,13 +11,16 @@ import onnxruntime as ort
 from trtbuild.kernels import register
 
 ENGINE_DATA_SUFFIX = ".data"
+log = logging.getLogger(__name__)
 
 
-def compile_engine(onnx_path: Path, engine_path: Path, kernels: bool = False) -> None:
+def compile_engine(onnx_path: Path, engine_path: Path, kernels: bool = False,
+                   matmulnbits_accuracy_level: int = 4) -> None:
     """Run onnxruntime's graph optimizations once, at build time, and save the result.
 
     The saved graph (with fusions and constant folding already applied) is what the runtime
-    loads, with its weights in `<engine>.data` beside it.
+    loads, with its weights in `<engine>.data` beside it. DequantizeLinear → MatMul of weight-only
+    weights is fused into MatMulNBits at `matmulnbits_accuracy_level` (4: int8 activations).
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -24,10 +28,35 @@ def compile_engine(onnx_path: Path, engine_path: Path, kernels: bool = False) ->
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                 engine_path.name + ENGINE_DATA_SUFFIX)
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmulnbits_accuracy_level))
     so.log_severity_level = 3
     if kernels:
         register(so)
-    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    disabled = []
+    if _dequantize_in_subgraphs(onnx_path):
+        # onnxruntime 1.2x's DequantizeLinear → MatMulNBits fusion looks for the weights in the
+        # subgraph only and fails ("Missing required weight"): quantized weights in If branches
+        # (standard gemm form beside the attention plugin's prompt branch) stay DQ → MatMul.
+        disabled = ["QDQSelectorActionTransformer"]
+        log.warning("%s: weight-only GEMMs in the standard form (--gemm_plugin disable) inside the attention "
+                    "plugin's prompt branch run unfused (DequantizeLinear per call, slower); the gemm plugin "
+                    "runs them fused", onnx_path.name)
+    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def _dequantize_in_subgraphs(onnx_path: Path) -> bool:
+    """The network has a DequantizeLinear inside an If/Loop branch (weights read from outer scope)."""
+    import onnx
+
+    def walk(graph, inside: bool) -> bool:
+        for node in graph.node:
+            if inside and node.op_type == "DequantizeLinear":
+                return True
+            if any(a.type == onnx.AttributeProto.GRAPH and walk(a.g, True) for a in node.attribute):
+                return True
+        return False
+
+    return walk(onnx.load(str(onnx_path), load_external_data=False).graph, False)
 
 
 def default_num_threads() -> int:

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt_compute_capabilities", nargs="+", default=None, help="tensorrt backend: SM targets")
     p.add_argument("--no_quantize_lm_head", action="store_true",
                    help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
+    p.add_argument("--weight_only_activations", default="int8", choices=["int8", "float"],
+                   help="weight-only engines (W8A16, W4A16*): multiply the int8/int4 weights by activations "
+                        "quantized to int8 per block of 32 (or of the group; onnxruntime's fast kernel), or by "
+                        "float activations (exactly A16, ~8x slower decode than fp32 on CPU)")
     p.add_argument("--context_fmha", default="enable", choices=["enable", "disable"],
                    help="attention plugin: prompts into an empty cache run trtbuild's causal attention kernel "
                         "(compiled for this machine on first use; needs g++)")
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
                                    smooth_quant_plugins=args.smooth_quant_plugins == "enable",
                                    lora_plugin=None if args.lora_plugin in (None, "disable") else args.lora_plugin),
         lora_config=lora, backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
-        quantize_lm_head=not args.no_quantize_lm_head, context_split_min_len=args.context_split_min_len,
+        quantize_lm_head=not args.no_quantize_lm_head, weight_only_activations=args.weight_only_activations,
+        context_split_min_len=args.context_split_min_len,
         context_split_max_len=args.context_split_max_len)
     from trtbuild.quantization.api import recipe_from_args
 
