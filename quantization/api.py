@@ -169,11 +169,16 @@ class QuantRecipe:
 def add_quant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The quantization flags of convert_checkpoint.py / trt-build (TensorRT-LLM's names)."""
     g = parser.add_argument_group("quantization")
-    g.add_argument("--use_weight_only", action="store_true", help="quantize linear weights only (activations stay float)")
+    g.add_argument("--use_weight_only", action="store_true",
+                   help="quantize linear weights only (int8 or int4; the activations they meet: trt-build "
+                        "--weight_only_activations)")
     g.add_argument("--weight_only_precision", default="int8",
                    help="int8 | int4 (round-to-nearest), int4_gptq (GPTQ), int4_awq (AWQ); default int8")
     g.add_argument("--per_group", action="store_true", help="one scale per --group_size inputs instead of per channel")
-    g.add_argument("--group_size", type=int, default=128, help="group size with --per_group: 32, 64 or 128 (default 128)")
+    g.add_argument("--group_size", type=int, default=128,
+                   help=f"inputs per scale with --per_group: {', '.join(map(str, GROUP_SIZES[:-1]))} or "
+                        f"{GROUP_SIZES[-1]} (default 128), at most a linear's input size; where it does not divide "
+                        "that size the last group is partial (onnxruntime backend; tensorrt refuses it)")
     g.add_argument("--has_zero_point", action="store_true", help="asymmetric weight-only quantization (zero points)")
     g.add_argument("--gptq_act_order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     g.add_argument("--awq_linear_objective", dest="awq_block_loss", action="store_false", default=True,

@@ -60,14 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info", help="internal_error, error, warning, info, verbose or debug")
-    from trtbuild.quantization.api import GROUP_SIZES, add_quant_args
+    from trtbuild.quantization.api import add_quant_args
 
     add_quant_args(p)  # quantize a floating-point checkpoint while building
-    # what the recipe accepts (QuantRecipe.validate); add_quant_args' own help names 32, 64 or 128 only
-    group_size = next(a for a in p._actions if a.dest == "group_size")
-    group_size.help = (f"inputs per scale with --per_group: {', '.join(map(str, GROUP_SIZES[:-1]))} or "
-                       f"{GROUP_SIZES[-1]}, at most a linear's input size; where it does not divide that size the "
-                       "last group is partial (onnxruntime backend; tensorrt refuses it)")
     return p
 
 
