@@ -59,12 +59,16 @@ AVX2_PROCESS = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def engines(tiny_models, tmp_path_factory):
-    """W8A8 per token (trtbuild's quantize kernels) and static, and an fp32 prompt kernel engine."""
+    """W8A8 per token (trtbuild's quantize kernels) and static, weight-only int8 and int4 (MatMulNBits'
+    int8 compute), and an fp32 prompt kernel engine."""
     root = tmp_path_factory.mktemp("every_cpu")
     calib = root / "calib.txt"
     calib.write_text(PPL_TEXT.read_text()[:100_000])
     recipes = {"sq_per_token": ["--smoothquant", "0.5", "--per_channel", "--per_token"],
-               "sq_static": ["--smoothquant", "0.5", "--per_channel"], "fp32": []}
+               "sq_static": ["--smoothquant", "0.5", "--per_channel"],
+               "w8a16": ["--use_weight_only", "--weight_only_precision", "int8"],
+               "w4a16_g32": ["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "32"],
+               "fp32": []}
     out = {}
     for name, flags in recipes.items():
         calib_flags = ["--calib_dataset", str(calib), "--calib_size", "4", "--calib_max_seq_length", "64"]
@@ -91,7 +95,7 @@ def test_an_avx2_cpu_runs_every_engine_exactly(engines, tmp_path):
     assert report["isa"] == "avx2"  # the host's -march=native would be illegal instructions there
     for name, engine in engines.items():
         seen = report["engines"][str(engine)]
-        assert seen["int8_gemm"] == (None if name == "fp32" else "u8u8"), name
+        assert seen["int8_gemm"] == ("u8u8" if name.startswith("sq") else None), name
         assert seen["prompt_kernel"] is True
         here = ModelRunner.from_dir(engine, num_threads=1, prompt_attention="kernel").score(PROMPTS)
         there = np.load(engine / "avx2_logits.npy")
