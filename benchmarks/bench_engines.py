@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+
+from trtbuild.kernels import cpu_description  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALL_PEERS = ("transformers", "ortgenai", "llamacpp")
@@ -684,7 +685,7 @@ def main(argv=None) -> int:
                          first_token_differing_from_transformers=same, greedy_tokens=tokens[i]))
 
     b = a.batch
-    print(f"\n{platform.processor() or platform.machine()}, {a.threads} threads, OMP_WAIT_POLICY="
+    print(f"\n{cpu_description()}, {a.threads} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)} rounds, best pass of each); "
           f"decode: {a.new_tokens} new tokens after a {a.prompt_len}-token prompt; prefill: {len(long_prompt)} "
@@ -723,7 +724,7 @@ def main(argv=None) -> int:
 
     if a.json:
         a.json.write_text(json.dumps(dict(
-            machine=dict(processor=platform.processor(), threads=a.threads,
+            machine=dict(processor=cpu_description(), threads=a.threads,
                          omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), bandwidth_gbs=bandwidth / 1e9,
                          bandwidth_rounds_gbs=[x / 1e9 for x in bandwidths]),
             settings=dict(batch=b, prompt_len=a.prompt_len, new_tokens=a.new_tokens, prefill_len=len(long_prompt),

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trtbuild.kernels import cpu_description
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.setdefault((name, batch), []).append(rate / measured["base"] - 1)
         log(f"round {rnd + 1}/{args.repeats}")
     table = {}
-    print(f"decode tokens/s ({args.clock} time), rank {args.rank}, 2 adapters, {args.threads} threads, "
+    print(f"decode tokens/s ({args.clock} time), rank {args.rank}, 2 adapters, {args.threads} threads on "
+          f"{cpu_description()}, "
           f"median of {args.repeats} rounds "
           f"(prompt {args.prompt_len}, {args.new_tokens} new tokens); 'vs base': median of the rounds' ratios")
     print(f"{'engine':<14}" + "".join(f"{'batch ' + str(b):>14}{'vs base':>10}" for b in cases))

@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO / "triton_repo"))
 
 from launch_triton_server import TritonServer  # noqa: E402
 
+from trtbuild.kernels import cpu_description  # noqa: E402
+
 PROMPTS = ["The capital of France is", "Write a short poem about autumn leaves.",
            "Explain how a refrigerator works.", "List three uses of copper.",
            "What is the difference between weather and climate?", "Once upon a time, in a quiet village,",
@@ -113,6 +115,7 @@ def main() -> None:
         with TritonServer(repo, timeout=300) as server:
             stream_one(server.http_port, prompts[0], 4)  # warm up
             rows = [run_level(server.http_port, prompts, c, args.requests, args.max_tokens) for c in args.levels]
+    print(f"CPU: {cpu_description()}")
     print("| concurrency | requests | output tokens/s | TTFT p50 s | TTFT p99 s |")
     print("|---|---|---|---|---|")
     for r in rows:

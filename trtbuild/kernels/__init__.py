@@ -73,6 +73,18 @@ def _process_cpu_features() -> dict[str, bool]:
     return dict(__cpu_features__)
 
 
+def cpu_description() -> str:
+    """What a benchmark figure names as its CPU: model name, vector ISA and VNNI as this process sees
+    them, and the cores it may use, e.g. "Intel(R) Xeon(R) Processor (AVX-512, VNNI; 2 cores)"."""
+    model = next((line.split(":", 1)[1].strip() for line in cpu_signature().splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    features = _process_cpu_features()
+    isa = "AVX-512" if features.get("AVX512F") else "AVX2" if features.get("AVX2") else "no AVX2"
+    vnni = "VNNI" if features.get("AVX512VNNI") or features.get("AVXVNNI") else "no VNNI"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({isa}, {vnni}; {cores} cores)"
+
+
 def default_isa() -> str:
     """`$TRTBUILD_KERNEL_ISA` if set, else "native" where this process's CPU has AVX-512 (the compiler's
     -march=native, which reads the host, then matches it) or lacks AVX2, else "avx2": a process on an
