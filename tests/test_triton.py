@@ -342,6 +342,12 @@ def test_triton_repo_command(tmp_path, capsys):
     assert all((p / "1").is_dir() for p in out.iterdir() if p.is_dir())
     llm = (out / "tensorrt_llm" / "config.pbtxt").read_text()
     assert "decoupled: true" in llm and "count: 2" in llm and "max_batch_size: 4" in llm
+    # one BLS instance per request at once (its model serves one request at a time): by default
+    # as many as the batch has slots
+    assert "count: 4 kind: KIND_CPU" in (out / "tensorrt_llm_bls" / "config.pbtxt").read_text()
+    assert "bls_instance_count=4" in (out / "README.txt").read_text()
+    bls3 = make_model_repo(engine, tmp_path / "bls3", decoupled=True, bls_instance_count=3)
+    assert "count: 3 kind: KIND_CPU" in (bls3 / "tensorrt_llm_bls" / "config.pbtxt").read_text()
     assert f'string_value: "{engine.resolve()}"' in llm
     assert "${" not in "".join(p.read_text() for p in out.rglob("config.pbtxt"))
     # user mistakes: one line, exit code 2
@@ -352,6 +358,8 @@ def test_triton_repo_command(tmp_path, capsys):
         (["--engine_dir", str(tmp_path), "--output", str(tmp_path / "r3")], "no config.json"),
         (["--engine_dir", str(engine), "--output", str(tmp_path / "r4"), "--models", "ensemble"],
          "ensemble needs"),
+        (["--engine_dir", str(engine), "--output", str(tmp_path / "r5"), "--bls_instance_count", "0"],
+         "--bls_instance_count 0 must be at least 1"),
     ]:
         with pytest.raises(SystemExit) as e:
             triton_repo_main(argv)

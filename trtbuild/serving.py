@@ -2,7 +2,8 @@
 helpers that the Triton models share (tokenizer loading, word lists, parameters).
 
     trtbuild-triton-repo --engine_dir E --output REPO [--decoupled] [--max_batch_size N]
-                         [--instance_count N] [--num_threads N] [--tokenizer_dir T] [--force]
+                         [--instance_count N] [--bls_instance_count N] [--num_threads N]
+                         [--tokenizer_dir T] [--force]
 
 The repository follows tensorrtllm_backend's inflight_batcher_llm: preprocessing (tokenize) →
 tensorrt_llm (trtbuild.runtime.InflightBatcher in a Python-backend model) → postprocessing
@@ -193,6 +194,12 @@ class GuardedSender:
     sent; `is_cancelled()` after that reads freed memory and kills the whole server (SIGSEGV in
     TRITONBACKEND_ResponseFactoryIsCancelled, seen under load). Here sends and polls take one
     lock, and polls after the final response answer from what was last seen.
+
+    `send` holds Python references to the response's output tensors until the send returns:
+    the stub of Triton 2.51 (python_backend r24.10) sends with the GIL released and drops the
+    outputs the client did not request right there, and its ~PbTensor frees the numpy array
+    without taking the GIL, which corrupts the heap of a stub whose other threads run Python.
+    With our references alive that drop only lowers a count; the arrays die here, with the GIL.
     """
 
     def __init__(self, sender, final_flag: int):
@@ -209,7 +216,9 @@ class GuardedSender:
             if response is None:
                 self._sender.send(flags=flags)
             else:
+                keep = getattr(response, "output_tensors", list)()  # alive across the send
                 self._sender.send(response, flags=flags)
+                del keep
             if flags & self._final_flag:
                 self.closed = True
 
@@ -218,6 +227,18 @@ class GuardedSender:
             if not self.closed and not self._cancelled:
                 self._cancelled = bool(self._sender.is_cancelled())
             return self._cancelled
+
+    def asked_and_live(self) -> bool:
+        """Ask the server whether the client is still there; True only if this call did ask
+        (the stub answers from a cache once cancelled, and we do after the final response) and
+        the answer was "not cancelled". Such a call goes through the stub's one queue to the
+        server, behind everything the stub queued before it (tensorrt_llm_bls uses that as a
+        barrier: see its model.py)."""
+        with self._lock:
+            if self.closed or self._cancelled:
+                return False
+            self._cancelled = bool(self._sender.is_cancelled())
+            return not self._cancelled
 
 
 def model_parameter(model_config: dict, key: str, default: Any = None) -> Any:
@@ -244,6 +265,7 @@ def _fill(text: str, values: dict, source: Path) -> str:
 def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
                     decoupled: bool = False, max_batch_size: Optional[int] = None,
                     instance_count: int = 1, num_threads: Optional[int] = None,
+                    bls_instance_count: Optional[int] = None,
                     tokenizer_dir: Optional[str | os.PathLike] = None,
                     max_queue_delay_microseconds: int = 1000,
                     default_max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -252,7 +274,10 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
     """Write a Triton model repository for `engine_dir` to `output` (atomically).
 
     `models` picks a subset (e.g. preprocessing + postprocessing only: a tokenizer service);
-    ensemble and tensorrt_llm_bls need the other three."""
+    ensemble and tensorrt_llm_bls need the other three. Each tensorrt_llm_bls instance serves
+    one request at a time (Triton 2.51's stub is not safe for BLS streams from several threads:
+    see its model.py), so `bls_instance_count` (default `max_batch_size`) is how many BLS
+    requests run at once."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise TrtbuildError(f"--models: unknown model(s) {', '.join(unknown)}; choose from "
@@ -279,6 +304,10 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
                             f"{max_batch_size} or pass a smaller value")
     if instance_count < 1:
         raise TrtbuildError(f"--instance_count {instance_count} must be at least 1")
+    if bls_instance_count is None:
+        bls_instance_count = max_batch_size
+    if bls_instance_count < 1:
+        raise TrtbuildError(f"--bls_instance_count {bls_instance_count} must be at least 1")
     if num_threads is not None and num_threads < 1:
         raise TrtbuildError(f"--num_threads {num_threads} must be at least 1")
     tokenizer_dir = Path(tokenizer_dir).resolve() if tokenizer_dir else engine_dir / TOKENIZER_SUBDIR
@@ -298,6 +327,7 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
         "triton_max_batch_size": str(max_batch_size),
         "decoupled_mode": "true" if decoupled else "false",
         "instance_count": str(instance_count),
+        "bls_instance_count": str(bls_instance_count),
         "num_threads": "" if num_threads is None else str(num_threads),
         "max_queue_delay_microseconds": str(max_queue_delay_microseconds),
         "max_input_len": str(int(build.get("max_input_len") or 0)),
@@ -317,7 +347,8 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
         (tmp / "README.txt").write_text(
             f"Triton model repository for {engine_dir}\n"
             f"made by trtbuild-triton-repo {_version()}: {', '.join(models)} (decoupled={values['decoupled_mode']}, "
-            f"max_batch_size={max_batch_size}, instance_count={instance_count})\n"
+            f"max_batch_size={max_batch_size}, instance_count={instance_count}, "
+            f"bls_instance_count={bls_instance_count})\n"
             f"serve: python {LAUNCHER} "
             f"--model_repo {Path(output).resolve()}\n")
     return Path(output).resolve()
@@ -344,6 +375,9 @@ def main(argv=None) -> int:
                    help="Triton's max_batch_size (default: the engine's)")
     p.add_argument("--instance_count", type=int, default=1,
                    help="tensorrt_llm model instances, each with its own runner (default 1)")
+    p.add_argument("--bls_instance_count", type=int, default=None,
+                   help="tensorrt_llm_bls instances, each serving one request at a time "
+                        "(default: the max_batch_size)")
     p.add_argument("--num_threads", type=int, default=None,
                    help="onnxruntime threads per instance (default: the runtime's choice)")
     p.add_argument("--tokenizer_dir", default=None, help="default: <engine_dir>/tokenizer")
@@ -360,7 +394,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     out = make_model_repo(args.engine_dir, args.output, decoupled=args.decoupled,
                           max_batch_size=args.max_batch_size, instance_count=args.instance_count,
-                          num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir,
+                          bls_instance_count=args.bls_instance_count, num_threads=args.num_threads,
+                          tokenizer_dir=args.tokenizer_dir,
                           max_queue_delay_microseconds=args.max_queue_delay_microseconds,
                           default_max_tokens=args.default_max_tokens,
                           template_dir=args.template_dir, force=args.force, models=models)
