@@ -309,6 +309,41 @@ def test_guarded_sender_is_never_polled_after_the_final_response():
         sender.send("late")
 
 
+def test_guarded_sender_sends_a_cancelled_final_flag_late():
+    """After a client went away, the final flag waits out cancelled_final_delay (Triton 2.51's
+    gRPC frontend crashed on a final response that came in while it tore a closed stream down);
+    a live request's final flag goes at once. asked_and_live() asks the server only while that
+    can say something new."""
+    FINAL = 1
+
+    class Factory:
+        def __init__(self, cancelled):
+            self.cancelled, self.asked, self.sent = cancelled, 0, []
+
+        def send(self, response=None, flags=0):
+            self.sent.append((response, flags))
+
+        def is_cancelled(self):
+            self.asked += 1
+            return self.cancelled
+
+    live = GuardedSender(Factory(False), FINAL, cancelled_final_delay=0.5)
+    t0 = time.monotonic()
+    assert live.asked_and_live() and live.asked_and_live() and live._sender.asked == 2
+    live.send("token")
+    live.send(flags=FINAL)
+    assert time.monotonic() - t0 < 0.25
+    assert not live.asked_and_live() and live._sender.asked == 2  # closed: never asked again
+
+    factory = Factory(True)
+    gone = GuardedSender(factory, FINAL, cancelled_final_delay=0.5)
+    assert not gone.asked_and_live() and gone.is_cancelled() and factory.asked == 1
+    t0 = time.monotonic()
+    gone.send(flags=FINAL)
+    assert time.monotonic() - t0 >= 0.45 and factory.sent == [(None, FINAL)]
+    assert gone.is_cancelled() and factory.asked == 1
+
+
 def test_incremental_detokenizer_never_splits_a_character():
     data = "né ✓".encode()
     decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731

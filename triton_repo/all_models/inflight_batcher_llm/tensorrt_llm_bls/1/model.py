@@ -26,6 +26,10 @@ stays in the stub's map for good), and a finished iterator is kept (`_retired`) 
 cleanup, has come back: then our reference is the last one and the iterator dies here, with the
 GIL. tests/test_triton_soak.py crashed this way with the threaded model of before in its first
 300 streams.
+
+The final flag of a request whose client went away goes out a little late (GuardedSender's
+cancelled_final_delay, 0.25 s, which holds this instance that long): Triton 2.51's gRPC frontend
+crashes on a final response that comes in while it tears down a stream whose connection closed.
 """
 
 import json
