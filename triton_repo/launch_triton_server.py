@@ -18,7 +18,8 @@ dir (libtriton_python.so + triton_python_backend_utils.py + the stub); checks th
 server with `ldd` (a stub that cannot start leaves the server "loading" forever); removes
 /dev/shm/triton_python_backend_shm_region_* files that no live process maps (left by crashed
 stubs); starts the server bound to 127.0.0.1; waits for /v2/health/ready with a timeout
-(SIGTERM, then SIGKILL); on Ctrl-C / SIGTERM stops the server the same way.
+(SIGTERM, then SIGKILL); on Ctrl-C / SIGTERM stops the server the same way. On a machine without
+an NVIDIA GPU it says once that the server's CUDA error lines are harmless (CUDA_NOTE).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,7 +41,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Callable, Iterable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_GLOB = "/dev/shm/triton_python_backend_shm_region_*"
@@ -51,6 +53,57 @@ SERVER_FLAGS = [
     "--exit-on-error=true",
     "--strict-readiness=true",
 ]
+
+
+# tritonserver's CUDA complaints on a machine without a GPU (the CPU models serve fine), e.g.
+#   E... server.cc:241] "CudaDriverHelper has not been initialized."
+#   E... ensemble_scheduler.cc:1468] "unable to create stream for ensemble: CUDA driver version
+#        is insufficient for CUDA runtime version"
+CUDA_LINE = re.compile(r"^[EW]\d{4} .*\b(cuda|gpu)", re.IGNORECASE)
+CUDA_NOTE = ("[launch_triton_server] note: this machine has no NVIDIA GPU, so tritonserver's CUDA "
+             "error lines (\"CudaDriverHelper has not been initialized\", \"CUDA driver version is "
+             "insufficient for CUDA runtime version\") are harmless: the models run on the CPU.")
+
+
+def has_nvidia_gpu() -> bool:
+    """An NVIDIA driver with a device (then CUDA errors from the server are real ones)."""
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def is_cuda_line(line: str) -> bool:
+    """An error or warning line of tritonserver about CUDA or the GPU."""
+    return bool(CUDA_LINE.search(line))
+
+
+def needs_cuda_note(lines: Iterable[str], gpu: Optional[bool] = None) -> bool:
+    """Whether the server said something about CUDA that is harmless here: a CUDA line among
+    `lines` on a machine without a GPU (`gpu`: whether it has one; None: look)."""
+    if gpu is None:
+        gpu = has_nvidia_gpu()
+    return not gpu and any(is_cuda_line(line) for line in lines)
+
+
+def relay_output(src: IO[bytes], dst: IO[bytes], gpu: Optional[bool] = None,
+                 on_note: Optional[Callable[[], None]] = None) -> bool:
+    """Copy the server's output `src` to `dst` line by line until `src` ends, adding CUDA_NOTE
+    once after the first CUDA line when the machine has no GPU (then `on_note()`); whether the
+    note was added. Keeps reading when `dst` fails (a closed terminal): the server must never
+    block on a full pipe."""
+    if gpu is None:
+        gpu = has_nvidia_gpu()
+    noted = False
+    for raw in iter(src.readline, b""):
+        try:
+            dst.write(raw)
+            if not gpu and not noted and is_cuda_line(raw.decode(errors="replace")):
+                noted = True
+                dst.write((CUDA_NOTE + "\n").encode())
+                if on_note is not None:
+                    on_note()
+            dst.flush()
+        except (OSError, ValueError):
+            continue
+    return noted
 
 
 class LaunchError(RuntimeError):
@@ -298,6 +351,8 @@ class TritonServer:
         self._log_handle: Optional[IO] = None
         self.proc: Optional[subprocess.Popen] = None
         self.abort = threading.Event()  # set it (e.g. from a signal handler) to stop waiting
+        self._relay: Optional[threading.Thread] = None
+        self.cuda_note_shown = False
 
     @property
     def http_url(self) -> str:
@@ -333,7 +388,7 @@ class TritonServer:
                   f"left by crashed stubs", file=sys.stderr)
         backends = self.install.backend_dir()
         if self._log_target == "-":
-            stdout = None
+            stdout = subprocess.PIPE  # relayed to our stdout by _relay_output, with the note
         else:
             if self._log_target is None:
                 fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -345,14 +400,35 @@ class TritonServer:
             stdout = self._log_handle
         self.proc = subprocess.Popen(
             self.command(backends), env=self.install.env(), stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        if self._log_target == "-":
+            self._relay = threading.Thread(target=self._relay_output, name="tritonserver-output",
+                                           daemon=True)
+            self._relay.start()
         try:
             self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _relay_output(self) -> None:
+        """The server's output to our stdout, with the CUDA note (log_file="-")."""
+        try:
+            relay_output(self.proc.stdout, sys.stdout.buffer,
+                         on_note=lambda: setattr(self, "cuda_note_shown", True))
+        finally:
+            self.proc.stdout.close()
+
+    def cuda_note(self) -> Optional[str]:
+        """CUDA_NOTE if the server logged CUDA errors to its log file on a machine without a
+        GPU and the note was not shown yet (the CLI prints it once, beside "ready")."""
+        if self.cuda_note_shown or self._log_path is None:
+            return None
+        if needs_cuda_note(self.log().splitlines()):
+            self.cuda_note_shown = True
+            return f"{CUDA_NOTE} (They stay in {self._log_path}.)"
+        return None
 
     def is_ready(self) -> bool:
         try:
@@ -389,6 +465,9 @@ class TritonServer:
         code = None
         if self.proc is not None:
             code = _stop_process(self.proc, self.stop_grace)
+        if self._relay is not None:
+            self._relay.join(timeout=5)
+            self._relay = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -463,6 +542,9 @@ def main(argv=None) -> int:
     if stop.is_set():
         server.stop()
         return 130
+    note = server.cuda_note()
+    if note:
+        print(note, file=sys.stderr, flush=True)
     print(f"[launch_triton_server] ready: HTTP {server.http_url}  gRPC {server.grpc_url}  "
           f"(models in {server.model_repo}); Ctrl-C stops", file=sys.stderr, flush=True)
     while not stop.wait(0.5):
