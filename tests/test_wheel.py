@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_wheel_ships_every_file_of_the_packages(installed):
     missing = sorted(rel for rel, dst in expected.items() if dst not in names)
     assert not missing, f"files the wheel lacks (add them to pyproject.toml's package-data): {missing}"
     for needed in ("trtbuild/kernels/ort_op.h", "trtbuild/kernels/include/onnxruntime_c_api.h",
-                   "trtbuild/triton_repo/launch_triton_server.py",
+                   "trtbuild/triton_repo/launch_triton_server.py", "trtbuild/triton_repo/install_triton.sh",
                    "trtbuild/triton_repo/client/end_to_end_grpc_client.py",
                    *(f"trtbuild/triton_repo/all_models/inflight_batcher_llm/{m}/config.pbtxt" for m in MODELS)):
         assert needed in names, needed
@@ -197,6 +198,50 @@ def test_pipeline_runs_from_the_wheel(installed):
         assert (work / "model_repo" / m / "1").is_dir()
         if m != "ensemble":
             assert (work / "model_repo" / m / "1" / "model.py").is_file(), m
-    launcher = re.search(r"serve it: python (\S+) --model_repo", repo.stdout)
-    assert launcher and Path(launcher.group(1)).is_file(), repo.stdout
-    assert str(Path(launcher.group(1)).resolve()).startswith(str(venv.resolve())), launcher.group(1)
+    # the launch command it prints is the wheel's console command (its bin/ is first on PATH), and it runs
+    launcher = re.search(r"^serve it: (.+) --model_repo (\S+)$", repo.stdout, re.M)
+    assert launcher and launcher.group(1) == "trtbuild-launch-triton", repo.stdout
+    assert Path(launcher.group(2)) == (work / "model_repo").resolve(), repo.stdout
+    assert f"serve: trtbuild-launch-triton --model_repo {launcher.group(2)}" in (work / "model_repo" / "README.txt").read_text()
+    assert "usage:" in run([*shlex.split(launcher.group(1)), "--help"], cwd=work, env=env).stdout
+
+
+def test_triton_commands_from_the_wheel(installed):
+    """The installed wheel sets up and launches Triton without a checkout: trtbuild-install-triton (the shipped
+    installer) and trtbuild-launch-triton exist and show their help, and both put the triton venv in the per-user
+    dir, outside site-packages, unless $TRTBUILD_TRITON_VENV says where (the full install is not run here: it
+    downloads nvidia-pytriton)."""
+    root, venv, env, _, _ = installed
+    work, bin_, python = root / "work", venv / "bin", venv / "bin" / "python"
+    home = root / "home"
+    env = {k: v for k, v in env.items() if k != "TRTBUILD_TRITON_VENV"}
+    env["HOME"] = str(home)
+    purelib = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=work,
+                       env=env).stdout.strip())
+    shipped = purelib / "trtbuild" / "triton_repo"
+    assert (shipped / "install_triton.sh").is_file() and (shipped / "launch_triton_server.py").is_file()
+
+    installer_help = run([bin_ / "trtbuild-install-triton", "--help"], cwd=work, env=env).stdout
+    assert "trtbuild-install-triton [--venv DIR]" in installer_help and "--server_root" in installer_help
+    assert "usage:" in run([bin_ / "trtbuild-launch-triton", "--help"], cwd=work, env=env).stdout
+    assert "usage:" in run([python, "-m", "trtbuild.triton_repo.launch_triton_server", "--help"], cwd=work,
+                           env=env).stdout
+
+    user_venv = home / ".cache" / "trtbuild" / "venv-triton"
+    ways = {"installer": [bin_ / "trtbuild-install-triton"],
+            "launcher": [bin_ / "trtbuild-launch-triton"],
+            "launcher -m": [python, "-m", "trtbuild.triton_repo.launch_triton_server"],
+            "launcher file": [python, shipped / "launch_triton_server.py"]}  # what docker/entrypoint.sh runs
+    for name, cmd in ways.items():
+        where = Path(run([*cmd, "--print_venv"], cwd=work, env=env).stdout.strip())
+        assert where == user_venv, (name, where)
+        assert not str(where).startswith(str(venv)), (name, where)
+        mine = root / "elsewhere"
+        assert run([*cmd, "--print_venv"], cwd=work, env={**env, "TRTBUILD_TRITON_VENV": str(mine)}).stdout.strip() \
+            == str(mine), name
+
+    # without a triton venv the launcher says where it looked and what makes one
+    proc = subprocess.run([bin_ / "trtbuild-launch-triton", "--check_only"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and f"no triton venv at {user_venv}" in proc.stderr, proc.stderr
+    assert "trtbuild-install-triton" in proc.stderr, proc.stderr

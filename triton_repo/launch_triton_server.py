@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Start the real tritonserver (from PyPI's nvidia-pytriton) on a trtbuild model repository.
 
-    python triton_repo/launch_triton_server.py --model_repo REPO [--http_port 8000]
-        [--grpc_port 8001] [--timeout 120] [--triton_venv DIR]
+    trtbuild-launch-triton --model_repo REPO [--http_port 8000] [--grpc_port 8001]
+        [--timeout 120] [--triton_venv DIR]
+    (also: python -m trtbuild.triton_repo.launch_triton_server ..., or this file run by any
+    Python: python triton_repo/launch_triton_server.py ... in a checkout)
 
 The Python-backend models run inside Triton's stub process, which embeds the Python of the
-"triton venv" made by scripts/install_triton.sh (numpy<2: the stub's pybind11 breaks with numpy 2).
+"triton venv" made by trtbuild-install-triton (scripts/install_triton.sh in a checkout; numpy<2:
+the stub's pybind11 breaks with numpy 2). Where that venv is by default (default_triton_venv, the
+installer asks this file): $TRTBUILD_TRITON_VENV, else <checkout>/.venv-triton when this file is
+in a checkout, else ~/.cache/trtbuild/venv-triton (an installed trtbuild).
 This file only needs the standard library, so it runs under any Python 3.10+ (the project venv,
 the triton venv, or a container's python), and tests use it as a context manager:
 
@@ -43,7 +48,9 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Callable, Iterable, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent  # <checkout>/triton_repo or site-packages/trtbuild/triton_repo
+VENV_ENV = "TRTBUILD_TRITON_VENV"
+INSTALL_HINT = "run trtbuild-install-triton (scripts/install_triton.sh in a checkout)"
 SHM_GLOB = "/dev/shm/triton_python_backend_shm_region_*"
 SERVER_FLAGS = [
     "--allow-metrics=false",
@@ -110,10 +117,31 @@ class LaunchError(RuntimeError):
     """The server could not be started; the message says why and what to do."""
 
 
-def default_triton_venv() -> Path:
-    """$TRTBUILD_TRITON_VENV, else <repo>/.venv-triton (what scripts/install_triton.sh makes)."""
-    env = os.environ.get("TRTBUILD_TRITON_VENV")
-    return Path(env).expanduser() if env else REPO_ROOT / ".venv-triton"
+def checkout_root(here: Path = HERE) -> Optional[Path]:
+    """The checkout whose triton_repo/ is `here` (this file's dir): its parent holds pyproject.toml
+    and trtbuild/. None for an installed trtbuild, whose triton_repo/ is inside the package
+    (site-packages/trtbuild/triton_repo), also when a venv links to it."""
+    top = Path(here).parent
+    if (Path(here).name == "triton_repo" and (top / "pyproject.toml").is_file()
+            and (top / "trtbuild" / "__init__.py").is_file()):
+        return top
+    return None
+
+
+def user_triton_venv() -> Path:
+    """The per-user triton venv of an installed trtbuild (beside its kernels and models)."""
+    return Path.home() / ".cache" / "trtbuild" / "venv-triton"
+
+
+def default_triton_venv(environ: Optional[dict] = None, here: Path = HERE) -> Path:
+    """Where the triton venv is unless --triton_venv / --venv says: $TRTBUILD_TRITON_VENV, else
+    <checkout>/.venv-triton when this file is in a checkout, else ~/.cache/trtbuild/venv-triton.
+    The one rule for the launcher and the installer (which runs `--print_venv`)."""
+    env = (os.environ if environ is None else environ).get(VENV_ENV)
+    if env:
+        return Path(env).expanduser()
+    root = checkout_root(here)
+    return root / ".venv-triton" if root is not None else user_triton_venv()
 
 
 def free_port() -> int:
@@ -141,8 +169,8 @@ class TritonInstall:
         self.python = self.venv / "bin" / "python"
         if not self.python.exists():
             raise LaunchError(
-                f"no triton venv at {self.venv} (no bin/python); run scripts/install_triton.sh "
-                f"(or pass --triton_venv / set TRTBUILD_TRITON_VENV)")
+                f"no triton venv at {self.venv} (no bin/python); {INSTALL_HINT} "
+                f"(or pass --triton_venv / set {VENV_ENV})")
         info = subprocess.run(
             [str(self.python), "-c",
              "import sys, sysconfig\n"
@@ -169,7 +197,7 @@ class TritonInstall:
             self.tritonserver = self.dist / "bin" / "tritonserver"
             self.stub = (self.dist / "python_backend_stubs" / self.py_version
                          / "triton_python_backend_stub")
-            where = f"{self.venv}: run scripts/install_triton.sh"
+            where = f"{self.venv}: {INSTALL_HINT}"
         if not self.tritonserver.exists():
             raise LaunchError(f"no tritonserver at {self.tritonserver} ({where})")
         if not self.stub.exists():
@@ -203,7 +231,7 @@ class TritonInstall:
         for name, src in sources.items():
             if not src.exists():
                 raise LaunchError(f"{src} is missing from nvidia-pytriton; reinstall it "
-                                  f"(scripts/install_triton.sh --force)")
+                                  f"(trtbuild-install-triton --force)")
         for root in (self.venv / "trtbuild-triton" / "backends",
                      Path(tempfile.gettempdir()) / f"trtbuild-triton-{os.getuid()}-{hashlib.sha1(str(self.venv).encode()).hexdigest()[:12]}" / "backends"):
             try:
@@ -237,7 +265,7 @@ class TritonInstall:
                         raise LaunchError(
                             f"the stub {binary} is built for another Python ({libpy[0].split()[0]}) "
                             f"than the triton venv's {self.py_version}; remake the venv with that "
-                            f"Python (scripts/install_triton.sh --python ... --force)")
+                            f"Python (trtbuild-install-triton --python ... --force)")
                     own = self.libdir / resolved.name
                     if own.exists() and os.path.realpath(own) != os.path.realpath(resolved):
                         # Another Python's libpython would run the models with the wrong stdlib.
@@ -495,8 +523,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for all models to be ready (default 120)")
     p.add_argument("--triton_venv", default=None,
-                   help="venv made by scripts/install_triton.sh (default $TRTBUILD_TRITON_VENV "
-                        "or <repo>/.venv-triton)")
+                   help="venv made by trtbuild-install-triton (default $TRTBUILD_TRITON_VENV, else "
+                        "<checkout>/.venv-triton from a checkout, else ~/.cache/trtbuild/venv-triton; "
+                        f"here: {default_triton_venv()})")
     p.add_argument("--server_root", default=os.environ.get("TRTBUILD_TRITON_SERVER_ROOT"),
                    help="an existing Triton install to use instead of nvidia-pytriton's, e.g. "
                         "/opt/tritonserver in NVIDIA's image ($TRTBUILD_TRITON_SERVER_ROOT)")
@@ -504,7 +533,12 @@ def main(argv=None) -> int:
     p.add_argument("--log_file", default="-", help="server log file (default: this terminal)")
     p.add_argument("--check_only", action="store_true",
                    help="prepare the backend dir, ldd-check the server and the stub, and exit")
+    p.add_argument("--print_venv", action="store_true",
+                   help="print the triton venv it would use and exit")
     args = p.parse_args(argv)
+    if args.print_venv:
+        print(Path(args.triton_venv).expanduser() if args.triton_venv else default_triton_venv())
+        return 0
     try:
         if args.check_only:
             inst = TritonInstall(Path(args.triton_venv) if args.triton_venv else default_triton_venv(),

@@ -8,7 +8,7 @@ helpers that the Triton models share (tokenizer loading, word lists, parameters)
 The repository follows tensorrtllm_backend's inflight_batcher_llm: preprocessing (tokenize) →
 tensorrt_llm (trtbuild.runtime.InflightBatcher in a Python-backend model) → postprocessing
 (detokenize), chained by `ensemble`, plus `tensorrt_llm_bls` (the same chain as one Python model).
-Serve it with `python triton_repo/launch_triton_server.py --model_repo REPO`.
+Serve it with `trtbuild-launch-triton --model_repo REPO` (the command it prints: launch_command()).
 
 This module imports only the standard library at import time (numpy and tokenizers lazily), so
 the Triton models can import it inside the stub's numpy<2 venv.
@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import string
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +43,8 @@ def _triton_repo_dir() -> Path:
 TRITON_REPO_DIR = _triton_repo_dir()
 DEFAULT_TEMPLATE_DIR = TRITON_REPO_DIR / "all_models" / "inflight_batcher_llm"
 LAUNCHER = TRITON_REPO_DIR / "launch_triton_server.py"
+LAUNCH_COMMAND = "trtbuild-launch-triton"
+LAUNCH_MODULE = "trtbuild.triton_repo.launch_triton_server"
 MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
 TOKENIZER_SUBDIR = "tokenizer"
 DEFAULT_MAX_TOKENS = 64
@@ -376,9 +380,23 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
             f"made by trtbuild-triton-repo {_version()}: {', '.join(models)} (decoupled={values['decoupled_mode']}, "
             f"max_batch_size={max_batch_size}, instance_count={instance_count}, "
             f"bls_instance_count={bls_instance_count})\n"
-            f"serve: python {LAUNCHER} "
-            f"--model_repo {Path(output).resolve()}\n")
+            f"serve: {launch_command()} --model_repo {shlex.quote(str(Path(output).resolve()))}\n")
     return Path(output).resolve()
+
+
+def launch_command() -> str:
+    """The command that starts the launcher from this install: `trtbuild-launch-triton` when the
+    one on PATH is this install's (beside this Python), else this Python with -m (a `pip install
+    --user`, a checkout whose editable install predates the command): both work from a checkout
+    and from an installed wheel, and find the triton venv by the same rule."""
+    own = Path(sys.executable).parent / LAUNCH_COMMAND
+    found = shutil.which(LAUNCH_COMMAND)
+    try:
+        if found and own.is_file() and os.path.samefile(found, own):
+            return LAUNCH_COMMAND
+    except OSError:
+        pass
+    return f"{shlex.quote(sys.executable)} -m {LAUNCH_MODULE}"
 
 
 def _version() -> str:
@@ -428,8 +446,7 @@ def main(argv=None) -> int:
                           template_dir=args.template_dir, force=args.force, models=models)
     print(f"wrote {out} ({', '.join(models)}; decoupled={'yes' if args.decoupled else 'no'}) "
           f"in {time.monotonic() - t0:.1f} s\n"
-          f"serve it: python {LAUNCHER} "
-          f"--model_repo {out}")
+          f"serve it: {launch_command()} --model_repo {shlex.quote(str(out))}")
     return 0
 
 

@@ -6,7 +6,7 @@
 
 Flags follow tensorrtllm_backend's client. Streaming prints each piece as it arrives; errors
 (over-long prompt, bad values) are printed and exit with code 1. Needs tritonclient[grpc]
-(installed in the triton venv by scripts/install_triton.sh).
+(installed in the triton venv by trtbuild-install-triton, scripts/install_triton.sh in a checkout).
 """
 
 from __future__ import annotations
