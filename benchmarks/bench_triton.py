@@ -3,14 +3,14 @@
     python benchmarks/bench_triton.py [--engine_dir E] [--requests 16] [--max_tokens 64]
 
 Streams token ids from the decoupled `tensorrt_llm` model over HTTP `generate_stream` (SSE);
-each concurrency level runs the same prompts. Needs scripts/install_triton.sh's venv.
+each concurrency level runs the same prompts. Needs the triton venv (trtbuild-install-triton,
+scripts/install_triton.sh in a checkout).
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import statistics
 import sys
 import tempfile
@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "triton_repo"))
+sys.path[:0] = [str(REPO / "triton_repo"), str(REPO / "triton_repo" / "client")]
 
+from generate_stream import next_event, open_generate_stream  # noqa: E402
 from launch_triton_server import TritonServer  # noqa: E402
 
 from trtbuild.kernels import cpu_description  # noqa: E402
@@ -36,18 +37,9 @@ def stream_one(port: int, prompt_ids: list[int], max_tokens: int) -> tuple[float
     body = {"input_ids": prompt_ids, "request_output_len": max_tokens, "streaming": True, "end_id": -1}
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/v2/models/tensorrt_llm/generate_stream", body=json.dumps(body),
-                 headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
+    resp = open_generate_stream(conn, "tensorrt_llm", body)
     first, tokens = None, 0
-    while True:
-        line = resp.readline()
-        if not line:
-            break
-        line = line.decode().strip()
-        if not line.startswith("data:"):
-            continue
-        event = json.loads(line[5:])
+    while (event := next_event(resp)) is not None:
         if "error" in event:
             raise RuntimeError(event["error"])
         n = int(event.get("sequence_length", 0) or 0)

@@ -31,8 +31,8 @@ import argparse
 import http.client
 import json
 import queue
-import socket
 import random
+import socket
 import sys
 import threading
 import time
@@ -40,6 +40,8 @@ import time
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
+
+from generate_stream import next_event, open_generate_stream  # beside this file (stdlib only)
 
 TEXT_MODELS = ("tensorrt_llm_bls", "ensemble")
 
@@ -78,57 +80,99 @@ def http_body(req: dict) -> dict:
     return body
 
 
+class Drop:
+    """When the client drops a request: after `drop_after` responses (None: never) or
+    `drop_after_seconds` after `start` (if it is still running then)."""
+
+    def __init__(self, req: dict, start: float):
+        self.after = req.get("drop_after")
+        seconds = req.get("drop_after_seconds")
+        self.at = None if seconds is None else start + seconds
+
+    def deadline_passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+    def due(self, responses: int) -> bool:
+        return (self.after is not None and responses >= self.after) or self.deadline_passed()
+
+    def wait(self, timeout: float) -> float:
+        """How long to wait for the next response: `timeout`, or less to drop in time."""
+        return timeout if self.at is None else max(0.01, min(timeout, self.at - time.monotonic()))
+
+
+def new_record(i: int, req: dict) -> dict:
+    return {"i": i, "model": req["model"], "responses": 0, "final": False, "dropped": False,
+            "error": None, "ttft": None, "seconds": None}
+
+
+def count_response(result: dict, start: float) -> None:
+    result["responses"] += 1
+    if result["ttft"] is None:
+        result["ttft"] = round(time.monotonic() - start, 4)
+
+
+def read_responses(result: dict, drop: Drop, timeout: float, receive, handle) -> None:
+    """Hand each response that `receive(wait)` returns to `handle` until it says the stream is
+    done (True) or the request is dropped; `receive` raises TimeoutError when none came within
+    `wait` seconds (an error unless the drop deadline came first)."""
+    while True:
+        if drop.due(result["responses"]):
+            result["dropped"] = True
+            return
+        try:
+            response = receive(drop.wait(timeout))
+        except TimeoutError:
+            if drop.deadline_passed():
+                continue  # dropped at the top of the loop
+            result["error"] = f"no response within {timeout} s"
+            return
+        if handle(response):
+            return
+
+
+def finish_record(result: dict, req: dict, pieces: list, start: float) -> dict:
+    result["seconds"] = round(time.monotonic() - start, 4)
+    if req["model"] in TEXT_MODELS:
+        result["text"] = "".join(pieces)
+    else:
+        result["ids"] = pieces
+    return result
+
+
 def run_one_http(url: str, i: int, req: dict, timeout: float) -> dict:
     """One request as an HTTP generate_stream (server-sent events); a drop closes the
     connection (both drop kinds: HTTP has no other way to give up)."""
-    text = req["model"] in TEXT_MODELS
-    result = {"i": i, "model": req["model"], "responses": 0, "final": False, "dropped": False,
-              "error": None, "ttft": None, "seconds": None}
+    result = new_record(i, req)
     pieces: list = []
-    drop_after = req.get("drop_after")
     host, port = url.rsplit(":", 1)
     start = time.monotonic()
-    drop_at = None if req.get("drop_after_seconds") is None else start + req["drop_after_seconds"]
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+    def receive(wait: float):
+        conn.sock.settimeout(wait)
+        return next_event(resp)  # socket.timeout is TimeoutError
+
+    def handle(event) -> bool:
+        if event is None:  # the server ended the stream: its final response was sent
+            result["final"] = resp.status == 200 and result["error"] is None
+            if resp.status != 200 and result["error"] is None:
+                result["error"] = f"HTTP {resp.status}"
+            return True
+        if "error" in event:
+            result["error"] = event["error"]
+            return False
+        if "text_output" in event:
+            pieces.append(event["text_output"])
+        elif "output_ids" in event:
+            ids = np.asarray(event["output_ids"]).reshape(-1)
+            n = int(np.asarray(event["sequence_length"]).reshape(-1)[0])
+            pieces.extend(int(t) for t in ids[:n])
+        count_response(result, start)
+        return False
+
     try:
-        conn.request("POST", f"/v2/models/{req['model']}/generate_stream",
-                     body=json.dumps(http_body(req)), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        while True:
-            if ((drop_after is not None and result["responses"] >= drop_after)
-                    or (drop_at is not None and time.monotonic() >= drop_at)):
-                result["dropped"] = True
-                break
-            wait = timeout if drop_at is None else max(0.01, min(timeout, drop_at - time.monotonic()))
-            conn.sock.settimeout(wait)
-            try:
-                line = resp.readline()
-            except socket.timeout:
-                if drop_at is not None and time.monotonic() >= drop_at:
-                    continue  # dropped at the top of the loop
-                result["error"] = f"no response within {timeout} s"
-                break
-            if not line:  # the server ended the stream: its final response was sent
-                result["final"] = resp.status == 200 and result["error"] is None
-                if resp.status != 200 and result["error"] is None:
-                    result["error"] = f"HTTP {resp.status}"
-                break
-            line = line.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                result["error"] = event["error"]
-                continue
-            if "text_output" in event:
-                pieces.append(event["text_output"])
-            elif "output_ids" in event:
-                ids = np.asarray(event["output_ids"]).reshape(-1)
-                n = int(np.asarray(event["sequence_length"]).reshape(-1)[0])
-                pieces.extend(int(t) for t in ids[:n])
-            result["responses"] += 1
-            if result["ttft"] is None:
-                result["ttft"] = round(time.monotonic() - start, 4)
+        resp = open_generate_stream(conn, req["model"], http_body(req))
+        read_responses(result, Drop(req, start), timeout, receive, handle)
     except Exception as e:  # noqa: BLE001 - reported in the record
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -138,59 +182,49 @@ def run_one_http(url: str, i: int, req: dict, timeout: float) -> dict:
             except OSError:
                 pass
         conn.close()
-    result["seconds"] = round(time.monotonic() - start, 4)
-    result["text" if text else "ids"] = "".join(pieces) if text else pieces
-    return result
+    return finish_record(result, req, pieces, start)
 
 
 def run_one(url: str, i: int, req: dict, timeout: float) -> dict:
     """One request on a gRPC stream of its own; its result record."""
-    text = req["model"] in TEXT_MODELS
-    result = {"i": i, "model": req["model"], "responses": 0, "final": False, "dropped": False,
-              "error": None, "ttft": None, "seconds": None}
+    result = new_record(i, req)
     pieces: list = []
-    drop_after = req.get("drop_after")
-    drop_at = req.get("drop_after_seconds")
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     start = time.monotonic()
-    drop_at = None if drop_at is None else start + drop_at
+
+    def receive(wait: float):
+        try:
+            return responses.get(timeout=wait)
+        except queue.Empty:
+            raise TimeoutError from None
+
+    def handle(item) -> bool:
+        r, error = item
+        if error is not None:
+            result["error"] = str(error)
+            return True
+        response = r.get_response()
+        names = {o.name for o in response.outputs}
+        if "text_output" in names:
+            pieces.append(r.as_numpy("text_output").reshape(-1)[0].decode("utf-8"))
+        elif "output_ids" in names:
+            ids = r.as_numpy("output_ids")
+            n = int(r.as_numpy("sequence_length").reshape(-1)[0])
+            pieces.extend(int(t) for t in ids.reshape(-1, ids.shape[-1])[0, :n])
+        if names:
+            count_response(result, start)
+        final = response.parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            result["final"] = True
+            return True
+        return False
+
     try:
         client.async_stream_infer(req["model"], build_inputs(req), request_id=f"soak-{i}",
                                   enable_empty_final_response=True)
-        while True:
-            if ((drop_after is not None and result["responses"] >= drop_after)
-                    or (drop_at is not None and time.monotonic() >= drop_at)):
-                result["dropped"] = True
-                break
-            wait = timeout if drop_at is None else max(0.0, min(timeout, drop_at - time.monotonic()))
-            try:
-                r, error = responses.get(timeout=wait)
-            except queue.Empty:
-                if drop_at is not None and time.monotonic() >= drop_at:
-                    continue  # dropped at the top of the loop
-                result["error"] = f"no response within {timeout} s"
-                break
-            if error is not None:
-                result["error"] = str(error)
-                break
-            response = r.get_response()
-            names = {o.name for o in response.outputs}
-            if "text_output" in names:
-                pieces.append(r.as_numpy("text_output").reshape(-1)[0].decode("utf-8"))
-            elif "output_ids" in names:
-                ids = r.as_numpy("output_ids")
-                n = int(r.as_numpy("sequence_length").reshape(-1)[0])
-                pieces.extend(int(t) for t in ids.reshape(-1, ids.shape[-1])[0, :n])
-            if names:
-                result["responses"] += 1
-                if result["ttft"] is None:
-                    result["ttft"] = round(time.monotonic() - start, 4)
-            final = response.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                result["final"] = True
-                break
+        read_responses(result, Drop(req, start), timeout, receive, handle)
     except Exception as e:  # noqa: BLE001 - reported in the record
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -198,9 +232,7 @@ def run_one(url: str, i: int, req: dict, timeout: float) -> dict:
             client._channel.close()  # the connection goes away under the stream
         client.stop_stream(cancel_requests=result["dropped"] or not result["final"])
         client.close()
-    result["seconds"] = round(time.monotonic() - start, 4)
-    result["text" if text else "ids"] = "".join(pieces) if text else pieces
-    return result
+    return finish_record(result, req, pieces, start)
 
 
 def run_plan(url: str, plan: list, concurrency: int, timeout: float,
