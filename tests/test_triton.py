@@ -473,7 +473,7 @@ def test_launch_timeout_kills_a_server_stuck_loading(tmp_path, triton_venv):
         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
     (model / "1" / "model.py").write_text(
         "import time\nclass TritonPythonModel:\n    def initialize(self, args):\n        time.sleep(3600)\n")
-    server = TritonServer(tmp_path / "repo", timeout=8, stop_grace=3)
+    server = TritonServer(tmp_path / "repo", timeout=8, stop_grace=3, log_file=tmp_path / "server.log")
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match="not ready after 8 s"):
         server.start()
