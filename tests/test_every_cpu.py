@@ -36,7 +36,7 @@ AVX2_PROCESS = textwrap.dedent("""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
-    from trtbuild.kernels import default_isa
+    from trtbuild.kernels import ISA_FLAGS, default_isa, isa_flags
     from trtbuild.runtime import ModelRunner
 
     graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mmi",
@@ -48,7 +48,8 @@ AVX2_PROCESS = textwrap.dedent("""
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     u8s8 = session.run(None, {"a": np.full((1, 64), 255, np.uint8), "b": np.full((64, 1), 127, np.int8)})[0]
     prompts = json.loads(sys.argv[2])
-    report = {"u8s8_sum": int(u8s8[0, 0]), "isa": default_isa(), "engines": {}}
+    report = {"u8s8_sum": int(u8s8[0, 0]), "isa": default_isa(), "engines": {},
+              "native_is_avx2": isa_flags("native") == ISA_FLAGS["avx2"]}
     for engine in sys.argv[3:]:
         runner = ModelRunner.from_dir(engine, num_threads=1, prompt_attention="kernel")
         np.save(f"{engine}/avx2_logits.npy", runner.score(prompts))
@@ -93,6 +94,7 @@ def test_an_avx2_cpu_runs_every_engine_exactly(engines, tmp_path):
     # the emulated CPU is the one the issue describes: pairs of u8 x s8 products saturate in int16
     assert report["u8s8_sum"] == 1_048_544 != 255 * 127 * 64
     assert report["isa"] == "avx2"  # the host's -march=native would be illegal instructions there
+    assert report["native_is_avx2"]  # even asked for "native" (the compiler would see the host)
     for name, engine in engines.items():
         seen = report["engines"][str(engine)]
         assert seen["int8_gemm"] == ("u8u8" if name.startswith("sq") else None), name

@@ -98,6 +98,18 @@ def default_isa() -> str:
     return "avx2" if features.get("AVX2") and features.get("FMA3") and not features.get("AVX512F") else "native"
 
 
+def isa_flags(isa: str) -> list[str]:
+    """The compiler flags of `isa` (a key of ISA_FLAGS). -march=native is what the compiler sees: the
+    host. Where this process sees a CPU without AVX-512 on a host with it (an emulated CPU such as
+    qemu's Haswell), the host's instructions would be illegal here, so "native" gets the AVX2 form."""
+    if isa not in ISA_FLAGS:
+        raise TrtbuildError(f"kernel ISA {isa!r} is not one of {', '.join(ISA_FLAGS)}")
+    host_flags = next((line for line in cpu_signature().splitlines() if line.startswith("flags")), "").split()
+    if isa == "native" and "avx512f" in host_flags and not _process_cpu_features().get("AVX512F"):
+        return ISA_FLAGS["avx2"]
+    return ISA_FLAGS[isa]
+
+
 def _missing_sources() -> list[str]:
     """The SOURCES and the headers they #include "..." (here or in include/) that are absent: a
     trtbuild installed without them (pyproject.toml's package-data ships them)."""
@@ -133,7 +145,7 @@ def library_path(kernel_dir: Path | None = None, isa: str | None = None) -> Path
         raise KernelUnavailable(f"trtbuild's kernel sources are incomplete: {_HERE} lacks {', '.join(missing)}; "
                                 "this trtbuild install is broken: reinstall it")
     digest = hashlib.sha256()
-    flags = [*_FLAGS, *ISA_FLAGS[isa or default_isa()]]
+    flags = [*_FLAGS, *isa_flags(isa or default_isa())]
     for part in [version, cpu_signature(), " ".join(flags)]:
         digest.update(part.encode())
     for path in sorted([*_HERE.glob("*.cc"), *_HERE.glob("*.h"), *(_HERE / "include").glob("*.h")]):
