@@ -48,10 +48,10 @@ Measured here (tensorrt_rtx 1.7.1.116 from PyPI, polygraphy 0.53.6, onnx 1.23.2,
   the network must be written in float16/bfloat16; fp16=True matters only for `tensorrt`.
 - The network writer's quantized paths put float32 scales/constants into a float16 network (a
   float16 MatMul then refuses its float32 dequantized weight: "IMatrixMultiplyLayer must have same
-  input types"), and per-channel weights use block 128 even when K is not a multiple (SmolLM2's
-  hidden 576: "The quantization axis must divide into whole blocks"). prepare_onnx_for_tensorrt
-  rewrites both in place (scales to float16; per-channel blocks to 64), exact up to float16 scale
-  rounding. Per-channel int4 with a block of K (or axis-1 per-channel) also builds, but as a plain
+  input types"), and per-channel weights could have a block that K is not a multiple of (block
+  128 before it became 32, with SmolLM2's hidden 576: "The quantization axis must divide into whole
+  blocks"). prepare_onnx_for_tensorrt rewrites both in place (scales to float16; per-channel blocks
+  to one that divides K), exact up to float16 scale rounding. Per-channel int4 with a block of K (or axis-1 per-channel) also builds, but as a plain
   gemm on dequantized weights; a dividing block builds TensorRT's fused weight-only kernel
   ("runtime_fusion" layers). With that, on a tiny Llama: float16, int8/int4 weight-only (RTN,
   GPTQ, AWQ; per channel or per group), SmoothQuant (static per-tensor Q/DQ, and per-token, which
@@ -867,7 +867,7 @@ def prepare_onnx_for_tensorrt(onnx_path: str | os.PathLike, compute_dtype: str) 
     The network writer emits quantization scales and constants in float32 (the onnxruntime form);
     TensorRT's strongly typed network wants them in the compute dtype (a float16 MatMul cannot take
     a float32 dequantized weight). And a per-channel int4 weight whose K is not a multiple of its
-    block (hidden 576 with block 128) is re-blocked to a block that divides K, with the one scale
+    block (a hidden size that is not a multiple of 32) is re-blocked to a block that divides K, with the one scale
     per channel repeated: TensorRT wants whole blocks. Both are exact rewrites of what the weights
     mean (scales rounded to the compute dtype). Weights stay packed in the external data file; new
     scales are appended to it. A per-group weight whose K is not a multiple of its group cannot be
