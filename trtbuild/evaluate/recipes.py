@@ -112,22 +112,20 @@ def decode_speeds(engine_dirs: dict[str, Path], new_tokens: int = 64, rounds: in
 
 
 def evaluate_recipe(name: str, ckpt_dir: Path, work_dir: Path, texts: list[EvalText], calib_file: Path,
-                    eval_max_tokens: int, seq_len: int = 512, num_threads: int | None = None,
-                    flags: list[str] | None = None) -> RecipeResult:
-    """Build `name`'s engine (RECIPES[name], or `flags`) in work_dir/name and measure its perplexity
-    on every text (decode speed: decode_speeds)."""
+                    eval_max_tokens: int, seq_len: int = 512, num_threads: int | None = None) -> RecipeResult:
+    """Build `name`'s engine in work_dir/name and measure its perplexity on every text (decode speed:
+    decode_speeds)."""
     engine_dir = work_dir / name
-    seconds = build_recipe(ckpt_dir, engine_dir, RECIPES[name] if flags is None else flags, calib_file,
-                           max_seq_len=2 * seq_len)
+    seconds = build_recipe(ckpt_dir, engine_dir, RECIPES[name], calib_file, max_seq_len=2 * seq_len)
     ppl = {t.name: engine_perplexity(engine_dir, t.read(eval_max_tokens * 8), seq_len=seq_len,
                                      max_tokens=eval_max_tokens, batch_size=2, num_threads=num_threads,
                                      progress=False).perplexity for t in texts}
     return RecipeResult(name, ppl, dir_size(engine_dir), None, seconds)
 
 
-def markdown_table(results: list[RecipeResult], cpu: str | None = None) -> str:
+def markdown_table(results: list[RecipeResult]) -> str:
     """One row per recipe: perplexity on each text (and vs fp32), size, decode speed, build time;
-    `cpu` (default: this process's, kernels.cpu_description) is named under the table."""
+    this process's CPU (kernels.cpu_description) is named under the table."""
     from trtbuild.kernels import cpu_description
 
     base = next((r for r in results if r.name == "fp32"), None)
@@ -142,5 +140,5 @@ def markdown_table(results: list[RecipeResult], cpu: str | None = None) -> str:
         tps = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else ""
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.size_bytes / 2**20:.0f} | {tps} | "
                      f"{r.build_seconds:.0f} |")
-    lines.append(f"\nCPU: {cpu or cpu_description()}")
+    lines.append(f"\nCPU: {cpu_description()}")
     return "\n".join(lines)
