@@ -104,3 +104,73 @@ def test_an_avx2_cpu_runs_every_engine_exactly(engines, tmp_path):
         for i, p in enumerate(PROMPTS):  # the same integer GEMMs; float rounding of 8- vs 16-lane sums
             np.testing.assert_allclose(there[i, :len(p)], here[i, :len(p)], atol=1e-4, rtol=0,
                                        err_msg=f"{name}: the AVX2 CPU's logits differ, prompt {i}")
+
+
+# Runs natively and under qemu: one model's outputs for the saved inputs, into an .npz.
+RUN_GRAPH = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+
+    model, inputs, out = sys.argv[1:4]
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = dict(np.load(inputs))
+    names = [o.name for o in session.get_outputs()]
+    np.savez(out, **dict(zip(names, session.run(None, feeds))))
+""")
+
+
+def _weight_only_model(path, shapes: dict[str, tuple[int, int, int]], rng) -> dict[str, np.ndarray]:
+    """One MatMulNBits per (in_features, out_features, bits) at accuracy_level 4 (int8 activations in
+    blocks of 32), with a model's outlier input channels; returns the feeds (1 row and 128 rows)."""
+    from onnx import TensorProto
+
+    from trtbuild.onnx_graph import GraphBuilder
+    from trtbuild.plugins.quant_gemm import _pack_int4, weight_only_linear
+
+    g = GraphBuilder(path)
+    feeds = {}
+    for name, (k, n, bits) in shapes.items():
+        q = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+        tensors = {f"{name}.weight": _pack_int4(q) if bits == 4 else q,
+                   f"{name}.weights_scaling_factor": (rng.random((n, 1)) * 0.02 + 0.001).astype(np.float32)}
+        for rows in (1, 128):
+            x = g.input(f"{name}_x{rows}", TensorProto.FLOAT, [rows, k])
+            prefix = f"{name}_{rows}"  # weights are named by prefix: one copy per input
+            y = weight_only_linear(g, x, {key.replace(name, prefix): v for key, v in tensors.items()},
+                                   prefix, bits, 128, fused=True)
+            g.op("Identity", [y], outputs=[f"{name}_y{rows}"])
+            g.output(f"{name}_y{rows}", TensorProto.FLOAT, [rows, n])
+            value = rng.standard_normal((rows, k)).astype(np.float32)
+            value[:, rng.choice(k, 4, replace=False)] *= 40  # outlier channels, as real residual streams have
+            value[0] *= 8  # an attention-sink row
+            feeds[f"{name}_x{rows}"] = value
+    g.save()
+    g.close()
+    return feeds
+
+
+def test_an_avx2_cpu_runs_weight_only_gemms_at_model_shapes_alike(tmp_path):
+    """The tiny engines above have K of 64: MatMulNBits' int8-activation kernels at a real model's
+    K and N (SmolLM2's 576 and 1536 in, 3072 out), 8- and 4-bit, must give the AVX2 CPU what they
+    give this one. (A whole real engine cannot be compared so: rounding activations to int8 makes it
+    jump at float noise, so two exact attention forms on one CPU already differ by 0.15 in logits.)"""
+    assert QEMU is not None, "qemu-user is needed to check the AVX2 CPU (apt-get install qemu-user)"
+    rng = np.random.default_rng(0)
+    model = tmp_path / "weight_only.onnx"
+    feeds = _weight_only_model(model, {"fc_gate8": (576, 3072, 8), "proj8": (1536, 576, 8),
+                                       "fc_gate4": (576, 3072, 4), "proj4": (1536, 576, 4)}, rng)
+    np.savez(tmp_path / "x.npz", **feeds)
+    script = tmp_path / "run_graph.py"
+    script.write_text(RUN_GRAPH)
+    outputs = {}
+    for cpu, prefix in (("here", []), ("avx2", [QEMU, "-cpu", AVX2_CPU])):
+        result = subprocess.run([*prefix, sys.executable, str(script), str(model), str(tmp_path / "x.npz"),
+                                 str(tmp_path / f"{cpu}.npz")], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[cpu] = np.load(tmp_path / f"{cpu}.npz")
+    for name in outputs["here"].files:
+        here, there = outputs["here"][name], outputs["avx2"][name]
+        scale = float(np.sqrt(np.mean(here ** 2)))
+        # the same int8 products; only the float sums of block results may round differently
+        assert float(np.abs(there - here).max()) <= 5e-5 * scale, f"{name}: the AVX2 CPU's outputs differ"
