@@ -295,7 +295,8 @@ def build_ortgenai_model(model_dir: Path, precision: str, cache_dir: Path) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     _run_logged([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(tmp),
                  "-p", precision, "-e", "cpu", "-c", str(peers_dir(cache_dir) / "ortgenai-cache")],
-                peers_dir(cache_dir) / f"ortgenai_build_{model_dir.name}_{precision}.log")
+                peers_dir(cache_dir) / f"ortgenai_build_{model_dir.name}_{precision}.log",
+                cwd=peers_dir(cache_dir))  # not the checkout: its quantization/ would shadow the builder's
     tmp.rename(out)
     return out
 
@@ -549,6 +550,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth_mb", type=int, default=None, help="array size for the read-bandwidth test "
                    "(default 1024, 64 with --quick)")
     p.add_argument("--json", type=Path, help="also write every figure here")
+    p.add_argument("--no_memory", action="store_true",
+                   help="skip the peak-memory phase (each engine loaded alone in a child process)")
+    p.add_argument("--peak_rss_of", type=int, help=argparse.SUPPRESS)  # the child of that phase
     a = p.parse_args(argv)
     a.new_tokens = a.new_tokens or (16 if a.quick else 128)
     a.prefill_len = a.prefill_len or (64 if a.quick else 512)
@@ -562,9 +566,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def load_engines(a) -> tuple[list[Engine], list[str]]:
-    engines: list[Engine] = []
-    skipped: list[str] = []
+def engine_specs(a) -> list[tuple[str, str, object]]:
+    """(label, kind, make) of every engine this run measures, in table order; `make()` loads it."""
+    specs: list[tuple[str, str, object]] = []
     model_dir = a.model_dir
     if model_dir is None and (a.peer_list or not a.no_default_engine):
         from trtbuild.fetch import fetch_model
@@ -574,44 +578,143 @@ def load_engines(a) -> tuple[list[Engine], list[str]]:
     max_len = max(a.prompt_len + a.new_tokens, a.prefill_len)
     if not a.no_default_engine:
         d = ensure_fp32_engine(model_dir, a.cache_dir, a.batch, max(1024, max_len))
-        engines.append(TrtbuildEngine("trtbuild", d, a.threads))
+        specs.append(("trtbuild fp32", "trtbuild", lambda: TrtbuildEngine("trtbuild", d, a.threads)))
     for spec in a.engine:
         name, sep, d = spec.partition("=")
         if not sep:
             name, d = Path(spec).name, spec
-        engines.append(TrtbuildEngine(f"trtbuild {name}", Path(d).expanduser(), a.threads))
-    for e in engines:
+        specs.append((f"trtbuild {name}", "trtbuild",
+                      lambda name=name, d=d: TrtbuildEngine(f"trtbuild {name}", Path(d).expanduser(), a.threads)))
+    if "transformers" in a.peer_list:
+        specs.append(("transformers fp32", "transformers", lambda: TransformersEngine(model_dir, a.threads)))
+    if "ortgenai" in a.peer_list:
+        for prec in filter(None, a.ortgenai_precisions.split(",")):
+            specs.append((f"onnxruntime-genai {prec}", "ortgenai",
+                          lambda prec=prec: OrtGenaiEngine(model_dir, prec, a.threads, a.cache_dir)))
+    if "llamacpp" in a.peer_list:
+        for prec in filter(None, a.llamacpp_precisions.split(",")):
+            specs.append((f"llama.cpp {prec}", "llamacpp", lambda prec=prec: LlamaCppEngine(
+                model_dir, prec, a.threads, a.cache_dir, a.batch, a.prompt_len + a.new_tokens, a.prefill_len)))
+    return specs
+
+
+def load_engine(a, label: str, kind: str, make) -> tuple[Engine | None, str | None]:
+    """Load one engine: (engine, None), or (None, why it was skipped). trtbuild engines must fit the run."""
+    if kind == "trtbuild":
+        e = make()
         if e.max_batch_size < a.batch or e.max_input_len < a.prefill_len or e.max_seq_len < a.prompt_len + a.new_tokens:
             raise SystemExit(f"{e.engine_dir}: built for max_batch_size {e.max_batch_size}, max_input_len "
                              f"{e.max_input_len}, max_seq_len {e.max_seq_len}; this run needs {a.batch}, "
                              f"{a.prefill_len}, {a.prompt_len + a.new_tokens}: rebuild it or lower --batch/"
                              "--prefill_len/--new_tokens")
-
-    def try_peer(kind, make, label):
-        try:
-            engines.append(make())
-        except ImportError as e:
-            skipped.append(f"{label}: skipped, not installed ({e.name or e}); install with: {INSTALL[kind]}")
-        except Exception as e:  # a peer that cannot build or load is reported, not fatal
-            skipped.append(f"{label}: skipped, {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return e, None
+    try:  # a peer that is not installed, cannot build or cannot load is reported, not fatal
+        engine = make()
         log(f"loaded {label}")
+        return engine, None
+    except ImportError as e:
+        return None, f"{label}: skipped, not installed ({e.name or e}); install with: {INSTALL[kind]}"
+    except Exception as e:
+        return None, f"{label}: skipped, {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    if "transformers" in a.peer_list:
-        try_peer("transformers", lambda: TransformersEngine(model_dir, a.threads), "transformers fp32")
-    if "ortgenai" in a.peer_list:
-        for prec in filter(None, a.ortgenai_precisions.split(",")):
-            try_peer("ortgenai", lambda prec=prec: OrtGenaiEngine(model_dir, prec, a.threads, a.cache_dir),
-                     f"onnxruntime-genai {prec}")
-    if "llamacpp" in a.peer_list:
-        for prec in filter(None, a.llamacpp_precisions.split(",")):
-            try_peer("llamacpp", lambda prec=prec: LlamaCppEngine(
-                model_dir, prec, a.threads, a.cache_dir, a.batch, a.prompt_len + a.new_tokens, a.prefill_len),
-                f"llama.cpp {prec}")
+
+def load_engines(a) -> tuple[list[Engine], list[str]]:
+    engines: list[Engine] = []
+    skipped: list[str] = []
+    for index, (label, kind, make) in enumerate(engine_specs(a)):
+        engine, why = load_engine(a, label, kind, make)
+        if engine is None:
+            skipped.append(why)
+            continue
+        engine.spec_index = index  # its number in engine_specs, for the peak-memory child
+        engines.append(engine)
     return engines, skipped
 
 
+# ------------------------------------------------------------------------------------- peak memory
+
+def peak_rss_child(a) -> int:
+    """In a child process: load engine number a.peak_rss_of alone, run a prefill and a short decode
+    at batch 1 and at batch B, and print the process's peak resident set (ru_maxrss)."""
+    import resource
+
+    label, kind, make = engine_specs(a)[a.peak_rss_of]
+    engine, why = load_engine(a, label, kind, make)
+    if engine is None:
+        print(json.dumps({"skipped": why}))
+        return 0
+    vocab = json.loads((a.model_dir / "config.json").read_text())["vocab_size"]
+    prompts, long_prompt = make_prompts(a.model_dir / "tokenizer.json", vocab, a.batch, a.prompt_len, a.prefill_len)
+    engine.prefill(long_prompt)
+    engine.generate(prompts[:1], 8)
+    engine.generate(prompts, 8)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    return 0
+
+
+def peak_rss(argv: list[str], spec_indices: list[int]) -> list[float | None]:
+    """Each engine's peak resident memory in MB, measured alone in a fresh process (one process
+    holding every engine cannot say which one needs what)."""
+    out: list[float | None] = []
+    for i in spec_indices:
+        result = subprocess.run([sys.executable, __file__, *argv, "--peak_rss_of", str(i)],
+                                capture_output=True, text=True)
+        lines = result.stdout.strip().splitlines()
+        report = json.loads(lines[-1]) if result.returncode == 0 and lines else {}
+        out.append(report.get("peak_rss_mb"))
+        if result.returncode != 0:
+            log(f"peak memory of engine {i}: child failed: {result.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+# precision classes for "the best peer at the same precision"
+PRECISION_CLASS = {"fp32": "fp32", "f32": "fp32", "int4": "int4", "q4_0": "int4", "W4A16": "int4",
+                   "q8_0": "int8", "W8A16": "int8"}
+
+
+def precision_class(precision: str) -> str | None:
+    """fp32 / int4 / int8 for a table row's precision (W8A8 recipes count as int8)."""
+    head = precision.split(" ")[0]
+    return PRECISION_CLASS.get(head) or ("int8" if head.startswith("W8A8") else None)
+
+
+def target_lines(rows: list[dict], batch: int) -> list[str]:
+    """The speed issue's targets, each as measured in this run against the best peer in it."""
+    peers = [r for r in rows if r["kind"] != "trtbuild"]
+    ours = [r for r in rows if r["kind"] == "trtbuild"]
+    lines: list[str] = []
+
+    def check(what: str, got: float | None, want: float | None, factor: float, more_is_better: bool = True):
+        if got is None or want is None:
+            lines.append(f"{what}: not measured in this run")
+            return
+        ok = got >= factor * want if more_is_better else got <= factor * want
+        lines.append(f"{what}: {got:.1f} vs {want:.1f} = {got / want:.2f}× (target {'≥' if more_is_better else '≤'} "
+                     f"{factor:g}×) {'✓' if ok else '✗'}")
+
+    def best(rs, key, cls=None, lowest=False):
+        vals = [r[key] for r in rs if r.get(key) is not None and (cls is None or precision_class(r["precision"]) == cls)]
+        return (min(vals) if lowest else max(vals)) if vals else None
+
+    check("int4 decode b1, our best vs the best peer int4", best(ours, "decode_b1", "int4"),
+          best(peers, "decode_b1", "int4"), 1.3)
+    check("fp32 decode b1 vs the best peer fp32", best(ours, "decode_b1", "fp32"), best(peers, "decode_b1", "fp32"), 1.0)
+    check("fp32 prefill vs the best peer prefill", best(ours, "prefill", "fp32"), best(peers, "prefill"), 1.0)
+    w8a8 = best([r for r in ours if r["precision"].startswith("W8A8")], "prefill")
+    check("W8A8 prefill vs the best peer prefill", w8a8, best(peers, "prefill"), 1.5)
+    for r in ours:
+        check(f"{r['engine']} decode b{batch} vs b1", r["decode_bN"], r["decode_b1"], 4.0)
+    for cls in ("fp32", "int4", "int8"):
+        check(f"{cls} peak RSS MB, our lowest vs the lowest peer's", best(ours, "peak_rss_mb", cls, lowest=True),
+              best(peers, "peak_rss_mb", cls, lowest=True), 1.0, more_is_better=False)
+    return lines
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
+    if a.peak_rss_of is not None:
+        return peak_rss_child(a)
     engines, skipped = load_engines(a)
     for line in skipped:
         log(line)
@@ -684,21 +787,29 @@ def main(argv=None) -> int:
                          pct_roofline_b1=(m["b1"] / roof * 100) if roof else None,
                          first_token_differing_from_transformers=same, greedy_tokens=tokens[i]))
 
+    for e in engines:
+        e.close()
+    gc.collect()
+    if not a.no_memory:
+        log("peak memory: each engine alone in a child process")
+        for row, mb in zip(rows, peak_rss(argv, [e.spec_index for e in engines])):
+            row["peak_rss_mb"] = mb
+
     b = a.batch
     print(f"\n{cpu_description()}, {a.threads} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)} rounds, best pass of each); "
           f"decode: {a.new_tokens} new tokens after a {a.prompt_len}-token prompt; prefill: {len(long_prompt)} "
           f"tokens; median of {a.repeats} round(s)\n")
-    print(f"| engine | precision | MB | decode b1 tok/s | decode b{b} tok/s | prefill tok/s | "
+    print(f"| engine | precision | MB | decode b1 tok/s | decode b{b} tok/s | prefill tok/s | peak RSS MB | "
           f"vs transformers (b1 / b{b} / prefill) | roofline tok/s | b1 % of roofline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         r = row["vs_transformers"]
         ratio = "–" if r is None else f"{r['b1']:.2f}× / {r['bN']:.2f}× / {r['prefill']:.2f}×"
         print(f"| {row['engine']} | {row['precision']} | {row['mb']:.0f} | {fmt(row['decode_b1'])} | "
-              f"{fmt(row['decode_bN'])} | {fmt(row['prefill'])} | {ratio} | {fmt(row['roofline'], 0)} | "
-              f"{fmt(row['pct_roofline_b1'], 0)}% |")
+              f"{fmt(row['decode_bN'])} | {fmt(row['prefill'])} | {fmt(row.get('peak_rss_mb'), 0)} | {ratio} | "
+              f"{fmt(row['roofline'], 0)} | {fmt(row['pct_roofline_b1'], 0)}% |")
     for line in skipped:
         print(f"- {line}")
 
@@ -717,10 +828,9 @@ def main(argv=None) -> int:
             status = 3 if k is not None else status
         else:
             print(f"info  {row['engine']} {row['precision']}: {verdict} (not fp32: not required)")
-    for row in rows:
-        if row["kind"] == "trtbuild":
-            print(f"{row['engine']} {row['precision']}: batch {b} / batch 1 decode = "
-                  f"{row['decode_bN'] / row['decode_b1']:.2f}×")
+    print(f"\ntargets ({cpu_description()}):")
+    for line in target_lines(rows, b):
+        print(f"  {line}")
 
     if a.json:
         a.json.write_text(json.dumps(dict(
@@ -731,9 +841,6 @@ def main(argv=None) -> int:
                           repeats=a.repeats, model_dir=str(a.model_dir) if a.model_dir else None),
             rows=rows, skipped=skipped), indent=1))
         log(f"wrote {a.json}")
-    for e in engines:
-        e.close()
-    gc.collect()
     return status
 
 

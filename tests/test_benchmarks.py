@@ -38,7 +38,9 @@ def test_bench_engines_quick(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["decode_b1"] > 0 and row["decode_bN"] > 0 and row["prefill"] > 0
         assert row["roofline"] > 0 and row["mb"] > 0
+        assert row["peak_rss_mb"] > 50  # each engine alone in a child process (a tiny model; torch alone is more)
     assert rows["trtbuild"]["vs_transformers"]["b1"] > 0
+    assert "fp32 decode b1 vs the best peer fp32: " in r.stdout and "fp32 peak RSS MB" in r.stdout, r.stdout
     assert data["machine"]["bandwidth_gbs"] > 0
     assert not (tmp_path / "cache" / "bench").exists()  # nothing built beside the engine it was given
 

@@ -194,3 +194,51 @@ def test_half_precision_checkpoints_build_and_run(tiny_models, tmp_path):
         runner = build(tmp_path / dtype, tmp_path / f"e_{dtype}")
         out = runner.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=4)).output_ids
         assert all(len(o) == 4 for o in out)
+
+
+def test_the_kv_cache_grows_with_the_longest_row_and_keeps_every_row(tiny_models, tmp_path, monkeypatch):
+    """The shared cache starts at 256 positions a row (not max_seq_len: memory follows the requests)
+    and doubles as a row needs more, while other rows are cached and rows retire and move."""
+    from trtbuild.runtime.kv_cache import SharedKVCache
+
+    hf_dir = tmp_path / "hf"  # the tiny llama with room for 1024 positions (rotary: no learned table)
+    shutil.copytree(tiny_models["llama"], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    convert_checkpoint(hf_dir, tmp_path / "ckpt", progress=False)
+    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=3, max_input_len=320,
+                                                                     max_seq_len=1024), progress=False)
+    runner = ModelRunner.from_dir(tmp_path / "engine", num_threads=1)
+    assert runner.kv_cache.capacity == SharedKVCache.MIN_CAPACITY
+    runner.generate([[7, 8, 9]], SamplingConfig(max_new_tokens=4))
+    assert runner.kv_cache.capacity == SharedKVCache.MIN_CAPACITY  # a short request does not grow it
+
+    import transformers
+
+    from trtbuild.runtime.request import Request
+
+    requests, seen = [], {}  # every request made; id(request) → the logits each of its tokens came from
+    real_init, real_accept = Request.__init__, Request.accept
+
+    def init(r, *args, **kwargs):
+        real_init(r, *args, **kwargs)
+        requests.append(r)
+
+    def accept(r, logits):
+        seen.setdefault(id(r), []).append(logits.copy())
+        real_accept(r, logits)
+
+    monkeypatch.setattr(Request, "__init__", init)
+    monkeypatch.setattr(Request, "accept", accept)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, n).tolist() for n in (240, 30, 300)]
+    new_tokens = [40, 12, 250]  # row 0 crosses 256 mid-decode, row 1 retires early, row 2 crosses 512
+    out = runner.generate(prompts, [SamplingConfig(max_new_tokens=n) for n in new_tokens]).output_ids
+    assert runner.kv_cache.capacity == 1024 >= 300 + 250
+    for i, (p, n, r) in enumerate(zip(prompts, new_tokens, requests)):
+        assert len(out[i]) == n
+        with torch.no_grad():  # the logits of every step, the whole sequence in one forward pass
+            ref = hf(torch.tensor([p + out[i][:-1]])).logits[0, len(p) - 1:].numpy()
+        np.testing.assert_allclose(np.stack(seen[id(r)]), ref, atol=1e-3, rtol=0,
+                                   err_msg=f"row {i}: the logits differ from transformers after the cache grew")

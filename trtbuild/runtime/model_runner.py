@@ -152,7 +152,7 @@ class ModelRunner:
         lengths_after[b]: tokens in row b's cache after this step.
         """
         batch = input_ids.shape[0]
-        io = (self.kv_cache.binding(self.session, slot_start, batch) if self.shared_cache
+        io = (self.kv_cache.binding(self.session, slot_start, batch, int(lengths_after.max())) if self.shared_cache
               else self.session.io_binding())
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
