@@ -577,8 +577,8 @@ def engine_specs(a) -> list[tuple[str, str, object]]:
     a.model_dir = model_dir
     max_len = max(a.prompt_len + a.new_tokens, a.prefill_len)
     if not a.no_default_engine:
-        d = ensure_fp32_engine(model_dir, a.cache_dir, a.batch, max(1024, max_len))
-        specs.append(("trtbuild fp32", "trtbuild", lambda: TrtbuildEngine("trtbuild", d, a.threads)))
+        fp32_dir = ensure_fp32_engine(model_dir, a.cache_dir, a.batch, max(1024, max_len))
+        specs.append(("trtbuild fp32", "trtbuild", lambda: TrtbuildEngine("trtbuild", fp32_dir, a.threads)))
     for spec in a.engine:
         name, sep, d = spec.partition("=")
         if not sep:

@@ -62,3 +62,24 @@ def test_quant_table_on_tiny_model(tmp_path: Path) -> None:
         assert all(float(p.split()[0]) > 1 for p in ppls) and float(mib) >= 0 and float(tps) > 0, r.stdout
         assert all(("%)" in p) == (name.strip() == "w8a16") for p in ppls), r.stdout
     assert "CPU: " in r.stdout and "cores)" in r.stdout, r.stdout
+
+
+def test_profile_runtime_on_tiny_engine(tmp_path: Path) -> None:
+    """benchmarks/profile_runtime.py: the decode step's split (session.run, sampling, Python), the
+    weights' read against the step, spinning or not, and the operator tables of decode and prefill."""
+    from trtbuild.builder import build_engine
+    from trtbuild.convert.converter import convert_checkpoint
+    from trtbuild.engine import BuildConfig
+
+    hf = make_tiny_model("llama", tmp_path / "hf")
+    convert_checkpoint(hf, tmp_path / "ckpt", "float32", progress=False)
+    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=2, max_input_len=64,
+                                                                     max_seq_len=128), progress=False)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_runtime.py"), "--engine_dir",
+                        str(tmp_path / "engine"), "--new_tokens", "8", "--prefill_len", "48", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for expected in ("decode step ", "sampling ", "weights read per token ", "not spinning",
+                     "## trtbuild onnxruntime profile, decode: 7 decode runs",
+                     "## trtbuild onnxruntime profile, one 48-token prefill: 1 prefill runs", "| MatMul |"):
+        assert expected in r.stdout, r.stdout
