@@ -63,6 +63,14 @@ def read_hf_weights(model_dir: str | Path, config: PretrainedConfig, progress: b
             used.add(reader.resolve(src) or src)
             parts.append(t.t() if row.transpose else t)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if row.part is not None:  # the k-th of n equal row blocks of a fused HF tensor
+            k, n = row.part
+            if tensor.shape[0] % n:
+                raise TrtbuildError(f"{model_dir}: tensor {row.sources[0]} has {tensor.shape[0]} rows, "
+                                    f"not {n} equal parts")
+            tensor = tensor.chunk(n, dim=0)[k]
+        if row.offset:
+            tensor = tensor.float() + row.offset
         if tuple(tensor.shape) != shapes[row.checkpoint]:
             raise TrtbuildError(
                 f"{model_dir}: tensor {' + '.join(row.sources)} has shape {tuple(tensor.shape)}, "

@@ -17,10 +17,11 @@ import torch
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.models import family_for
 from trtbuild.lora_adapter import (  # noqa: F401  (re-exported: the convert-side API)
-    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, GPT2_HF_MODULES, GPT2_LAYER_PREFIX, LLAMA_HF_MODULES,
-    LLAMA_LAYER_PREFIX, LORA_TARGET_MODULES, MODULE_TO_LINEAR, LoraAdapter, LoraLinearLayout, LoraModule, LoraSlot,
-    check_adapter_fits, check_target_modules, family_modules, is_gpt2_family, lora_layout, module_rows, module_shape,
+    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, LORA_TARGET_MODULES, MODULE_TO_LINEAR, LoraAdapter,
+    LoraLinearLayout, LoraModule, LoraSlot, check_adapter_fits, check_target_modules, lora_layout, module_rows,
+    module_shape,
     read_lora_adapter, stack_lora_adapters, union_target_modules)
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,9 @@ def _dtype_of(weights: dict[str, torch.Tensor], name: str) -> torch.dtype:
 # Making adapters (tests, benchmarks)
 
 
-def default_hf_target_modules(model_type: str) -> list[str]:
-    if model_type == "gpt2":
-        return ["c_attn", "c_proj", "c_fc"]
-    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def default_hf_target_modules(architecture: str) -> list[str]:
+    """Every HF linear its family can adapt (q_proj, c_attn, ...)."""
+    return sorted({module.rsplit(".", 1)[-1] for module in family_for(architecture).hf_lora_modules})
 
 
 def make_peft_adapter(model_dir: str | Path, out_dir: str | Path, *, r: int = 4, lora_alpha: float = 8,
@@ -147,13 +147,14 @@ def make_peft_adapter(model_dir: str | Path, out_dir: str | Path, *, r: int = 4,
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    gpt2 = model.config.model_type == "gpt2"
+    family = family_for(model.config.architectures[0])
+    conv1d = any(row.transpose for row in family.weight_rows)  # weights stored [in, out] (GPT-2)
     lc = LoraConfig(
         r=r, lora_alpha=lora_alpha, target_modules=list(target_modules or default_hf_target_modules(
-            model.config.model_type)),
+            model.config.architectures[0])),
         modules_to_save=list(modules_to_save) if modules_to_save else None, use_rslora=use_rslora,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
-        fan_in_fan_out=gpt2, init_lora_weights=False, lora_dropout=0.0, ensure_weight_tying=ensure_weight_tying)
+        fan_in_fan_out=conv1d, init_lora_weights=False, lora_dropout=0.0, ensure_weight_tying=ensure_weight_tying)
     pm = get_peft_model(model, lc)
     with torch.no_grad():
         for name, p in pm.named_parameters():

@@ -16,7 +16,10 @@ from onnx import TensorProto
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.engine_io import kv_io_names
+from trtbuild.errors import TrtbuildError
 from trtbuild.onnx_graph import GraphBuilder
+from trtbuild.plugins.norm import norm
+from trtbuild.rope import longrope_attention_factor, longrope_inv_freq
 
 
 def rope_inv_freq(config: PretrainedConfig) -> np.ndarray:
@@ -66,17 +69,19 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
                      position_ids: str, input_ids: str, float_dtype: np.dtype) -> AttentionInputs:
     """Declare the attention-specific graph inputs and build what all layers share."""
     inputs = AttentionInputs(fused=fused, position_ids=position_ids)
-    if config.position_embedding_type.startswith("rope"):
-        cos, sin = rope_cache(config, max_seq_len)
-        inputs.cos = g.weight("rope.cos_cache", cos.astype(float_dtype))
-        inputs.sin = g.weight("rope.sin_cache", sin.astype(float_dtype))
+    rotary_dim = config.rotary_dim or config.head_size
+    if fused and config.position_embedding_type.startswith("rope") and (rotary_dim // 2) % 8:
+        raise TrtbuildError(f"{config.architecture}: rotary over {rotary_dim} of {config.head_size} head dims; "
+                            "GroupQueryAttention rotates a multiple of 16: build with --gpt_attention_plugin disable")
     if fused:
         inputs.seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch_size"])
         inputs.total_sequence_length = g.input("total_sequence_length", TensorProto.INT32, [])
+        _add_rope(g, config, inputs, max_seq_len, float_dtype, inputs.total_sequence_length)
         return inputs
     attention_mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
     # key j is visible from query i (at cache index past + i) iff j <= past + i and mask[b, j].
     total = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
+    _add_rope(g, config, inputs, max_seq_len, float_dtype, total)
     seq = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)
     keys = g.op("Range", [g.const(0), total, g.const(1)])
     queries = g.op("Range", [g.op("Sub", [total, seq]), total, g.const(1)])
@@ -85,6 +90,30 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
     padding = g.op("Unsqueeze", [g.op("Cast", [attention_mask], to=TensorProto.BOOL), g.const([1, 2])])
     inputs.mask = g.op("And", [causal, padding], name="attention_mask_4d")
     return inputs
+
+
+def _add_rope(g: GraphBuilder, config: PretrainedConfig, inputs: AttentionInputs, max_seq_len: int,
+              float_dtype: np.dtype, total: str) -> None:
+    """The cos / sin caches every layer reads; LongRoPE's short or long set, picked per step by
+    whether the step's longest sequence (`total` tokens) passes original_max_position_embeddings."""
+    if not config.position_embedding_type.startswith("rope"):
+        return
+    scaling = config.rotary_scaling or {}
+    if scaling.get("type") != "longrope":
+        cos, sin = rope_cache(config, max_seq_len)
+        inputs.cos = g.weight("rope.cos_cache", cos.astype(float_dtype))
+        inputs.sin = g.weight("rope.sin_cache", sin.astype(float_dtype))
+        return
+    factor = longrope_attention_factor(config)
+    positions = np.arange(max_seq_len, dtype=np.float32)[:, None]
+    caches = {}
+    for kind in ("short", "long"):
+        freqs = positions * longrope_inv_freq(config, long=kind == "long")[None, :]
+        caches[kind] = [g.weight(f"rope.{kind}_{fn.__name__}_cache", (fn(freqs) * factor).astype(float_dtype))
+                        for fn in (np.cos, np.sin)]
+    original = np.array(scaling["original_max_position_embeddings"], np.int64)
+    long = g.op("Greater", [g.op("Cast", [total], to=TensorProto.INT64), g.const(original)], name="longrope_long")
+    inputs.cos, inputs.sin = (g.op("Where", [long, caches["long"][j], caches["short"][j]]) for j in (0, 1))
 
 
 def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: bool, cache_type: int) -> None:
@@ -131,9 +160,35 @@ def _context_split(g: GraphBuilder, qkv: str, shared: AttentionInputs) -> tuple[
             g.op("Squeeze", [first32]), last(g.op("Cast", [seq], to=TensorProto.INT32)))
 
 
+@dataclass(frozen=True)
+class QKNorm:
+    """RMSNorm weights [head_size] applied to each head of q and of k before RoPE (Qwen3, Gemma 3)."""
+
+    q_weight: str
+    k_weight: str
+    epsilon: float
+    fused: bool  # SimplifiedLayerNormalization (onnxruntime) or RMSNormalization-23
+
+
+def _norm_heads(g: GraphBuilder, x: str, heads: int, head_size: int, weight: str, qk_norm: QKNorm) -> str:
+    """RMSNorm over each head of x [B, S, heads * D]."""
+    y = g.op("Reshape", [x, g.const([0, 0, heads, head_size])])
+    y = norm(g, y, weight, None, "rms_norm", qk_norm.epsilon, qk_norm.fused)
+    return g.op("Reshape", [y, g.const([0, 0, heads * head_size])])
+
+
+def _qk_normed(g: GraphBuilder, qkv: str, config: PretrainedConfig, qk_norm: QKNorm, name: str) -> str:
+    """Packed qkv with q and k normalized per head (the fused forms take packed qkv)."""
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
+    q, k, v = g.op("Split", [qkv, g.const([H * D, KV * D, KV * D])], num_outputs=3, axis=-1, name=f"{name}/qk_split")
+    q = _norm_heads(g, q, H, D, qk_norm.q_weight, qk_norm)
+    k = _norm_heads(g, k, KV, D, qk_norm.k_weight, qk_norm)
+    return g.op("Concat", [q, k, v], axis=-1, name=f"{name}/qk_concat")
+
+
 def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, shared: AttentionInputs,
               cache_type: int, kv_scales: np.ndarray | None, present: tuple[str, str] | None = None,
-              prompt: str | None = None) -> str:
+              prompt: str | None = None, qk_norm: QKNorm | None = None) -> str:
     """Self-attention of one layer over packed qkv [batch, seq, (H + 2 KV) * D] → [batch, seq, H * D].
 
     Reads the layer's past KV graph inputs and writes `present` (default: the present graph
@@ -144,7 +199,7 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
     causal half (of every prompt of a batch). "split" (one prompt): the attention of the first half
     of the prompt, then of the second half over the first as its past, skipping a quarter of the
     matrix. Padded rows run as full: their padding is never attended by a real token and is
-    overwritten while decoding.
+    overwritten while decoding. `qk_norm`: q and k normalized per head before RoPE.
     """
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
     past_k, past_v, present_k, present_v = kv_io_names(layer)
@@ -157,6 +212,8 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
         k_scale = g.weight(f"{p}.k_cache_scale", np.asarray(kv_scales[:1], np.float32))
         v_scale = g.weight(f"{p}.v_cache_scale", np.asarray(kv_scales[1:2], np.float32))
     if shared.fused:
+        if qk_norm is not None:
+            qkv = _qk_normed(g, qkv, config, qk_norm, p)
         quant = {"k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR", "kv_cache_bit_width": 8} \
             if kv_scales is not None else {}
 
@@ -187,9 +244,14 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
         return g.op("Concat", [y1, y2], axis=1, name=f"{p}/context_concat")
 
     q, k, v = g.op("Split", [qkv, g.const([H * D, KV * D, KV * D])], num_outputs=3, axis=-1, name=f"{p}/split")
+    if qk_norm is not None:
+        q, k = _norm_heads(g, q, H, D, qk_norm.q_weight, qk_norm), _norm_heads(g, k, KV, D, qk_norm.k_weight, qk_norm)
     if rope:
-        q = g.op("RotaryEmbedding", [q, shared.cos, shared.sin, shared.position_ids], num_heads=H, name=f"{p}/rope_q")
-        k = g.op("RotaryEmbedding", [k, shared.cos, shared.sin, shared.position_ids], num_heads=KV, name=f"{p}/rope_k")
+        partial = {"rotary_embedding_dim": config.rotary_dim} if config.rotary_dim not in (None, D) else {}
+        q = g.op("RotaryEmbedding", [q, shared.cos, shared.sin, shared.position_ids], num_heads=H, name=f"{p}/rope_q",
+                 **partial)
+        k = g.op("RotaryEmbedding", [k, shared.cos, shared.sin, shared.position_ids], num_heads=KV,
+                 name=f"{p}/rope_k", **partial)
 
     def heads(x: str, n: int) -> str:  # [B, S, n*D] → [B, n, S, D]
         return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, D])])], perm=[0, 2, 1, 3])

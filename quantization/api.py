@@ -25,10 +25,11 @@ from typing import Callable, Optional
 import torch
 
 from trtbuild.checkpoint import PretrainedConfig, QuantConfig, linear_names
+from trtbuild.models.base import input_groups, linear_spec
 from trtbuild.errors import TrtbuildError
 
 from .awq import awq_quantize, awq_search_scales
-from .calibration import LayerwiseCalibrator, calib_samples_for, check_calib_path, input_groups
+from .calibration import LayerwiseCalibrator, calib_samples_for, check_calib_path
 from .gptq import gptq_quantize
 from .layout import check_group_size, dequantize_linear, quantize_rtn, to_weight_only_tensors
 from .reference_model import ReferenceModel
@@ -216,11 +217,7 @@ def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _in_features(config: PretrainedConfig, name: str) -> int:
-    if name.endswith("attention.dense"):
-        return config.q_dim
-    if name.endswith("mlp.proj"):
-        return config.intermediate_size
-    return config.hidden_size
+    return linear_spec(config, name).in_features
 
 
 def _check_inputs(weights: dict[str, torch.Tensor], config: PretrainedConfig, recipe: QuantRecipe) -> None:
@@ -353,17 +350,15 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
                                       recipe.bits, gs, hz, n_grid=recipe.awq_grid, block_error=block)
                 stats.sample = None
                 inv = 1.0 / s
-                kind = group[0].rsplit(".", 1)[-1]
-                if kind == "qkv":
-                    _fold_into(out, work, p + "input_layernorm", inv)
-                elif kind == "fc":
-                    _fold_into(out, work, p + "post_layernorm", inv)
-                elif kind == "dense" and c.num_key_value_heads == c.num_attention_heads:
-                    _fold_into(out, work, p + "attention.qkv", inv, slice(c.q_dim + c.kv_dim, None))
+                fold = linear_spec(c, group[0]).fold
+                if fold is not None and fold.kind == "norm":
+                    _fold_into(out, work, p + fold.target, inv)
+                elif fold is not None and fold.kind == "rows":  # the V rows of qkv feed dense
+                    _fold_into(out, work, p + fold.target, inv, slice(c.q_dim + c.kv_dim, None))
                     if st.v_amax is not None:
                         st.v_amax = st.v_amax * inv
-                elif kind == "proj" and c.gated_mlp:
-                    _fold_into(out, work, p + "mlp.gate", inv, slice(None))
+                elif fold is not None and fold.kind == "linear":
+                    _fold_into(out, work, p + fold.target, inv, slice(None))
                 else:
                     for n in group:
                         out[n + ".prequant_scaling_factor"] = inv.float()
@@ -384,14 +379,15 @@ def quantize_checkpoint(weights: dict[str, torch.Tensor], config: PretrainedConf
             for group in input_groups(config, i):
                 amax = st.inputs[group[0]].abs_max
                 s = smooth_scales(amax, [work[n + ".weight"] for n in group], recipe.smoothquant)
-                kind = group[0].rsplit(".", 1)[-1]
-                fold = {"qkv": "input_layernorm", "fc": "post_layernorm"}.get(kind)
-                if fold:
-                    _fold_into(out, work, p + fold, 1.0 / s)
-                elif kind == "proj" and config.gated_mlp and recipe.per_channel:
+                spec_fold = linear_spec(config, group[0]).fold
+                fold = None
+                if spec_fold is not None and spec_fold.kind == "norm":
+                    fold = p + spec_fold.target
+                    _fold_into(out, work, fold, 1.0 / s)
+                elif spec_fold is not None and spec_fold.kind == "linear" and recipe.per_channel:
                     # proj's input is act(fc) * gate: 1/s scales the rows of gate's (already int8)
                     # weight exactly through its per-channel scales, instead of a Mul in the graph
-                    gate = p + "mlp.gate"
+                    gate = p + spec_fold.target
                     out[gate + ".per_channel_scale"] = out[gate + ".per_channel_scale"] / s
                     work[gate + ".weight"] = work[gate + ".weight"] / s.reshape(-1, 1)
                     _fold_into(out, work, gate, 1.0 / s, suffixes=(".bias",))  # the weight is int8 already

@@ -24,6 +24,7 @@ import torch
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.models.base import input_groups
 
 from .reference_model import ReferenceModel
 
@@ -224,13 +225,6 @@ class LayerStats:
         va = v.abs().amax(dim=(0, 2)).reshape(-1).float()
         self.k_amax = ka if self.k_amax is None else torch.maximum(self.k_amax, ka)
         self.v_amax = va if self.v_amax is None else torch.maximum(self.v_amax, va)
-
-
-def input_groups(config: PretrainedConfig, i: int) -> list[list[str]]:
-    """Linears of layer i grouped by shared input, in execution order: qkv, dense, fc(+gate), proj."""
-    p = f"transformer.layers.{i}."
-    mlp = [p + "mlp.fc", p + "mlp.gate"] if config.gated_mlp else [p + "mlp.fc"]
-    return [[p + "attention.qkv"], [p + "attention.dense"], mlp, [p + "mlp.proj"]]
 
 
 def _batches(n: int, seq_len: int, max_tokens: int = 4096) -> list[slice]:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.models import family_of
+from trtbuild.rope import longrope_attention_factor, longrope_inv_freq
 
 from .layout import SQ_ALGOS, dequantize_linear
 
@@ -52,6 +54,8 @@ def rope_inv_freq(config: PretrainedConfig) -> torch.Tensor:
     factor = float(sc.get("factor", 1.0))
     if kind == "linear":
         return (inv / factor).float()
+    if kind == "longrope":  # the short factors: calibration sequences stay within the original length
+        return torch.from_numpy(longrope_inv_freq(config, long=False))
     if kind == "llama3":
         low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
         old = float(sc["original_max_position_embeddings"])
@@ -85,6 +89,7 @@ class ReferenceModel:
             raise TrtbuildError(f"norm_type {c.norm_type!r} is not supported")
         self.weights = weights
         self.config = c
+        self.family = family_of(c)
         self.simulate_quant = simulate_quant
         self.act = _act(c.hidden_act)
         self._inv_freq = rope_inv_freq(c) if c.position_embedding_type == "rope_gpt_neox" else None
@@ -141,9 +146,14 @@ class ReferenceModel:
     def _rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n not in self._rope_cache:
             pos = torch.arange(n, dtype=torch.float32)
-            f = torch.outer(pos, self._inv_freq)
+            inv_freq, scale = self._inv_freq, 1.0
+            sc = self.config.rotary_scaling or {}
+            if sc.get("type") == "longrope":
+                inv_freq = torch.from_numpy(longrope_inv_freq(self.config, n > sc["original_max_position_embeddings"]))
+                scale = longrope_attention_factor(self.config)
+            f = torch.outer(pos, inv_freq)
             emb = torch.cat((f, f), dim=-1)
-            self._rope_cache = {n: (emb.cos(), emb.sin())}
+            self._rope_cache = {n: (emb.cos() * scale, emb.sin() * scale)}
         return self._rope_cache[n]
 
     def _apply_rope(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +183,8 @@ class ReferenceModel:
         q = q.reshape(B, T, nh, d).transpose(1, 2)
         k = k.reshape(B, T, nkv, d).transpose(1, 2)
         v = v.reshape(B, T, nkv, d).transpose(1, 2)
+        if c.qk_norm:  # per head, before RoPE
+            q, k = self.norm(p + "q_norm", q), self.norm(p + "k_norm", k)
         if self._inv_freq is not None:
             q, k = self._apply_rope(q), self._apply_rope(k)
         if kv_hook is not None:
@@ -200,9 +212,8 @@ class ReferenceModel:
 
     def layer(self, i: int, h: torch.Tensor, linear_hook: Optional[LinearHook] = None,
               kv_hook: Optional[KVHook] = None) -> torch.Tensor:
-        p = f"transformer.layers.{i}."
-        h = h + self.attention(i, self.norm(p + "input_layernorm", h), linear_hook, kv_hook)
-        return h + self.mlp(i, self.norm(p + "post_layernorm", h), linear_hook)
+        """Decoder layer i: the family's block (trtbuild.models) over this model's helpers."""
+        return self.family.torch_layer(self, i, h, linear_hook, kv_hook)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm("transformer.ln_f", h)

@@ -57,12 +57,24 @@ def tiny_hf_config(arch: str):
         return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000000.0,
                               tie_word_embeddings=True, **common)
+    if arch == "qwen3":  # q/k norms per head, head_dim != hidden / heads
+        return tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rope_theta=1000000.0,
+                              tie_word_embeddings=True, **common)
+    if arch == "phi3":  # fused qkv / gate_up, partial rotary (16 of 32), LongRoPE switching at 64 tokens
+        return tf.Phi3Config(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=64,
+                             partial_rotary_factor=0.5, rope_parameters={
+                                 "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "short_factor": [1.0 + 0.1 * j for j in range(8)],
+                                 "long_factor": [2.0 + 0.5 * j for j in range(8)]},
+                             sliding_window=None, tie_word_embeddings=False, pad_token_id=0, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     raise ValueError(arch)
 
 
-TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2")
+TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2", "qwen3", "phi3")
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, safe_serialization: bool = True) -> Path:

@@ -85,6 +85,7 @@ class Setup:
         self.model, self.root, self.adapters = model, root, adapters
         self.ckpt = root / "ckpt"
         convert_checkpoint(model, self.ckpt, progress=False)
+        self.names = runtime
         self.dirs = [adapters[n] for n in runtime]  # task id k = runtime[k]
         self.runner = build(self.ckpt, root / "lora_engine", self.dirs, **lora)
         self._merged: dict[str, ModelRunner] = {}
@@ -129,15 +130,37 @@ def gpt2(tiny_models, tmp_path_factory) -> Setup:
     return Setup(m, root, adapters, ["g0", "g1"], max_lora_rank=4)
 
 
+@pytest.fixture(scope="module")
+def qwen3(tiny_models, tmp_path_factory) -> Setup:
+    """q_proj / k_proj adapted before the per-head q / k norms."""
+    root = tmp_path_factory.mktemp("lora_qwen3")
+    m = tiny_models["qwen3"]
+    adapters = {"q0": make_peft_adapter(m, root / "q0", r=4, seed=6,
+                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]),
+                "q1": make_peft_adapter(m, root / "q1", r=2, seed=7, safe_serialization=False,
+                                        target_modules=["q_proj", "down_proj", "gate_proj"])}
+    return Setup(m, root, adapters, ["q0", "q1"], max_lora_rank=4)
+
+
+@pytest.fixture(scope="module")
+def phi3(tiny_models, tmp_path_factory) -> Setup:
+    """Phi-3's fused qkv_proj (attn_qkv), o_proj and down_proj."""
+    root = tmp_path_factory.mktemp("lora_phi3")
+    m = tiny_models["phi3"]
+    adapters = {"p0": make_peft_adapter(m, root / "p0", r=4, seed=8, target_modules=["qkv_proj", "o_proj", "down_proj"]),
+                "p1": make_peft_adapter(m, root / "p1", r=2, seed=9, safe_serialization=False,
+                                        target_modules=["qkv_proj"])}
+    return Setup(m, root, adapters, ["p0", "p1"], max_lora_rank=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # runtime == merged == PeftModel
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "phi3"])
 def test_runtime_equals_merged_equals_peft(request, arch):
     s: Setup = request.getfixturevalue(arch)
-    names = ["a0", "a1"] if arch == "llama" else ["g0", "g1"]
-    for task, name in enumerate(names):
+    for task, name in enumerate(s.names):
         runtime = s.runner.score(PROMPTS, lora_task_ids=[task] * len(PROMPTS))
         merged = s.merged(name).score(PROMPTS)
         base = s.runner.score(PROMPTS)
@@ -162,7 +185,7 @@ def test_base_rows_equal_base_engine(llama, tmp_path):
     np.testing.assert_allclose(llama.runner.score(PROMPTS), base.score(PROMPTS), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "phi3"])
 def test_mixed_batch_equals_singles(request, arch):
     """Task ids [0, -1, 1]: one engine run for the whole batch, each row as if run alone."""
     s: Setup = request.getfixturevalue(arch)

@@ -12,6 +12,8 @@ Tensor names (per layer i, prefix `transformer.layers.{i}.`), linear weights sto
   .mlp.proj.weight / .bias                  [hidden, inter]   (down_proj; GPT-2's c_proj)
   transformer.ln_f.weight / .bias           [hidden]
   lm_head.weight                            [vocab, hidden]   (absent when tie_word_embeddings)
+A family may add per-layer tensors (Qwen3's .attention.q_norm / .k_norm [head_size]); the
+family modules in trtbuild.models say which (`expected_shapes`).
 Quantized linears add tensors beside `.weight` (see trtbuild.quantization).
 """
 
@@ -94,6 +96,7 @@ class PretrainedConfig:
     dense_bias: bool = False  # bias on attention.dense
     mlp_bias: bool = False
     gated_mlp: bool = True  # SwiGLU-style fc (gate) * gate (up)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (attention.q_norm / k_norm)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -150,50 +153,15 @@ def load_config(ckpt_dir: str | os.PathLike) -> PretrainedConfig:
 
 
 def expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every floating-point tensor a checkpoint of this config must hold."""
-    c = config
-    H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (V, H)}
-    if c.position_embedding_type == "learned_absolute":
-        shapes["transformer.position_embedding.weight"] = (c.max_position_embeddings, H)
-    norm_bias = c.norm_type == "layer_norm"
-    for i in range(c.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (H,)
-        shapes[p + "post_layernorm.weight"] = (H,)
-        if norm_bias:
-            shapes[p + "input_layernorm.bias"] = (H,)
-            shapes[p + "post_layernorm.bias"] = (H,)
-        shapes[p + "attention.qkv.weight"] = (c.q_dim + 2 * c.kv_dim, H)
-        if c.attn_bias:
-            shapes[p + "attention.qkv.bias"] = (c.q_dim + 2 * c.kv_dim,)
-        shapes[p + "attention.dense.weight"] = (H, c.q_dim)
-        if c.dense_bias:
-            shapes[p + "attention.dense.bias"] = (H,)
-        shapes[p + "mlp.fc.weight"] = (I, H)
-        if c.gated_mlp:
-            shapes[p + "mlp.gate.weight"] = (I, H)
-        shapes[p + "mlp.proj.weight"] = (H, I)
-        if c.mlp_bias:
-            shapes[p + "mlp.fc.bias"] = (I,)
-            if c.gated_mlp:
-                shapes[p + "mlp.gate.bias"] = (I,)
-            shapes[p + "mlp.proj.bias"] = (H,)
-    shapes["transformer.ln_f.weight"] = (H,)
-    if norm_bias:
-        shapes["transformer.ln_f.bias"] = (H,)
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, H)
-    return shapes
+    """Name → shape of every floating-point tensor a checkpoint of this config must hold (from the
+    config's family, trtbuild.models)."""
+    from trtbuild.models.base import expected_shapes as family_shapes
+
+    return family_shapes(config)
 
 
 def linear_names(config: PretrainedConfig) -> list[str]:
     """The checkpoint prefixes (without `.weight`) of every linear layer that quantization touches."""
-    names = []
-    for i in range(config.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        names += [p + "attention.qkv", p + "attention.dense", p + "mlp.fc"]
-        if config.gated_mlp:
-            names.append(p + "mlp.gate")
-        names.append(p + "mlp.proj")
-    return names
+    from trtbuild.models.base import linear_names as family_linears
+
+    return family_linears(config)

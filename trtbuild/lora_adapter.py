@@ -11,6 +11,7 @@ accepts nothing but tensors); neither is ever converted into the other.
 Target modules use TensorRT-LLM's names (`--lora_target_modules`):
 
   TensorRT-LLM   Llama / Mistral / Qwen2   GPT-2               checkpoint linear (transformer.layers.{i}.)
+                 / Qwen3
   attn_qkv       -                         attn.c_attn         attention.qkv  (all rows)
   attn_q         self_attn.q_proj          -                   attention.qkv  rows [0, q_dim)
   attn_k         self_attn.k_proj          -                   attention.qkv  rows [q_dim, q_dim + kv_dim)
@@ -19,6 +20,8 @@ Target modules use TensorRT-LLM's names (`--lora_target_modules`):
   mlp_h_to_4h    mlp.gate_proj             mlp.c_fc            mlp.fc
   mlp_gate       mlp.up_proj               -                   mlp.gate
   mlp_4h_to_h    mlp.down_proj             mlp.c_proj          mlp.proj
+
+(each family module in trtbuild.models holds its HF column: `Family.hf_lora_modules`).
 
 Every A is [r, in] and every B is [out, r] in the checkpoint's orientation, with the scale
 (lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA, per module after rank_pattern/alpha_pattern)
@@ -49,6 +52,8 @@ import numpy as np
 
 from trtbuild.checkpoint import PretrainedConfig, expected_shapes
 from trtbuild.errors import TrtbuildError
+from trtbuild.models import family_of
+from trtbuild.models.base import rows_for
 from trtbuild.tensor_file import read_tensors
 
 log = logging.getLogger(__name__)
@@ -60,19 +65,6 @@ ADAPTER_BIN = "adapter_model.bin"
 # The order is also the order of the rank slots inside attention.qkv (see `lora_layout`).
 LORA_TARGET_MODULES = ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_gate",
                        "mlp_4h_to_h")
-
-# HF module path inside a layer → TensorRT-LLM module name, per architecture family.
-LLAMA_HF_MODULES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_dense", "mlp.gate_proj": "mlp_h_to_4h", "mlp.up_proj": "mlp_gate",
-    "mlp.down_proj": "mlp_4h_to_h",
-}
-GPT2_HF_MODULES = {
-    "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_dense", "mlp.c_fc": "mlp_h_to_4h", "mlp.c_proj": "mlp_4h_to_h",
-}
-# How the layers are named in each family's module tree.
-LLAMA_LAYER_PREFIX = "model.layers."
-GPT2_LAYER_PREFIX = "transformer.h."
 
 MODULE_TO_LINEAR = {
     "attn_qkv": "attention.qkv", "attn_q": "attention.qkv", "attn_k": "attention.qkv", "attn_v": "attention.qkv",
@@ -93,17 +85,6 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def is_gpt2_family(config: PretrainedConfig) -> bool:
-    return config.architecture.startswith("GPT2")
-
-
-def family_modules(config: PretrainedConfig) -> tuple[str, dict[str, str]]:
-    """(HF layer prefix, HF module → TensorRT-LLM module) for the config's architecture."""
-    if is_gpt2_family(config):
-        return GPT2_LAYER_PREFIX, GPT2_HF_MODULES
-    return LLAMA_LAYER_PREFIX, LLAMA_HF_MODULES
 
 
 def module_rows(config: PretrainedConfig, module: str) -> tuple[int, int, int]:
@@ -366,12 +347,10 @@ def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -
 def _modules_to_save_names(config: PretrainedConfig) -> dict[str, tuple[str, bool]]:
     """HF tensor name → (checkpoint name, transpose) for every tensor a modules_to_save entry may
     replace: the architecture table's single-source rows (embeddings, lm_head, norms, GPT-2's linears)."""
-    from trtbuild.convert.weight_map import rows_for  # a plain table, no torch
-
     wanted = set(expected_shapes(config)) | {"lm_head.weight"}
     out = {}
     for row in rows_for(config, wanted):
-        if len(row.sources) == 1:
+        if len(row.sources) == 1 and row.part is None and not row.offset:
             out[row.sources[0]] = (row.checkpoint, row.transpose)
     return out
 
@@ -420,7 +399,8 @@ def read_lora_adapter(adapter_dir: str | Path, config: PretrainedConfig, *,
     where = f"{d / fname}"
     r_default, alpha_default = int(cfg["r"]), float(cfg["lora_alpha"])
     use_rslora = bool(cfg.get("use_rslora", False))
-    layer_prefix, hf_modules = family_modules(config)
+    family = family_of(config)
+    layer_prefix, hf_modules = family.hf_layer_prefix, family.hf_lora_modules
 
     pairs: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     others: dict[str, tuple[str, np.ndarray]] = {}

@@ -8,7 +8,8 @@ Output: logits [B, K, vocab] float32 and present KV.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from tqdm import tqdm
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
 from trtbuild.engine_io import USE_PROMPT_KERNEL, kv_io_names
-from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io, prompt_condition
+from trtbuild.models import family_of
+from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_inputs, attention, declare_kv_io,
+                                        prompt_condition)
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, smoothquant_swiglu_mlp, weight_only_linear
@@ -72,12 +75,105 @@ def _activation(g: GraphBuilder, x: str, act: str) -> str:
     raise ValueError(f"unsupported activation {act}")
 
 
+@dataclass
+class LayerOps:
+    """What a family's ONNX layer (trtbuild.models, `Family.onnx_layer`) builds a decoder layer
+    from: the graph builder, the checkpoint's tensors and the network options, behind the blocks
+    every family shares (norms, linears with their quantization and LoRA, attention, MLP)."""
+
+    g: GraphBuilder
+    config: PretrainedConfig
+    tensors: dict[str, np.ndarray]
+    options: NetworkOptions
+    dtype: np.dtype
+    shared: AttentionInputs
+    cache_type: int
+    lora_inputs: object = None
+    prompt: str | None = None  # the prompt attention form of this branch (see plugins.attention)
+    in_branch: bool = False  # inside the prompt If: present KV get fresh names
+    presents: list[str] = field(default_factory=list)
+
+    def w(self, name: str) -> str:
+        return self.g.weight(name, np.asarray(self.tensors[name], dtype=self.dtype))
+
+    def opt_w(self, name: str) -> str | None:
+        return self.w(name) if name in self.tensors else None
+
+    def norm(self, x: str, prefix: str) -> str:
+        """The norm `prefix` (its .weight and, for layer_norm, .bias) over the last axis of x."""
+        c = self.config
+        return norm(self.g, x, self.w(prefix + ".weight"), self.opt_w(prefix + ".bias"), c.norm_type,
+                    c.norm_epsilon, self.options.fused_norm)
+
+    def add_norm(self, pending: str | None, residual: str, prefix: str) -> tuple[str, str]:
+        """(norm(pending + residual), pending + residual); (norm(residual), residual) without pending."""
+        if pending is None:
+            return self.norm(residual, prefix), residual
+        c = self.config
+        return add_norm(self.g, pending, residual, self.w(prefix + ".weight"), self.opt_w(prefix + ".bias"),
+                        c.norm_type, c.norm_epsilon, self.options.fused_norm)
+
+    def linear(self, x: str, prefix: str) -> str:
+        o = self.options
+        y = linear(self.g, x, self.tensors, prefix, self.dtype, o.fused_gemm, self.config.quantization,
+                   o.smooth_quant_kernels, o.weight_only_activations)
+        if self.lora_inputs is not None:
+            y = o.lora.apply(self.g, x, y, prefix, self.lora_inputs)
+        return y
+
+    def linears(self, x: str, prefixes: list[str]) -> list[str]:
+        """Linears sharing input x as one GEMM of their stacked outputs, split after."""
+        g, o = self.g, self.options
+        name = prefixes[0] + "".join("+" + prefix.rsplit(".", 1)[-1] for prefix in prefixes[1:])
+        merged = merge_linears(self.tensors, prefixes, name)
+        if merged is None:
+            return [self.linear(x, prefix) for prefix in prefixes]
+        y = linear(g, x, merged, name, self.dtype, o.fused_gemm, self.config.quantization, o.smooth_quant_kernels,
+                   o.weight_only_activations)
+        sizes = [np.asarray(self.tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
+        ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
+        if self.lora_inputs is not None:
+            ys = [o.lora.apply(g, x, y, prefix, self.lora_inputs) for y, prefix in zip(ys, prefixes)]
+        return ys
+
+    def self_attention(self, x: str, i: int) -> str:
+        """qkv → (q / k norms) → attention over the layer's KV cache → dense."""
+        c, p = self.config, f"transformer.layers.{i}."
+        qkv = self.linear(x, p + "attention.qkv")
+        present = kv_io_names(i)[2:]
+        if self.in_branch:
+            present = (self.g.fresh(present[0]), self.g.fresh(present[1]))
+        self.presents += present
+        qk_norm = (QKNorm(self.w(p + "attention.q_norm.weight"), self.w(p + "attention.k_norm.weight"),
+                          c.norm_epsilon, self.options.fused_norm) if c.qk_norm else None)
+        attn = attention(self.g, qkv, i, c, self.shared, self.cache_type,
+                         self.tensors.get(p + "attention.kv_cache_scaling_factor"), present, self.prompt, qk_norm)
+        return self.linear(attn, p + "attention.dense")
+
+    def mlp(self, x: str, i: int) -> str:
+        """fc → activation (× gate) → proj; W8A8 per token with trtbuild's kernels: a gated SiLU
+        MLP's middle is one SwiGLUQuantize."""
+        c, p, g = self.config, f"transformer.layers.{i}.", self.g
+        if (self.options.smooth_quant_kernels and c.gated_mlp and c.hidden_act == "silu"
+                and self.lora_inputs is None):
+            merged = merge_linears(self.tensors, [p + "mlp.fc", p + "mlp.gate"], p + "mlp.fc+gate")
+            if merged is not None:
+                return smoothquant_swiglu_mlp(g, x, merged, p + "mlp.fc+gate", self.tensors, p + "mlp.proj")
+        if c.gated_mlp:
+            fc, gate = self.linears(x, [p + "mlp.fc", p + "mlp.gate"])
+            hidden = g.op("Mul", [_activation(g, fc, c.hidden_act), gate])
+        else:
+            hidden = _activation(g, self.linear(x, p + "mlp.fc"), c.hidden_act)
+        return self.linear(hidden, p + "mlp.proj")
+
+
 def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], options: NetworkOptions,
                   onnx_path: Path, progress: bool = True) -> Path:
     """Write the decoder for `config` with weights `tensors` to onnx_path (+ onnx_path.data)."""
     dtype = np.dtype(options.dtype) if options.dtype != "bfloat16" else np.dtype("float32")
     float_type = NP_TO_ONNX[dtype]
     quant = config.quantization
+    family = family_of(config)
     g = GraphBuilder(onnx_path)
     try:
         input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
@@ -86,89 +182,25 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         shared = add_graph_inputs(g, config, options.fused_attention, options.max_seq_len, position_ids, input_ids,
                                   dtype)
         lora_inputs = options.lora.add_graph_inputs(g) if options.lora else None
+        cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
+        ops = LayerOps(g, config, tensors, options, dtype, shared, cache_type, lora_inputs)
 
-        def w(name: str) -> str:
-            return g.weight(name, np.asarray(tensors[name], dtype=dtype))
-
-        def opt_w(name: str) -> str | None:
-            return w(name) if name in tensors else None
-
-        embedding = w("transformer.vocab_embedding.weight")
+        embedding = ops.w("transformer.vocab_embedding.weight")
         h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
         if config.position_embedding_type == "learned_absolute":
-            pos = g.op("Gather", [w("transformer.position_embedding.weight"), position_ids], axis=0)
+            pos = g.op("Gather", [ops.w("transformer.position_embedding.weight"), position_ids], axis=0)
             h = g.op("Add", [h, pos])
-
-        def lin(x: str, prefix: str) -> str:
-            y = linear(g, x, tensors, prefix, dtype, options.fused_gemm, quant, options.smooth_quant_kernels,
-                       options.weight_only_activations)
-            if lora_inputs is not None:
-                y = options.lora.apply(g, x, y, prefix, lora_inputs)
-            return y
-
-        def lins(x: str, prefixes: list[str]) -> list[str]:
-            """Linears sharing input x as one GEMM of their stacked outputs, split after."""
-            name = prefixes[0] + "".join("+" + prefix.rsplit(".", 1)[-1] for prefix in prefixes[1:])
-            merged = merge_linears(tensors, prefixes, name)
-            if merged is None:
-                return [lin(x, prefix) for prefix in prefixes]
-            y = linear(g, x, merged, name, dtype, options.fused_gemm, quant, options.smooth_quant_kernels,
-                       options.weight_only_activations)
-            sizes = [np.asarray(tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
-            ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
-            if lora_inputs is not None:
-                ys = [options.lora.apply(g, x, y, prefix, lora_inputs) for y, prefix in zip(ys, prefixes)]
-            return ys
-
-        # W8A8 per token with trtbuild's kernels: a gated SiLU MLP's middle is one SwiGLUQuantize
-        swiglu_kernels = (options.smooth_quant_kernels and config.gated_mlp and config.hidden_act == "silu"
-                          and lora_inputs is None)
-
-        def swiglu_kernel_mlp(x: str, p: str) -> str | None:
-            merged = merge_linears(tensors, [p + "mlp.fc", p + "mlp.gate"], p + "mlp.fc+gate")
-            if merged is None:
-                return None
-            return smoothquant_swiglu_mlp(g, x, merged, p + "mlp.fc+gate", tensors, p + "mlp.proj")
-
-        cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
-        eps, norm_type, fused_norm = config.norm_epsilon, config.norm_type, options.fused_norm
         for i in range(config.num_hidden_layers):
             declare_kv_io(g, i, config, options.fused_attention, cache_type)
 
         def decoder(h: str, prompt: str | None, in_branch: bool) -> tuple[str, list[str]]:
             """The layer stack over embeddings h → (hidden states, present KV names in layer order)."""
-            residual = None
-            pending = None  # output of the previous block, still to be added to the residual
-            presents: list[str] = []
+            branch = dataclasses.replace(ops, prompt=prompt, in_branch=in_branch, presents=[])
+            pending, residual = None, h  # the last block's output, still to be added to the residual
             for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer",
                           disable=not progress or prompt is not None):
-                p = f"transformer.layers.{i}."
-                ln_w, ln_b = w(p + "input_layernorm.weight"), opt_w(p + "input_layernorm.bias")
-                if pending is None:
-                    x, residual = norm(g, h, ln_w, ln_b, norm_type, eps, fused_norm), h
-                else:
-                    x, residual = add_norm(g, pending, residual, ln_w, ln_b, norm_type, eps, fused_norm)
-                qkv = lin(x, p + "attention.qkv")
-                kv_scales = tensors.get(p + "attention.kv_cache_scaling_factor")
-                present = kv_io_names(i)[2:]
-                if in_branch:
-                    present = (g.fresh(present[0]), g.fresh(present[1]))
-                presents += present
-                attn = attention(g, qkv, i, config, shared, cache_type, kv_scales, present, prompt)
-                attn = lin(attn, p + "attention.dense")
-                x, residual = add_norm(g, attn, residual, w(p + "post_layernorm.weight"),
-                                       opt_w(p + "post_layernorm.bias"), norm_type, eps, fused_norm)
-                mlp_out = swiglu_kernel_mlp(x, p) if swiglu_kernels else None
-                if mlp_out is None:
-                    if config.gated_mlp:
-                        fc, gate = lins(x, [p + "mlp.fc", p + "mlp.gate"])
-                        mlp = g.op("Mul", [_activation(g, fc, config.hidden_act), gate])
-                    else:
-                        mlp = _activation(g, lin(x, p + "mlp.fc"), config.hidden_act)
-                    mlp_out = lin(mlp, p + "mlp.proj")
-                pending = mlp_out
-            return (g.op("Add", [pending, residual]) if pending is not None else h), presents
-
+                pending, residual = family.onnx_layer(branch, i, pending, residual)
+            return (g.op("Add", [pending, residual]) if pending is not None else h), branch.presents
         if options.fused_attention and options.prompt_attention is not None:
             # One If around the whole stack: one per layer would cost every decode step 30 If dispatches.
             fmha = options.prompt_attention == "fmha"
@@ -191,14 +223,14 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             h, _ = decoder(h, prompt=None, in_branch=False)
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
-        h = norm(g, picked, w("transformer.ln_f.weight"), opt_w("transformer.ln_f.bias"), norm_type, eps, fused_norm)
+        h = ops.norm(picked, "transformer.ln_f")
         flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
         lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
         if quantize_lm_head(config, options):
             logits = weight_only_linear(g, flat, int8_per_channel(tensors[lm_head_name], "lm_head"), "lm_head", 8,
                                         -1, options.fused_gemm, options.weight_only_activations)
         else:
-            lm_head = embedding if config.tie_word_embeddings else w("lm_head.weight")
+            lm_head = embedding if config.tie_word_embeddings else ops.w("lm_head.weight")
             logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")
         shape = g.op("Concat", [g.op("Shape", [logits_positions]), g.const([config.vocab_size])], axis=0)
         logits = g.op("Reshape", [logits, shape])
