@@ -385,7 +385,9 @@ def build_gguf(model_dir: Path, precision: str, cache_dir: Path, threads: int) -
     tmp = out.with_name(out.name + ".tmp")
     if precision in ("f32", "q8_0"):
         script = _llama_sdist_dir(cache_dir) / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-        _run_logged([sys.executable, "-c", GGUF_CONVERT, str(script), str(model_dir), "--outtype", precision,
+        wrapper = peers_dir(cache_dir) / "convert_hf_to_gguf_ids.py"
+        wrapper.write_text(GGUF_CONVERT)
+        _run_logged([sys.executable, str(wrapper), str(script), str(model_dir), "--outtype", precision,
                      "--outfile", str(tmp)],
                     peers_dir(cache_dir) / f"gguf_{model_dir.name}_{precision}.log", cwd=script.parent)
     elif precision == "q4_0":

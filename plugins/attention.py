@@ -9,6 +9,7 @@ concat outside the Attention node (TensorRT accepts only its one-output form).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,10 @@ class AttentionInputs:
     position_ids: str
     cos: str | None = None
     sin: str | None = None
+    # sliding-window layers' own RoPE caches (rotary_base_local) and, standard form, mask
+    cos_local: str | None = None
+    sin_local: str | None = None
+    mask_local: str | None = None
     # fused form
     seqlens_k: str | None = None
     total_sequence_length: str | None = None
@@ -89,6 +94,14 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
                                   g.op("Unsqueeze", [queries, g.const([1])])])
     padding = g.op("Unsqueeze", [g.op("Cast", [attention_mask], to=TensorProto.BOOL), g.const([1, 2])])
     inputs.mask = g.op("And", [causal, padding], name="attention_mask_4d")
+    if config.sliding_window and any(config.window(i) for i in range(config.num_hidden_layers)):
+        # and within the window, counted in positions (a row's cache may have padding slots between
+        # its prompt and its generated tokens): key position = valid keys before it
+        key_pos = g.op("Sub", [g.op("CumSum", [attention_mask, g.const(1)]), g.const(1)])  # [B, T]
+        distance = g.op("Sub", [g.op("Unsqueeze", [position_ids, g.const([2])]),
+                                g.op("Unsqueeze", [key_pos, g.const([1])])])  # [B, S, T]
+        recent = g.op("Unsqueeze", [g.op("Less", [distance, g.const(config.sliding_window)]), g.const([1])])
+        inputs.mask_local = g.op("And", [inputs.mask, recent], name="attention_mask_4d_local")
     return inputs
 
 
@@ -99,6 +112,11 @@ def _add_rope(g: GraphBuilder, config: PretrainedConfig, inputs: AttentionInputs
     if not config.position_embedding_type.startswith("rope"):
         return
     scaling = config.rotary_scaling or {}
+    if config.rotary_base_local is not None:
+        local = dataclasses.replace(config, rotary_base=config.rotary_base_local, rotary_scaling=None)
+        cos, sin = rope_cache(local, max_seq_len)
+        inputs.cos_local = g.weight("rope.local_cos_cache", cos.astype(float_dtype))
+        inputs.sin_local = g.weight("rope.local_sin_cache", sin.astype(float_dtype))
     if scaling.get("type") != "longrope":
         cos, sin = rope_cache(config, max_seq_len)
         inputs.cos = g.weight("rope.cos_cache", cos.astype(float_dtype))
@@ -199,13 +217,21 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
     causal half (of every prompt of a batch). "split" (one prompt): the attention of the first half
     of the prompt, then of the second half over the first as its past, skipping a quarter of the
     matrix. Padded rows run as full: their padding is never attended by a real token and is
-    overwritten while decoding. `qk_norm`: q and k normalized per head before RoPE.
+    overwritten while decoding. `qk_norm`: q and k normalized per head before RoPE. A layer with
+    an attention window (config.window) attends to its last `window` tokens with its own RoPE
+    caches; its prompts take GroupQueryAttention (local_window_size), the kernel having no window.
     """
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
     past_k, past_v, present_k, present_v = kv_io_names(layer)
     if present is not None:
         present_k, present_v = present
     rope = shared.cos is not None
+    window = config.window(layer)
+    cos, sin = ((shared.cos_local, shared.sin_local) if window and shared.cos_local is not None
+                else (shared.cos, shared.sin))
+    scale = {"scale": float(config.attention_scale)} if config.attention_scale is not None else {}
+    if window and prompt == "fmha":
+        prompt = None
     p = f"transformer.layers.{layer}.attention"
     k_scale = v_scale = None
     if kv_scales is not None:
@@ -218,20 +244,20 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
             if kv_scales is not None else {}
 
         def gqa(x: str, past: tuple[str, str], seqlens_k: str, total: str, outputs: list[str]) -> str:
-            inputs = [x, "", "", *past, seqlens_k, total, shared.cos or "", shared.sin or "", "", "", "",
+            inputs = [x, "", "", *past, seqlens_k, total, cos or "", sin or "", "", "", "",
                       k_scale or "", v_scale or ""]
             while inputs[-1] == "":
                 inputs.pop()
             return g.op("GroupQueryAttention", inputs, num_outputs=3, domain="com.microsoft", name=f"{p}/GQA",
                         outputs=outputs, num_heads=H, kv_num_heads=KV, do_rotary=int(rope), rotary_interleaved=0,
-                        **quant)[0]
+                        **({"local_window_size": window} if window else {}), **scale, **quant)[0]
 
         if prompt == "fmha":
             op, scales = ("CausalPromptAttention", []) if kv_scales is None else \
                 ("CausalPromptAttentionInt8KV", [k_scale, v_scale])
-            return g.op(op, [qkv, past_k, *scales, *([shared.cos, shared.sin] if rope else [])], num_outputs=3,
+            return g.op(op, [qkv, past_k, *scales, *([cos, sin] if rope else [])], num_outputs=3,
                         domain="trtbuild", name=f"{p}/fmha", outputs=[g.fresh(f"{p}/fmha/out"), present_k, present_v],
-                        num_heads=H, kv_num_heads=KV)[0]
+                        num_heads=H, kv_num_heads=KV, **scale)[0]
         if prompt != "split":
             return gqa(qkv, (past_k, past_v), shared.seqlens_k, shared.total_sequence_length,
                        [g.fresh(f"{p}/GQA/out"), present_k, present_v])
@@ -248,10 +274,8 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
         q, k = _norm_heads(g, q, H, D, qk_norm.q_weight, qk_norm), _norm_heads(g, k, KV, D, qk_norm.k_weight, qk_norm)
     if rope:
         partial = {"rotary_embedding_dim": config.rotary_dim} if config.rotary_dim not in (None, D) else {}
-        q = g.op("RotaryEmbedding", [q, shared.cos, shared.sin, shared.position_ids], num_heads=H, name=f"{p}/rope_q",
-                 **partial)
-        k = g.op("RotaryEmbedding", [k, shared.cos, shared.sin, shared.position_ids], num_heads=KV,
-                 name=f"{p}/rope_k", **partial)
+        q = g.op("RotaryEmbedding", [q, cos, sin, shared.position_ids], num_heads=H, name=f"{p}/rope_q", **partial)
+        k = g.op("RotaryEmbedding", [k, cos, sin, shared.position_ids], num_heads=KV, name=f"{p}/rope_k", **partial)
 
     def heads(x: str, n: int) -> str:  # [B, S, n*D] → [B, n, S, D]
         return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, D])])], perm=[0, 2, 1, 3])
@@ -266,6 +290,7 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
     else:
         k_all = g.op("Concat", [past_k, k], axis=2, outputs=[present_k])
         v_all = g.op("Concat", [past_v, v], axis=2, outputs=[present_v])
-    y = g.op("Attention", [q, k_all, v_all, shared.mask], name=f"{p}/Attention")
+    mask = shared.mask_local if window else shared.mask
+    y = g.op("Attention", [q, k_all, v_all, mask], name=f"{p}/Attention", **scale)
     y = g.op("Transpose", [y], perm=[0, 2, 1, 3])
     return g.op("Reshape", [y, g.const([0, 0, H * D])])

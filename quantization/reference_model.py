@@ -12,6 +12,7 @@ and, per layer, the K (after rotary) and V that the KV cache would store:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -93,7 +94,9 @@ class ReferenceModel:
         self.simulate_quant = simulate_quant
         self.act = _act(c.hidden_act)
         self._inv_freq = rope_inv_freq(c) if c.position_embedding_type == "rope_gpt_neox" else None
-        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv_freq_local = (rope_inv_freq(dataclasses.replace(c, rotary_base=c.rotary_base_local, rotary_scaling=None))
+                                if c.rotary_base_local is not None else None)
+        self._rope_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- tensors ----------------------------------------------------------------------------
     def _t(self, name: str) -> torch.Tensor:
@@ -143,21 +146,21 @@ class ReferenceModel:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
         return F.layer_norm(x, (x.shape[-1],), w, self._opt(prefix + ".bias"), eps)
 
-    def _rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if n not in self._rope_cache:
+    def _rope(self, n: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if (n, local) not in self._rope_cache:
             pos = torch.arange(n, dtype=torch.float32)
-            inv_freq, scale = self._inv_freq, 1.0
+            inv_freq, scale = (self._inv_freq_local if local else self._inv_freq), 1.0
             sc = self.config.rotary_scaling or {}
             if sc.get("type") == "longrope":
                 inv_freq = torch.from_numpy(longrope_inv_freq(self.config, n > sc["original_max_position_embeddings"]))
                 scale = longrope_attention_factor(self.config)
             f = torch.outer(pos, inv_freq)
             emb = torch.cat((f, f), dim=-1)
-            self._rope_cache = {n: (emb.cos() * scale, emb.sin() * scale)}
-        return self._rope_cache[n]
+            self._rope_cache[n, local] = (emb.cos() * scale, emb.sin() * scale)
+        return self._rope_cache[n, local]
 
-    def _apply_rope(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self._rope(x.shape[-2])
+    def _apply_rope(self, x: torch.Tensor, local: bool = False) -> torch.Tensor:
+        cos, sin = self._rope(x.shape[-2], local)
         rot = cos.shape[-1]
         if rot == x.shape[-1]:
             return x * cos + _rotate_half(x) * sin
@@ -166,7 +169,7 @@ class ReferenceModel:
 
     # -- forward ----------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(input_ids, self._t("transformer.vocab_embedding.weight"))
+        h = F.embedding(input_ids, self._t("transformer.vocab_embedding.weight")) * self.config.embedding_multiplier
         if self.config.position_embedding_type == "learned_absolute":
             pos = torch.arange(input_ids.shape[-1])
             h = h + F.embedding(pos, self._t("transformer.position_embedding.weight"))
@@ -185,8 +188,10 @@ class ReferenceModel:
         v = v.reshape(B, T, nkv, d).transpose(1, 2)
         if c.qk_norm:  # per head, before RoPE
             q, k = self.norm(p + "q_norm", q), self.norm(p + "k_norm", k)
+        window = c.window(i)
         if self._inv_freq is not None:
-            q, k = self._apply_rope(q), self._apply_rope(k)
+            local = window is not None and c.rotary_base_local is not None
+            q, k = self._apply_rope(q, local), self._apply_rope(k, local)
         if kv_hook is not None:
             kv_hook(i, k, v)
         qc = c.quantization
@@ -199,7 +204,13 @@ class ReferenceModel:
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(d))
+        scale = c.attention_scale if c.attention_scale is not None else 1.0 / math.sqrt(d)
+        if window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:  # query i sees key j iff 0 <= i - j < window
+            pos = torch.arange(T)
+            seen = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
         o = o.transpose(1, 2).reshape(B, T, nh * d)
         return self.linear(p + "dense", o, linear_hook)
 

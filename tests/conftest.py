@@ -69,12 +69,18 @@ def tiny_hf_config(arch: str):
                                  "short_factor": [1.0 + 0.1 * j for j in range(8)],
                                  "long_factor": [2.0 + 0.5 * j for j in range(8)]},
                              sliding_window=None, tie_word_embeddings=False, pad_token_id=0, **common)
+    if arch == "gemma3":  # four norms a layer, (1 + w) norms, sliding layers (window 6) beside full ones
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=6,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                "sliding_attention"], query_pre_attn_scalar=24,
+                                   tie_word_embeddings=True, pad_token_id=0, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     raise ValueError(arch)
 
 
-TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2", "qwen3", "phi3")
+TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "gemma3")
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, safe_serialization: bool = True) -> Path:

@@ -18,7 +18,7 @@ from trtbuild.runtime import ModelRunner, SamplingConfig
 
 from conftest import PPL_TEXT, TINY_ARCHS
 
-NEW_FAMILIES = ("qwen3", "phi3")
+NEW_FAMILIES = ("qwen3", "phi3", "gemma3")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24], [300, 301, 302, 303, 304, 305, 306]]
 
 # recipe → (convert flags, the largest mean KL(float || recipe) per position allowed on the tiny models:

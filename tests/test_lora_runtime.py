@@ -153,11 +153,22 @@ def phi3(tiny_models, tmp_path_factory) -> Setup:
     return Setup(m, root, adapters, ["p0", "p1"], max_lora_rank=4)
 
 
+@pytest.fixture(scope="module")
+def gemma3(tiny_models, tmp_path_factory) -> Setup:
+    """Gemma 3: adapters under its sandwich norms, on sliding-window and full layers."""
+    root = tmp_path_factory.mktemp("lora_gemma3")
+    m = tiny_models["gemma3"]
+    adapters = {"e0": make_peft_adapter(m, root / "e0", r=4, seed=10,
+                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+                "e1": make_peft_adapter(m, root / "e1", r=2, seed=11, target_modules=["gate_proj", "up_proj"])}
+    return Setup(m, root, adapters, ["e0", "e1"], max_lora_rank=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # runtime == merged == PeftModel
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "phi3", "gemma3"])
 def test_runtime_equals_merged_equals_peft(request, arch):
     s: Setup = request.getfixturevalue(arch)
     for task, name in enumerate(s.names):
@@ -185,7 +196,7 @@ def test_base_rows_equal_base_engine(llama, tmp_path):
     np.testing.assert_allclose(llama.runner.score(PROMPTS), base.score(PROMPTS), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "phi3", "gemma3"])
 def test_mixed_batch_equals_singles(request, arch):
     """Task ids [0, -1, 1]: one engine run for the whole batch, each row as if run alone."""
     s: Setup = request.getfixturevalue(arch)

@@ -97,6 +97,13 @@ class PretrainedConfig:
     mlp_bias: bool = False
     gated_mlp: bool = True  # SwiGLU-style fc (gate) * gate (up)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (attention.q_norm / k_norm)
+    embedding_multiplier: float = 1.0  # the token embedding times this (Gemma: sqrt(hidden))
+    attention_scale: float | None = None  # softmax scale; None = 1 / sqrt(head_size)
+    # per layer "full_attention" or "sliding_attention" (attending to the last sliding_window tokens,
+    # RoPE base rotary_base_local); None = every layer full
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    rotary_base_local: float | None = None
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -125,6 +132,12 @@ class PretrainedConfig:
         d["mapping"] = Mapping(**d.get("mapping", {}))
         d["quantization"] = QuantConfig(**d.get("quantization", {}))
         return cls(**d)
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of layer `layer` (tokens, the current one included), None if full."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def kv_dim(self) -> int:

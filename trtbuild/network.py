@@ -187,6 +187,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
 
         embedding = ops.w("transformer.vocab_embedding.weight")
         h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
+        if config.embedding_multiplier != 1.0:
+            h = g.op("Mul", [h, g.const(config.embedding_multiplier, dtype=dtype)], name="embedding_scale")
         if config.position_embedding_type == "learned_absolute":
             pos = g.op("Gather", [ops.w("transformer.position_embedding.weight"), position_ids], axis=0)
             h = g.op("Add", [h, pos])

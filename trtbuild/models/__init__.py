@@ -5,10 +5,10 @@ from __future__ import annotations
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
 
-from . import gpt2, llama, phi3, qwen3
+from . import gemma3, gpt2, llama, phi3, qwen3
 from .base import Family
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, gpt2.FAMILY, qwen3.FAMILY, phi3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, gpt2.FAMILY, qwen3.FAMILY, phi3.FAMILY, gemma3.FAMILY)
 BY_ARCHITECTURE: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(BY_ARCHITECTURE)
 
