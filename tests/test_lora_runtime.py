@@ -130,38 +130,35 @@ def gpt2(tiny_models, tmp_path_factory) -> Setup:
     return Setup(m, root, adapters, ["g0", "g1"], max_lora_rank=4)
 
 
+def family_setup(arch: str, tiny_models, tmp_path_factory, targets: dict[str, list[str]]) -> Setup:
+    """Two adapters (rank 4 .safetensors, rank 2 .bin) of the given HF targets on a family's model."""
+    root = tmp_path_factory.mktemp(f"lora_{arch}")
+    m = tiny_models[arch]
+    adapters = {name: make_peft_adapter(m, root / name, r=4 - 2 * k, seed=6 + k, safe_serialization=k == 0,
+                                        target_modules=modules)
+                for k, (name, modules) in enumerate(targets.items())}
+    return Setup(m, root, adapters, list(targets), max_lora_rank=4)
+
+
 @pytest.fixture(scope="module")
 def qwen3(tiny_models, tmp_path_factory) -> Setup:
     """q_proj / k_proj adapted before the per-head q / k norms."""
-    root = tmp_path_factory.mktemp("lora_qwen3")
-    m = tiny_models["qwen3"]
-    adapters = {"q0": make_peft_adapter(m, root / "q0", r=4, seed=6,
-                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]),
-                "q1": make_peft_adapter(m, root / "q1", r=2, seed=7, safe_serialization=False,
-                                        target_modules=["q_proj", "down_proj", "gate_proj"])}
-    return Setup(m, root, adapters, ["q0", "q1"], max_lora_rank=4)
+    return family_setup("qwen3", tiny_models, tmp_path_factory, {
+        "q0": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], "q1": ["q_proj", "down_proj", "gate_proj"]})
 
 
 @pytest.fixture(scope="module")
 def phi3(tiny_models, tmp_path_factory) -> Setup:
     """Phi-3's fused qkv_proj (attn_qkv), o_proj and down_proj."""
-    root = tmp_path_factory.mktemp("lora_phi3")
-    m = tiny_models["phi3"]
-    adapters = {"p0": make_peft_adapter(m, root / "p0", r=4, seed=8, target_modules=["qkv_proj", "o_proj", "down_proj"]),
-                "p1": make_peft_adapter(m, root / "p1", r=2, seed=9, safe_serialization=False,
-                                        target_modules=["qkv_proj"])}
-    return Setup(m, root, adapters, ["p0", "p1"], max_lora_rank=4)
+    return family_setup("phi3", tiny_models, tmp_path_factory, {
+        "p0": ["qkv_proj", "o_proj", "down_proj"], "p1": ["qkv_proj"]})
 
 
 @pytest.fixture(scope="module")
 def gemma3(tiny_models, tmp_path_factory) -> Setup:
     """Gemma 3: adapters under its sandwich norms, on sliding-window and full layers."""
-    root = tmp_path_factory.mktemp("lora_gemma3")
-    m = tiny_models["gemma3"]
-    adapters = {"e0": make_peft_adapter(m, root / "e0", r=4, seed=10,
-                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
-                "e1": make_peft_adapter(m, root / "e1", r=2, seed=11, target_modules=["gate_proj", "up_proj"])}
-    return Setup(m, root, adapters, ["e0", "e1"], max_lora_rank=4)
+    return family_setup("gemma3", tiny_models, tmp_path_factory, {
+        "e0": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "e1": ["gate_proj", "up_proj"]})
 
 
 # ---------------------------------------------------------------------------------------------
