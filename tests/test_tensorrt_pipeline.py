@@ -503,3 +503,18 @@ def test_real_model_builds_and_matches_fused_engine(recipe, real_model_dir, tmp_
         for phase in ("prefill", "decode"):
             assert stats[phase]["argmax_agree"] == 1.0, stats
     report(recipe, stats)
+
+
+@needs_trt
+@needs_polygraphy
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma3"])
+def test_every_family_builds_and_matches_fused_engine(arch, tiny_models, tmp_path):
+    """The families added through trtbuild.models compile with TensorRT (fp16) and agree with the
+    fused onnxruntime engine: q/k norms, partial rotary and LongRoPE's picked caches, Gemma 3's
+    sandwich norms, window mask and second RoPE cache."""
+    ckpt = convert(tiny_models[arch], tmp_path / "ckpt")
+    trt_build("--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "trt"), "--backend", "tensorrt",
+              "--keep_onnx", *limit_args(TINY_LIMITS))
+    stats = fused_vs_tensorrt_network(ckpt, tmp_path / "trt", tmp_path, TINY_LIMITS, atol=0.03)
+    report(arch, stats)
+    assert stats["prefill"]["argmax_agree"] == 1.0
