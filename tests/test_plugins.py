@@ -232,3 +232,22 @@ def test_bad_weight_only_activations_named(tiny_models, tmp_path):
     with pytest.raises(TrtbuildError, match="--weight_only_activations 'fp8'"):
         build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, weight_only_activations="fp8"), progress=False)
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3"])  # tied, untied lm_head
+def test_weight_only_engines_store_the_vocabulary_table_in_int8_once(arch, tiny_models, tmp_path):
+    """A weight-only engine gathers its embeddings from an int8 table (GatherBlockQuantized) that a
+    tied lm_head reads too (MatMulNBits on the same initializer); no float table is left."""
+    ckpt = tmp_path / "ckpt"
+    convert_main(["--model_dir", str(tiny_models[arch]), "--output_dir", str(ckpt), *RECIPES["w4a16"]])
+    build_engine(ckpt, tmp_path / "engine", BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64),
+                 progress=False)
+    model = onnx.load(str(tmp_path / "engine" / "rank0.engine"), load_external_data=False)
+    nodes = {n.name or n.output[0]: n for n in model.graph.node}
+    gather = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    lm_head = nodes["lm_head/MatMulNBits"]
+    assert len(gather) == 1 and gather[0].input[0] == "transformer.vocab_embedding.qweight"
+    tied = arch == "llama"
+    assert (lm_head.input[1] == gather[0].input[0]) == tied, (lm_head.input, gather[0].input)
+    names = {i.name for i in model.graph.initializer}
+    assert "transformer.vocab_embedding.weight" not in names and "lm_head.weight" not in names

@@ -346,7 +346,8 @@ def test_group_size_that_does_not_divide_the_model_is_refused(tiny_models, tmp_p
 
 @needs_trt
 def test_op_tensorrt_rejects_names_node_and_recipe(tiny_models, tmp_path, capsys, monkeypatch):
-    """A fused plugin op slipped into the network (here MatMulNBits): the parser's refusal names both."""
+    """A fused plugin op slipped into the network (the first: the int8 embedding table's
+    GatherBlockQuantized, then MatMulNBits): the parser's refusal names the node and the recipe."""
     import trtbuild.builder as builder
 
     real = builder.resolve_plugins
@@ -361,7 +362,7 @@ def test_op_tensorrt_rejects_names_node_and_recipe(tiny_models, tmp_path, capsys
     out = tmp_path / "trt"
     line = trt_build_error(capsys, ckpt, out)
     assert "rank0 network (float16, int4 weight-only W4A16 (symmetric, per-channel))" in line
-    assert "node 'transformer.layers.0.attention.qkv/MatMulNBits'" in line and "MatMulNBits" in line
+    assert "node 'embedding/GatherBlockQuantized' (GatherBlockQuantized)" in line
     assert "--gemm_plugin disable" in line
     nothing_written(out)
 

@@ -24,7 +24,7 @@ from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_input
                                         prompt_condition)
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
-from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, smoothquant_swiglu_mlp, weight_only_linear
+from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, accuracy_level, smoothquant_swiglu_mlp, weight_only_linear
 
 
 @dataclass
@@ -55,12 +55,24 @@ def quantize_lm_head(config: PretrainedConfig, options: "NetworkOptions") -> boo
     return options.quantize_lm_head and config.quantization.quant_algo in WEIGHT_ONLY_BITS
 
 
-def int8_per_channel(weight: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
-    """Symmetric int8 round-to-nearest per output row, in the weight-only checkpoint layout."""
+EMBEDDING_BLOCK = 32  # the int8 vocabulary tables: one scale per 32 values of a row
+
+
+def quantize_embedding(config: PretrainedConfig, options: "NetworkOptions") -> bool:
+    """Engines that read lm_head in int8 store the embedding table in int8 too, per block of
+    EMBEDDING_BLOCK along the hidden size (onnxruntime's GatherBlockQuantized; the standard form
+    gathers the same values in float), and a tied lm_head reads that one table."""
+    return quantize_lm_head(config, options) and config.hidden_size % EMBEDDING_BLOCK == 0
+
+
+def int8_blocks(weight: np.ndarray, prefix: str, block: int) -> dict[str, np.ndarray]:
+    """Symmetric int8 round-to-nearest per block of `block` inputs of each row (block = the row:
+    per channel), in the weight-only checkpoint layout (values + 128 as uint8, scales per block)."""
     w = np.asarray(weight, np.float32)
-    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0
-    q = (np.clip(np.rint(w / scale), -127, 127) + 128).astype(np.uint8)
-    return {prefix + ".weight": q, prefix + ".weights_scaling_factor": scale.astype(np.float32)}
+    blocks = w.reshape(w.shape[0], -1, block)
+    scale = np.maximum(np.abs(blocks).max(axis=2), 1e-12) / 127.0
+    q = (np.clip(np.rint(blocks / scale[:, :, None]), -127, 127) + 128).astype(np.uint8)
+    return {prefix + ".weight": q.reshape(w.shape), prefix + ".weights_scaling_factor": scale.astype(np.float32)}
 
 
 def _activation(g: GraphBuilder, x: str, act: str) -> str:
@@ -185,8 +197,26 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
         ops = LayerOps(g, config, tensors, options, dtype, shared, cache_type, lora_inputs)
 
-        embedding = ops.w("transformer.vocab_embedding.weight")
-        h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
+        embedding = table = None
+        int8_table = (int8_blocks(tensors["transformer.vocab_embedding.weight"], "transformer.vocab_embedding",
+                                  EMBEDDING_BLOCK) if quantize_embedding(config, options) else None)
+        if int8_table is not None and options.fused_gemm:
+            q, scales = int8_table.values()
+            V, H = q.shape
+            table = g.weight("transformer.vocab_embedding.qweight", q.reshape(V, H // EMBEDDING_BLOCK, EMBEDDING_BLOCK))
+            rows = g.op("GatherBlockQuantized", [table, input_ids, g.weight(
+                "transformer.vocab_embedding.gather_scales", scales[:, :, None].astype(dtype))],
+                domain="com.microsoft", name="embedding/GatherBlockQuantized", gather_axis=0, quantize_axis=2,
+                block_size=EMBEDDING_BLOCK, bits=8)
+            h = g.op("Reshape", [rows, g.const([0, 0, H])], name="embedding")
+        else:
+            if int8_table is not None:  # the standard form gathers the same values, dequantized
+                q, scales = int8_table.values()
+                dequantized = (q.astype(np.float32) - 128).reshape(q.shape[0], -1, EMBEDDING_BLOCK) * scales[:, :, None]
+                embedding = g.weight("transformer.vocab_embedding.weight", dequantized.reshape(q.shape).astype(dtype))
+            else:
+                embedding = ops.w("transformer.vocab_embedding.weight")
+            h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
         if config.embedding_multiplier != 1.0:
             h = g.op("Mul", [h, g.const(config.embedding_multiplier, dtype=dtype)], name="embedding_scale")
         if config.position_embedding_type == "learned_absolute":
@@ -228,9 +258,15 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         h = ops.norm(picked, "transformer.ln_f")
         flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
         lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
-        if quantize_lm_head(config, options):
-            logits = weight_only_linear(g, flat, int8_per_channel(tensors[lm_head_name], "lm_head"), "lm_head", 8,
-                                        -1, options.fused_gemm, options.weight_only_activations)
+        if table is not None and config.tie_word_embeddings:  # the int8 embedding table, read once more
+            logits = g.op("MatMulNBits", [flat, table, g.weight("lm_head.scales", int8_table[
+                "transformer.vocab_embedding.weights_scaling_factor"].astype(dtype))], domain="com.microsoft",
+                name="lm_head/MatMulNBits", K=config.hidden_size, N=config.vocab_size, bits=8,
+                block_size=EMBEDDING_BLOCK, accuracy_level=accuracy_level(options.weight_only_activations))
+        elif quantize_lm_head(config, options):
+            block = EMBEDDING_BLOCK if config.hidden_size % EMBEDDING_BLOCK == 0 else config.hidden_size
+            logits = weight_only_linear(g, flat, int8_blocks(tensors[lm_head_name], "lm_head", block), "lm_head", 8,
+                                        block, options.fused_gemm, options.weight_only_activations)
         else:
             lm_head = embedding if config.tie_word_embeddings else ops.w("lm_head.weight")
             logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")

@@ -279,7 +279,7 @@ def _parser_error_message(onnx_path: Path, err, model, capture: _Capture, packag
                 "(no zero point, signed int4), or fold the zero point into a correction term, or build with "
                 "--backend onnxruntime")
         short = "non-zero zero point"
-    elif "failed to load" in desc and "plugin" in desc:
+    elif ("failed to load" in desc or "Plugin not found" in desc) and "plugin" in desc.lower():
         hint = (f"{package} has no plugin for {op}: build the standard-op form (--gemm_plugin disable, "
                 "--gpt_attention_plugin disable)")
     elif "only supports Attention nodes with one output" in desc:
