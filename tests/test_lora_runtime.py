@@ -149,9 +149,9 @@ def qwen3(tiny_models, tmp_path_factory) -> Setup:
 
 @pytest.fixture(scope="module")
 def phi3(tiny_models, tmp_path_factory) -> Setup:
-    """Phi-3's fused qkv_proj (attn_qkv), o_proj and down_proj."""
+    """Phi-3's fused qkv_proj (attn_qkv) and gate_up_proj (mlp_h_to_4h and mlp_gate sharing one A)."""
     return family_setup("phi3", tiny_models, tmp_path_factory, {
-        "p0": ["qkv_proj", "o_proj", "down_proj"], "p1": ["qkv_proj"]})
+        "p0": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "p1": ["qkv_proj", "gate_up_proj"]})
 
 
 @pytest.fixture(scope="module")

@@ -449,7 +449,10 @@ def read_lora_adapter(adapter_dir: str | Path, config: PretrainedConfig, *,
         layer, trt_module = _parse_module_path(module_path, layer_prefix, hf_modules, config, where, ab["A"][0])
         (a_key, a), (b_key, b) = ab["A"], ab["B"]
         a, b = _float32(a, f"{where}: {a_key}"), _float32(b, f"{where}: {b_key}")
-        out_f, in_f = module_shape(config, trt_module)
+        # "m1+m2": one HF linear whose outputs are two TensorRT-LLM modules' (Phi-3's gate_up_proj)
+        parts = trt_module.split("+")
+        out_sizes = [module_shape(config, m)[0] for m in parts]
+        out_f, in_f = sum(out_sizes), module_shape(config, parts[0])[1]
         r = int(_pattern_value(cfg.get("rank_pattern"), module_path, r_default))
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), module_path, alpha_default))
         for key, t, want, rank_dim in ((a_key, a, [r, in_f], 0), (b_key, b, [out_f, r], 1)):
@@ -464,11 +467,12 @@ def read_lora_adapter(adapter_dir: str | Path, config: PretrainedConfig, *,
                 f"{trt_module} ({_dims(config)}): the adapter was made for another base model "
                 f"(base_model_name_or_path: {cfg.get('base_model_name_or_path')})")
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if trt_module in layers.get(layer, {}):
+        if any(m in layers.get(layer, {}) for m in parts):
             raise TrtbuildError(f"{where}: two sets of LoRA tensors for {module_path} (several adapter names "
                                 "in one file?); save one adapter per dir")
-        layers.setdefault(layer, {})[trt_module] = LoraModule(
-            a=a, b=b * np.float32(scale), rank=r, scale=scale, hf_name=module_path)
+        for m, b_rows in zip(parts, np.split(b, np.cumsum(out_sizes)[:-1], axis=0)):  # one A, B by rows
+            layers.setdefault(layer, {})[m] = LoraModule(
+                a=a, b=np.ascontiguousarray(b_rows) * np.float32(scale), rank=r, scale=scale, hf_name=module_path)
     if not layers and not replaced:
         raise TrtbuildError(f"{where} holds no LoRA tensors")
     adapter = LoraAdapter(path=d, layers=layers, modules_to_save=replaced,

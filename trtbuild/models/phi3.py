@@ -20,8 +20,9 @@ WEIGHT_ROWS = llama.EMBEDDING_ROWS + llama.NORM_ROWS + (
     WeightRow("transformer.layers.{i}.mlp.proj.weight", ("model.layers.{i}.mlp.down_proj.weight",)),
 ) + llama.HEAD_ROWS
 
-# gate_up_proj adapts two checkpoint linears with one A: not a TensorRT-LLM module of its own
-HF_LORA_MODULES = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_dense", "mlp.down_proj": "mlp_4h_to_h"}
+# gate_up_proj's outputs are two checkpoint linears' (fc, then gate): one A, its B split by rows
+HF_LORA_MODULES = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_dense",
+                   "mlp.gate_up_proj": "mlp_h_to_4h+mlp_gate", "mlp.down_proj": "mlp_4h_to_h"}
 
 
 def read_config(hf: dict[str, Any], arch: str, dtype: str, source: str) -> PretrainedConfig:
