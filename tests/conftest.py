@@ -114,6 +114,22 @@ def real_model_dir() -> Path:
     return fetch_model(DEFAULT_MODEL)
 
 
+def engines_in_both_forms(model_dir: Path, root: Path, **limits) -> dict:
+    """convert → build with the attention plugin on ("auto") and off ("disable") → runners (2 threads)."""
+    from trtbuild.builder import build_engine
+    from trtbuild.convert.converter import convert_checkpoint
+    from trtbuild.engine import BuildConfig, PluginConfig
+    from trtbuild.runtime import ModelRunner
+
+    convert_checkpoint(model_dir, root / "ckpt", progress=False)
+    runners = {}
+    for attention in ("auto", "disable"):
+        build = BuildConfig(**limits, plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
+        build_engine(root / "ckpt", root / attention, build, progress=False)
+        runners[attention] = ModelRunner.from_dir(root / attention, num_threads=2)
+    return runners
+
+
 def op_types(graph) -> set[str]:
     """Op types of an ONNX graph and of every If branch inside it."""
     import onnx

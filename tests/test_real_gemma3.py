@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trtbuild.builder import build_engine
-from trtbuild.convert.converter import convert_checkpoint
-from trtbuild.engine import BuildConfig, PluginConfig
-from trtbuild.runtime import ModelRunner, SamplingConfig
+from trtbuild.runtime import SamplingConfig
 
-from conftest import PPL_TEXT
+from conftest import PPL_TEXT, engines_in_both_forms
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +22,8 @@ def gemma3(tmp_path_factory):
 
     torch.set_num_threads(2)
     model_dir = fetch_model("gemma3-270m")
-    root = tmp_path_factory.mktemp("gemma3")
-    convert_checkpoint(model_dir, root / "ckpt", progress=False)
-    runners = {}
-    for attention in ("auto", "disable"):
-        build = BuildConfig(max_batch_size=2, max_input_len=1024, max_seq_len=1100,
-                            plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
-        build_engine(root / "ckpt", root / attention, build, progress=False)
-        runners[attention] = ModelRunner.from_dir(root / attention, num_threads=2)
+    runners = engines_in_both_forms(model_dir, tmp_path_factory.mktemp("gemma3"), max_batch_size=2,
+                                    max_input_len=1024, max_seq_len=1100)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return runners, hf
 

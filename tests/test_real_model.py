@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from trtbuild.builder import build_engine
-from trtbuild.convert.converter import convert_checkpoint
-from trtbuild.engine import BuildConfig, PluginConfig
-from trtbuild.runtime import ModelRunner, SamplingConfig
+from trtbuild.runtime import SamplingConfig
+
+from conftest import engines_in_both_forms
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +25,7 @@ def setup(real_model_dir, tmp_path_factory):
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("real")
-    convert_checkpoint(real_model_dir, root / "ckpt", progress=False)
-    runners = {}
-    for attention in ("auto", "disable"):
-        build = BuildConfig(max_batch_size=4, max_input_len=256, max_seq_len=512,
-                            plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
-        build_engine(root / "ckpt", root / attention, build, progress=False)
-        runners[attention] = ModelRunner.from_dir(root / attention, num_threads=2)
+    runners = engines_in_both_forms(real_model_dir, root, max_batch_size=4, max_input_len=256, max_seq_len=512)
     hf = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
     prompts = [runners["auto"].tokenizer.encode(t).ids for t in TEXTS]
     return root, runners, hf, prompts
