@@ -17,7 +17,7 @@ import torch
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
-from trtbuild.models import family_for
+from trtbuild.models import Family, family_for
 from trtbuild.lora_adapter import (  # noqa: F401  (re-exported: the convert-side API)
     ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, LORA_TARGET_MODULES, MODULE_TO_LINEAR, LoraAdapter,
     LoraLinearLayout, LoraModule, LoraSlot, check_adapter_fits, check_target_modules, lora_layout, module_rows,
@@ -124,9 +124,9 @@ def _dtype_of(weights: dict[str, torch.Tensor], name: str) -> torch.dtype:
 # Making adapters (tests, benchmarks)
 
 
-def default_hf_target_modules(architecture: str) -> list[str]:
-    """Every HF linear its family can adapt (q_proj, c_attn, ...)."""
-    return sorted({module.rsplit(".", 1)[-1] for module in family_for(architecture).hf_lora_modules})
+def default_hf_target_modules(family: Family) -> list[str]:
+    """Every HF linear the family can adapt (q_proj, c_attn, ...)."""
+    return sorted({module.rsplit(".", 1)[-1] for module in family.hf_lora_modules})
 
 
 def make_peft_adapter(model_dir: str | Path, out_dir: str | Path, *, r: int = 4, lora_alpha: float = 8,
@@ -150,8 +150,7 @@ def make_peft_adapter(model_dir: str | Path, out_dir: str | Path, *, r: int = 4,
     family = family_for(model.config.architectures[0])
     conv1d = any(row.transpose for row in family.weight_rows)  # weights stored [in, out] (GPT-2)
     lc = LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules=list(target_modules or default_hf_target_modules(
-            model.config.architectures[0])),
+        r=r, lora_alpha=lora_alpha, target_modules=list(target_modules or default_hf_target_modules(family)),
         modules_to_save=list(modules_to_save) if modules_to_save else None, use_rslora=use_rslora,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         fan_in_fan_out=conv1d, init_lora_weights=False, lora_dropout=0.0, ensure_weight_tying=ensure_weight_tying)

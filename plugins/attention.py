@@ -9,7 +9,6 @@ concat outside the Attention node (TensorRT accepts only its one-output form).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +19,7 @@ from trtbuild.engine_io import kv_io_names
 from trtbuild.errors import TrtbuildError
 from trtbuild.onnx_graph import GraphBuilder
 from trtbuild.plugins.norm import norm
-from trtbuild.rope import longrope_attention_factor, longrope_inv_freq
+from trtbuild.rope import local_rope, longrope_attention_factor, longrope_inv_freq
 
 
 def rope_inv_freq(config: PretrainedConfig) -> np.ndarray:
@@ -45,10 +44,16 @@ def rope_inv_freq(config: PretrainedConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope_cache(config: PretrainedConfig, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin caches [max_len, rotary_dim / 2] (float32)."""
-    freqs = np.arange(max_len, dtype=np.float32)[:, None] * rope_inv_freq(config)[None, :]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+def rope_cache(config: PretrainedConfig, max_len: int, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin caches [max_len, rotary_dim / 2] (float32); LongRoPE's short or `long` set, scaled
+    by its attention factor."""
+    factor = 1.0
+    if (config.rotary_scaling or {}).get("type") == "longrope":
+        inv_freq, factor = longrope_inv_freq(config, long), longrope_attention_factor(config)
+    else:
+        inv_freq = rope_inv_freq(config)
+    freqs = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return (np.cos(freqs) * factor).astype(np.float32), (np.sin(freqs) * factor).astype(np.float32)
 
 
 @dataclass
@@ -111,27 +116,20 @@ def _add_rope(g: GraphBuilder, config: PretrainedConfig, inputs: AttentionInputs
     whether the step's longest sequence (`total` tokens) passes original_max_position_embeddings."""
     if not config.position_embedding_type.startswith("rope"):
         return
-    scaling = config.rotary_scaling or {}
+    def caches(prefix: str, rope_config: PretrainedConfig, long: bool = False) -> list[str]:
+        return [g.weight(f"rope.{prefix}{fn}_cache", cache.astype(float_dtype))
+                for fn, cache in zip(("cos", "sin"), rope_cache(rope_config, max_seq_len, long))]
+
     if config.rotary_base_local is not None:
-        local = dataclasses.replace(config, rotary_base=config.rotary_base_local, rotary_scaling=None)
-        cos, sin = rope_cache(local, max_seq_len)
-        inputs.cos_local = g.weight("rope.local_cos_cache", cos.astype(float_dtype))
-        inputs.sin_local = g.weight("rope.local_sin_cache", sin.astype(float_dtype))
+        inputs.cos_local, inputs.sin_local = caches("local_", local_rope(config))
+    scaling = config.rotary_scaling or {}
     if scaling.get("type") != "longrope":
-        cos, sin = rope_cache(config, max_seq_len)
-        inputs.cos = g.weight("rope.cos_cache", cos.astype(float_dtype))
-        inputs.sin = g.weight("rope.sin_cache", sin.astype(float_dtype))
+        inputs.cos, inputs.sin = caches("", config)
         return
-    factor = longrope_attention_factor(config)
-    positions = np.arange(max_seq_len, dtype=np.float32)[:, None]
-    caches = {}
-    for kind in ("short", "long"):
-        freqs = positions * longrope_inv_freq(config, long=kind == "long")[None, :]
-        caches[kind] = [g.weight(f"rope.{kind}_{fn.__name__}_cache", (fn(freqs) * factor).astype(float_dtype))
-                        for fn in (np.cos, np.sin)]
+    short, long = caches("short_", config), caches("long_", config, long=True)
     original = np.array(scaling["original_max_position_embeddings"], np.int64)
-    long = g.op("Greater", [g.op("Cast", [total], to=TensorProto.INT64), g.const(original)], name="longrope_long")
-    inputs.cos, inputs.sin = (g.op("Where", [long, caches["long"][j], caches["short"][j]]) for j in (0, 1))
+    is_long = g.op("Greater", [g.op("Cast", [total], to=TensorProto.INT64), g.const(original)], name="longrope_long")
+    inputs.cos, inputs.sin = (g.op("Where", [is_long, long[j], short[j]]) for j in (0, 1))
 
 
 def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: bool, cache_type: int) -> None:

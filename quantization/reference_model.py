@@ -12,7 +12,6 @@ and, per layer, the K (after rotary) and V that the KV cache would store:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.models import family_of
-from trtbuild.rope import longrope_attention_factor, longrope_inv_freq
+from trtbuild.rope import local_rope, longrope_attention_factor, longrope_inv_freq
 
 from .layout import SQ_ALGOS, dequantize_linear
 
@@ -94,8 +93,7 @@ class ReferenceModel:
         self.simulate_quant = simulate_quant
         self.act = _act(c.hidden_act)
         self._inv_freq = rope_inv_freq(c) if c.position_embedding_type == "rope_gpt_neox" else None
-        self._inv_freq_local = (rope_inv_freq(dataclasses.replace(c, rotary_base=c.rotary_base_local, rotary_scaling=None))
-                                if c.rotary_base_local is not None else None)
+        self._inv_freq_local = rope_inv_freq(local_rope(c)) if c.rotary_base_local is not None else None
         self._rope_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- tensors ----------------------------------------------------------------------------
@@ -156,6 +154,8 @@ class ReferenceModel:
                 scale = longrope_attention_factor(self.config)
             f = torch.outer(pos, inv_freq)
             emb = torch.cat((f, f), dim=-1)
+            # one length per form kept, as before (calibration runs one length)
+            self._rope_cache = {k: v for k, v in self._rope_cache.items() if k[1] != local}
             self._rope_cache[n, local] = (emb.cos() * scale, emb.sin() * scale)
         return self._rope_cache[n, local]
 

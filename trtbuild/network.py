@@ -65,14 +65,15 @@ def quantize_embedding(config: PretrainedConfig, options: "NetworkOptions") -> b
     return quantize_lm_head(config, options) and config.hidden_size % EMBEDDING_BLOCK == 0
 
 
-def int8_blocks(weight: np.ndarray, prefix: str, block: int) -> dict[str, np.ndarray]:
+def int8_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 round-to-nearest per block of `block` inputs of each row (block = the row:
-    per channel), in the weight-only checkpoint layout (values + 128 as uint8, scales per block)."""
+    per channel), as the weight-only checkpoint stores it: (values + 128 as uint8 [rows, cols],
+    scales [rows, cols / block])."""
     w = np.asarray(weight, np.float32)
     blocks = w.reshape(w.shape[0], -1, block)
     scale = np.maximum(np.abs(blocks).max(axis=2), 1e-12) / 127.0
     q = (np.clip(np.rint(blocks / scale[:, :, None]), -127, 127) + 128).astype(np.uint8)
-    return {prefix + ".weight": q.reshape(w.shape), prefix + ".weights_scaling_factor": scale.astype(np.float32)}
+    return q.reshape(w.shape), scale.astype(np.float32)
 
 
 def _activation(g: GraphBuilder, x: str, act: str) -> str:
@@ -198,10 +199,10 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         ops = LayerOps(g, config, tensors, options, dtype, shared, cache_type, lora_inputs)
 
         embedding = table = None
-        int8_table = (int8_blocks(tensors["transformer.vocab_embedding.weight"], "transformer.vocab_embedding",
-                                  EMBEDDING_BLOCK) if quantize_embedding(config, options) else None)
+        int8_table = (int8_blocks(tensors["transformer.vocab_embedding.weight"], EMBEDDING_BLOCK)
+                      if quantize_embedding(config, options) else None)
         if int8_table is not None and options.fused_gemm:
-            q, scales = int8_table.values()
+            q, scales = int8_table
             V, H = q.shape
             table = g.weight("transformer.vocab_embedding.qweight", q.reshape(V, H // EMBEDDING_BLOCK, EMBEDDING_BLOCK))
             rows = g.op("GatherBlockQuantized", [table, input_ids, g.weight(
@@ -211,7 +212,7 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             h = g.op("Reshape", [rows, g.const([0, 0, H])], name="embedding")
         else:
             if int8_table is not None:  # the standard form gathers the same values, dequantized
-                q, scales = int8_table.values()
+                q, scales = int8_table
                 dequantized = (q.astype(np.float32) - 128).reshape(q.shape[0], -1, EMBEDDING_BLOCK) * scales[:, :, None]
                 embedding = g.weight("transformer.vocab_embedding.weight", dequantized.reshape(q.shape).astype(dtype))
             else:
@@ -257,16 +258,19 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = ops.norm(picked, "transformer.ln_f")
         flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
-        lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
-        if table is not None and config.tie_word_embeddings:  # the int8 embedding table, read once more
-            logits = g.op("MatMulNBits", [flat, table, g.weight("lm_head.scales", int8_table[
-                "transformer.vocab_embedding.weights_scaling_factor"].astype(dtype))], domain="com.microsoft",
-                name="lm_head/MatMulNBits", K=config.hidden_size, N=config.vocab_size, bits=8,
-                block_size=EMBEDDING_BLOCK, accuracy_level=accuracy_level(options.weight_only_activations))
-        elif quantize_lm_head(config, options):
+        if quantize_lm_head(config, options):
+            lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
+            tied_table = int8_table if config.tie_word_embeddings else None  # already quantized: reuse it
             block = EMBEDDING_BLOCK if config.hidden_size % EMBEDDING_BLOCK == 0 else config.hidden_size
-            logits = weight_only_linear(g, flat, int8_blocks(tensors[lm_head_name], "lm_head", block), "lm_head", 8,
-                                        block, options.fused_gemm, options.weight_only_activations)
+            q, scales = tied_table if tied_table is not None else int8_blocks(tensors[lm_head_name], block)
+            if table is not None and tied_table is not None:  # the int8 embedding table, read once more
+                logits = g.op("MatMulNBits", [flat, table, g.weight("lm_head.scales", scales.astype(dtype))],
+                              domain="com.microsoft", name="lm_head/MatMulNBits", K=config.hidden_size,
+                              N=config.vocab_size, bits=8, block_size=EMBEDDING_BLOCK,
+                              accuracy_level=accuracy_level(options.weight_only_activations))
+            else:
+                logits = weight_only_linear(g, flat, {"lm_head.weight": q, "lm_head.weights_scaling_factor": scales},
+                                            "lm_head", 8, block, options.fused_gemm, options.weight_only_activations)
         else:
             lm_head = embedding if config.tie_word_embeddings else ops.w("lm_head.weight")
             logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")

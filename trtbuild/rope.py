@@ -1,9 +1,11 @@
-"""LongRoPE (Phi-3): two sets of rotary frequencies, the short one while a sequence is within
-`original_max_position_embeddings` and the long one past it, cos / sin scaled by an attention
-factor. Shared by the network (two caches, picked per step) and the torch reference model."""
+"""RoPE variants shared by the network and the torch reference model: LongRoPE (Phi-3: two sets of
+rotary frequencies, the short one while a sequence is within `original_max_position_embeddings`
+and the long one past it, cos / sin scaled by an attention factor) and the RoPE of sliding-window
+layers (Gemma 3: their own base, no scaling)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -28,3 +30,8 @@ def longrope_attention_factor(config: PretrainedConfig) -> float:
     original = sc["original_max_position_embeddings"]
     factor = sc.get("factor") or sc["max_position_embeddings"] / original
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def local_rope(config: PretrainedConfig) -> PretrainedConfig:
+    """The config whose RoPE the sliding-window layers use: rotary_base_local, no scaling."""
+    return dataclasses.replace(config, rotary_base=config.rotary_base_local, rotary_scaling=None)

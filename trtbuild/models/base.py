@@ -15,7 +15,7 @@ stored [out, in].
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from trtbuild.checkpoint import PretrainedConfig
@@ -63,23 +63,6 @@ class Linear:
     fold: SmoothFold | None = None  # None: a smoothing scale stays a prequant Mul before the GEMM
     parallel: str = "column"  # "column" (split outputs over ranks) or "row" (split inputs, then reduce)
     lora_modules: tuple[str, ...] = ()  # TensorRT-LLM's --lora_target_modules names acting on it
-
-
-@dataclass(frozen=True)
-class Family:
-    """Everything trtbuild knows about one architecture family."""
-
-    name: str
-    architectures: tuple[str, ...]  # HF `architectures` names read by this family
-    read_config: Callable[[dict[str, Any], str, str, str], PretrainedConfig]  # (hf, arch, dtype, source)
-    weight_rows: tuple[WeightRow, ...]
-    layer_tensors: Callable[[PretrainedConfig], dict[str, tuple[int, ...]]]  # norms etc., per layer
-    linears: Callable[[PretrainedConfig], tuple[Linear, ...]]  # in execution order
-    onnx_layer: Callable  # (ops: network.LayerOps, i, pending, residual) -> (pending, residual)
-    torch_layer: Callable  # (model: ReferenceModel, i, h, linear_hook, kv_hook) -> h
-    hf_layer_prefix: str = "model.layers."  # how its layers are named in HF module paths (LoRA)
-    hf_lora_modules: dict[str, str] = field(default_factory=dict)  # HF module in a layer → TRT-LLM module
-    unsupported: Callable[[PretrainedConfig], str | None] = lambda config: None  # why a config cannot build
 
 
 # -- what every family's checkpoint holds ---------------------------------------------------------
@@ -202,6 +185,23 @@ def pre_norm_torch_layer(model, i: int, h, linear_hook=None, kv_hook=None):
     p = LAYER_PREFIX.format(i)
     h = h + model.attention(i, model.norm(p + "input_layernorm", h), linear_hook, kv_hook)
     return h + model.mlp(i, model.norm(p + "post_layernorm", h), linear_hook)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything trtbuild knows about one architecture family; the defaults are the standard
+    pre-norm layer (two norms, qkv / dense / fc (+ gate) / proj) that most families are made of."""
+
+    name: str
+    architectures: tuple[str, ...]  # HF `architectures` names read by this family
+    read_config: Callable[[dict[str, Any], str, str, str], PretrainedConfig]  # (hf, arch, dtype, source)
+    weight_rows: tuple[WeightRow, ...]
+    hf_lora_modules: dict[str, str]  # HF module in a layer → TRT-LLM module ("m1+m2": its B split by rows)
+    hf_layer_prefix: str = "model.layers."  # how its layers are named in HF module paths (LoRA)
+    layer_tensors: Callable[[PretrainedConfig], dict[str, tuple[int, ...]]] = standard_layer_tensors  # per layer
+    linears: Callable[[PretrainedConfig], tuple[Linear, ...]] = standard_linears  # in execution order
+    onnx_layer: Callable = pre_norm_onnx_layer  # (ops: network.LayerOps, i, pending, residual) -> (pending, residual)
+    torch_layer: Callable = pre_norm_torch_layer  # (model: ReferenceModel, i, h, linear_hook, kv_hook) -> h
 
 
 # -- reading HF configs -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
 
 from . import llama
-from .base import LAYER_PREFIX, Family, WeightRow, llama_like_config, rope_from_hf, standard_linears
+from .base import LAYER_PREFIX, Family, WeightRow, llama_like_config, rope_from_hf
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -83,14 +83,6 @@ def torch_layer(model, i: int, h, linear_hook=None, kv_hook=None):
     return h + model.norm(p + "post_mlp_norm", model.mlp(i, model.norm(p + "post_layernorm", h), linear_hook))
 
 
-FAMILY = Family(
-    name="gemma3",
-    architectures=("Gemma3ForCausalLM",),
-    read_config=read_config,
-    weight_rows=WEIGHT_ROWS,
-    layer_tensors=layer_tensors,
-    linears=standard_linears,
-    onnx_layer=onnx_layer,
-    torch_layer=torch_layer,
-    hf_lora_modules=llama.HF_LORA_MODULES,
-)
+FAMILY = Family(name="gemma3", architectures=("Gemma3ForCausalLM",), read_config=read_config, weight_rows=WEIGHT_ROWS,
+                hf_lora_modules=llama.HF_LORA_MODULES, layer_tensors=layer_tensors, onnx_layer=onnx_layer,
+                torch_layer=torch_layer)

@@ -6,8 +6,7 @@ from typing import Any
 
 from trtbuild.checkpoint import PretrainedConfig
 
-from .base import (Family, WeightRow, pre_norm_onnx_layer, pre_norm_torch_layer, standard_layer_tensors,
-                   standard_linears, token_ids)
+from .base import Family, WeightRow, token_ids
 
 WEIGHT_ROWS = (
     WeightRow("transformer.vocab_embedding.weight", ("transformer.wte.weight",)),
@@ -50,15 +49,5 @@ def read_config(hf: dict[str, Any], arch: str, dtype: str, source: str) -> Pretr
     )
 
 
-FAMILY = Family(
-    name="gpt2",
-    architectures=("GPT2LMHeadModel",),
-    read_config=read_config,
-    weight_rows=WEIGHT_ROWS,
-    layer_tensors=standard_layer_tensors,
-    linears=standard_linears,
-    onnx_layer=pre_norm_onnx_layer,
-    torch_layer=pre_norm_torch_layer,
-    hf_layer_prefix="transformer.h.",
-    hf_lora_modules=HF_LORA_MODULES,
-)
+FAMILY = Family(name="gpt2", architectures=("GPT2LMHeadModel",), read_config=read_config, weight_rows=WEIGHT_ROWS,
+                hf_lora_modules=HF_LORA_MODULES, hf_layer_prefix="transformer.h.")

@@ -10,8 +10,7 @@ from typing import Any
 
 from trtbuild.checkpoint import PretrainedConfig
 
-from .base import (Family, WeightRow, llama_like_config, pre_norm_onnx_layer, pre_norm_torch_layer,
-                   standard_layer_tensors, standard_linears)
+from .base import Family, WeightRow, llama_like_config
 
 ATTENTION_ROWS = (
     WeightRow("transformer.layers.{i}.attention.qkv.weight",
@@ -57,14 +56,5 @@ def read_config(hf: dict[str, Any], arch: str, dtype: str, source: str) -> Pretr
                              sliding_window=bool(hf.get("use_sliding_window", arch == "MistralForCausalLM")))
 
 
-FAMILY = Family(
-    name="llama",
-    architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-    read_config=read_config,
-    weight_rows=WEIGHT_ROWS,
-    layer_tensors=standard_layer_tensors,
-    linears=standard_linears,
-    onnx_layer=pre_norm_onnx_layer,
-    torch_layer=pre_norm_torch_layer,
-    hf_lora_modules=HF_LORA_MODULES,
-)
+FAMILY = Family(name="llama", architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+                read_config=read_config, weight_rows=WEIGHT_ROWS, hf_lora_modules=HF_LORA_MODULES)

@@ -9,8 +9,7 @@ from typing import Any
 from trtbuild.checkpoint import PretrainedConfig
 
 from . import llama
-from .base import (Family, WeightRow, llama_like_config, pre_norm_onnx_layer, pre_norm_torch_layer,
-                   standard_layer_tensors, standard_linears)
+from .base import Family, WeightRow, llama_like_config
 
 WEIGHT_ROWS = llama.EMBEDDING_ROWS + llama.NORM_ROWS + (
     WeightRow("transformer.layers.{i}.attention.qkv.weight", ("model.layers.{i}.self_attn.qkv_proj.weight",)),
@@ -36,14 +35,5 @@ def read_config(hf: dict[str, Any], arch: str, dtype: str, source: str) -> Pretr
     return config
 
 
-FAMILY = Family(
-    name="phi3",
-    architectures=("Phi3ForCausalLM",),
-    read_config=read_config,
-    weight_rows=WEIGHT_ROWS,
-    layer_tensors=standard_layer_tensors,
-    linears=standard_linears,
-    onnx_layer=pre_norm_onnx_layer,
-    torch_layer=pre_norm_torch_layer,
-    hf_lora_modules=HF_LORA_MODULES,
-)
+FAMILY = Family(name="phi3", architectures=("Phi3ForCausalLM",), read_config=read_config, weight_rows=WEIGHT_ROWS,
+                hf_lora_modules=HF_LORA_MODULES)

@@ -8,8 +8,7 @@ from typing import Any
 from trtbuild.checkpoint import PretrainedConfig
 
 from . import llama
-from .base import (Family, WeightRow, llama_like_config, pre_norm_onnx_layer, pre_norm_torch_layer,
-                   standard_layer_tensors, standard_linears)
+from .base import Family, WeightRow, llama_like_config
 
 QK_NORM_ROWS = (
     WeightRow("transformer.layers.{i}.attention.q_norm.weight", ("model.layers.{i}.self_attn.q_norm.weight",)),
@@ -22,14 +21,5 @@ def read_config(hf: dict[str, Any], arch: str, dtype: str, source: str) -> Pretr
                              qk_norm=True)
 
 
-FAMILY = Family(
-    name="qwen3",
-    architectures=("Qwen3ForCausalLM",),
-    read_config=read_config,
-    weight_rows=llama.WEIGHT_ROWS + QK_NORM_ROWS,
-    layer_tensors=standard_layer_tensors,
-    linears=standard_linears,
-    onnx_layer=pre_norm_onnx_layer,
-    torch_layer=pre_norm_torch_layer,
-    hf_lora_modules=llama.HF_LORA_MODULES,
-)
+FAMILY = Family(name="qwen3", architectures=("Qwen3ForCausalLM",), read_config=read_config,
+                weight_rows=llama.WEIGHT_ROWS + QK_NORM_ROWS, hf_lora_modules=llama.HF_LORA_MODULES)
