@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--num_threads", type=int, default=2)
     args = p.parse_args()
-    from trtbuild.runtime.model_runner import load_tokenizer
+    from trtbuild.tokenizer import load_tokenizer
     from trtbuild.serving import make_model_repo
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ import numpy as np
 from onnx import TensorProto
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine_io import kv_io_names
+from trtbuild.engine_io import ATTENTION_MASK, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, kv_io_names
 from trtbuild.errors import TrtbuildError
 from trtbuild.onnx_graph import GraphBuilder
 from trtbuild.plugins.norm import norm
@@ -84,11 +84,11 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
         raise TrtbuildError(f"{config.architecture}: rotary over {rotary_dim} of {config.head_size} head dims; "
                             "GroupQueryAttention rotates a multiple of 16: build with --gpt_attention_plugin disable")
     if fused:
-        inputs.seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch_size"])
-        inputs.total_sequence_length = g.input("total_sequence_length", TensorProto.INT32, [])
+        inputs.seqlens_k = g.input(SEQLENS_K, TensorProto.INT32, ["batch_size"])
+        inputs.total_sequence_length = g.input(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
         _add_rope(g, config, inputs, max_seq_len, float_dtype, inputs.total_sequence_length)
         return inputs
-    attention_mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    attention_mask = g.input(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
     # key j is visible from query i (at cache index past + i) iff j <= past + i and mask[b, j].
     total = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
     _add_rope(g, config, inputs, max_seq_len, float_dtype, total)

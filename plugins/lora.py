@@ -41,60 +41,21 @@ TensorRT would compile either form (the tensorrt backend has no profile for `lor
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.errors import TrtbuildError
+from trtbuild.engine_io import LORA_FORMS, LORA_TASK_IDS, lora_graph_inputs, lora_input_names
 from trtbuild.lora_adapter import LoraLinearLayout, lora_layout
 
-if TYPE_CHECKING:  # the writer side only; the runtime imports this module for the names below
+if TYPE_CHECKING:
     from trtbuild.onnx_graph import GraphBuilder
 
-LORA_TASK_IDS = "lora_task_ids"
 LORA_SLOTS_DIM = "lora_slots"
-LORA_FORMS = ("masked", "gather")
-# Engine dir: lora/{i}/ holds the adapters given at build (task id i), lora/manifest.json the form
-# and where each came from.
-LORA_DIR = "lora"
-MANIFEST = "manifest.json"
-
-
-def read_manifest(engine_dir: str | Path) -> dict:
-    path = Path(engine_dir) / LORA_DIR / MANIFEST
-    if not path.is_file():
-        raise TrtbuildError(f"{path} not found: the engine dir's lora plugin is incomplete; rebuild it with trt-build")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
-    if manifest.get("form") not in LORA_FORMS:
-        raise TrtbuildError(f"{path}: unknown lora form {manifest.get('form')!r}; rebuild the engine")
-    return manifest
-
 _PREFIX = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
-
-
-def lora_input_names(prefix: str) -> tuple[str, str]:
-    """Graph input names of a targeted linear's stacked A and B."""
-    return f"lora.{prefix}.A", f"lora.{prefix}.B"
-
-
-def lora_graph_inputs(config: PretrainedConfig, layout: dict[str, LoraLinearLayout]) -> dict[str, tuple[str, tuple]]:
-    """name → (linear prefix, per-slot shape) of every A/B graph input, layer by layer."""
-    out = {}
-    for i in range(config.num_hidden_layers):
-        for linear, lay in layout.items():
-            prefix = f"transformer.layers.{i}.{linear}"
-            a, b = lora_input_names(prefix)
-            out[a] = (prefix, (lay.rank, lay.in_features))
-            out[b] = (prefix, (lay.rank, lay.out_features))
-    return out
 
 
 @dataclass

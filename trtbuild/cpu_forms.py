@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine_io import PROBE_DIR, PROMPT_ATTENTION_PROBES, U8S8_GEMM_PROBE, U8S8_PROBE_K, u8u8_engine_path
+from trtbuild.engine_io import (POSITION_IDS, PROBE_DIR, PROBE_QKV, PROMPT_ATTENTION_PROBES, U8S8_GEMM_PROBE,
+                                U8S8_PROBE_INPUT, U8S8_PROBE_K, u8u8_engine_path)
 from trtbuild.onnx_graph import GraphBuilder
 from trtbuild.plugins.attention import add_graph_inputs, attention, declare_kv_io
 
@@ -80,13 +81,13 @@ def write_u8u8_form(engine_path: Path) -> Path | None:
 
 def write_u8s8_probe(path: Path) -> None:
     """One u8 x s8 GEMM as the engines write it (u8 zero point 128, s8 weights), B = 127."""
-    node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "one", "one", "a_zero", "b_zero"], ["y"],
+    node = helper.make_node("MatMulIntegerToFloat", [U8S8_PROBE_INPUT, "b", "one", "one", "a_zero", "b_zero"], ["y"],
                             domain="com.microsoft")
     inits = [helper.make_tensor("b", TensorProto.INT8, [U8S8_PROBE_K, 1], [127] * U8S8_PROBE_K),
              helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
              helper.make_tensor("a_zero", TensorProto.UINT8, [], [128]),
              helper.make_tensor("b_zero", TensorProto.INT8, [], [0])]
-    graph = helper.make_graph([node], "u8s8_probe", [helper.make_tensor_value_info("a", TensorProto.UINT8,
+    graph = helper.make_graph([node], "u8s8_probe", [helper.make_tensor_value_info(U8S8_PROBE_INPUT, TensorProto.UINT8,
                                                                                    ["rows", U8S8_PROBE_K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 1])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
@@ -101,8 +102,8 @@ def _attention_probe(path: Path, config: PretrainedConfig, max_seq_len: int, pro
     g = GraphBuilder(path, name="prompt_attention_probe")
     try:
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
-        qkv = g.input("qkv", TensorProto.FLOAT, [1, "sequence_length", (H + 2 * KV) * D])
-        position_ids = g.input("position_ids", TensorProto.INT64, [1, "sequence_length"])
+        qkv = g.input(PROBE_QKV, TensorProto.FLOAT, [1, "sequence_length", (H + 2 * KV) * D])
+        position_ids = g.input(POSITION_IDS, TensorProto.INT64, [1, "sequence_length"])
         shared = add_graph_inputs(g, config, True, max_seq_len, position_ids, qkv, np.dtype(np.float32))
         cache_type = TensorProto.INT8 if kv_scales is not None else TensorProto.FLOAT
         declare_kv_io(g, 0, config, True, cache_type)

@@ -1,5 +1,5 @@
 """Serving with Triton: `trtbuild-triton-repo` fills the model-repository templates, and the
-helpers that the Triton models share (tokenizer loading, word lists, parameters).
+helpers that the Triton models share (word lists, parameters; the tokenizer: trtbuild.tokenizer).
 
     trtbuild-triton-repo --engine_dir E --output REPO [--decoupled] [--max_batch_size N]
                          [--instance_count N] [--bls_instance_count N] [--num_threads N]
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from trtbuild.errors import TrtbuildError, cli_entry
+from trtbuild.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 
 def _triton_repo_dir() -> Path:
@@ -104,16 +105,10 @@ def special_token_ids(tokenizer_dir: str | os.PathLike, tokenizer=None,
     return ids
 
 
-def load_tokenizer(tokenizer_dir: str | os.PathLike):
-    """tokenizers.Tokenizer from tokenizer_dir/tokenizer.json (what the converter copies)."""
-    from tokenizers import Tokenizer
-
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise TrtbuildError(f"no tokenizer at {path}: convert the model with its tokenizer files "
-                            f"(trtbuild-convert copies them to <checkpoint>/tokenizer and trt-build "
-                            f"to <engine>/tokenizer) or pass --tokenizer_dir")
-    return Tokenizer.from_file(str(path))
+# the Triton models load the tokenizer with trtbuild.tokenizer.load_tokenizer; a repository's
+# tokenizer_dir is a dir holding tokenizer.json (checked when the repository is made)
+TOKENIZER_HINT = ("convert the model with its tokenizer files (trtbuild-convert copies them to "
+                  "<checkpoint>/tokenizer and trt-build to <engine>/tokenizer) or pass --tokenizer_dir")
 
 
 # ------------------------------------------------------------------- word lists (stop/bad words)
@@ -342,7 +337,7 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
     if num_threads is not None and num_threads < 1:
         raise TrtbuildError(f"--num_threads {num_threads} must be at least 1")
     tokenizer_dir = Path(tokenizer_dir).resolve() if tokenizer_dir else engine_dir / TOKENIZER_SUBDIR
-    load_tokenizer(tokenizer_dir)  # fail now, not when the server loads the model
+    load_tokenizer(tokenizer_dir / TOKENIZER_FILE, TOKENIZER_HINT)  # fail now, not when the server loads the model
     templates = Path(template_dir) if template_dir else DEFAULT_TEMPLATE_DIR
     missing = [m for m in models if not (templates / m / "config.pbtxt").is_file()]
     if missing:

@@ -27,7 +27,7 @@ def load_text_tokenizer(tokenizer_dir: str | Path):
     long texts are tokenized whole."""
     d = Path(tokenizer_dir)
     if (d / "tokenizer.json").is_file():
-        from trtbuild.runtime import load_tokenizer
+        from trtbuild.tokenizer import load_tokenizer
 
         tok = load_tokenizer(d)
     elif d.is_dir():

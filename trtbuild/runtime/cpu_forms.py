@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from trtbuild.engine_io import (PROBE_DIR, PROMPT_ATTENTION_PROBES, U8S8_GEMM_PROBE, U8S8_PROBE_EXACT, U8S8_PROBE_K,
-                                u8u8_engine_path)
+from trtbuild.engine_io import (POSITION_IDS, PROBE_DIR, PROBE_QKV, PROMPT_ATTENTION_PROBES, SEQLENS_K,
+                                TOTAL_SEQUENCE_LENGTH, U8S8_GEMM_PROBE, U8S8_PROBE_EXACT, U8S8_PROBE_INPUT, U8S8_PROBE_K,
+                                kv_io_names, u8u8_engine_path)
 from trtbuild.errors import TrtbuildError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def u8s8_gemm_is_exact(probe: Path) -> bool:
     """Whether onnxruntime's u8 x s8 GEMM is exact on this CPU, by the probe's sum whose product
     pairs overflow int16 (one row: MLAS's GEMV kernel; four: its GEMM kernel)."""
     session = _session(probe, 1)
-    return all(float(session.run(None, {"a": np.full((rows, U8S8_PROBE_K), 255, np.uint8)})[0].min())
+    return all(float(session.run(None, {U8S8_PROBE_INPUT: np.full((rows, U8S8_PROBE_K), 255, np.uint8)})[0].min())
                == U8S8_PROBE_EXACT
                for rows in (1, 4))
 
@@ -98,14 +99,14 @@ def prompt_kernel_is_faster(engine_dir: Path, threads: int, prompt_len: int, max
         return bool(known[digest]["kernel"])
     sessions = {form: _session(p, threads, kernels=form == "kernel") for form, p in probes.items()}
     inputs = {i.name: i for i in sessions["gqa"].get_inputs()}
-    shape = inputs["qkv"].shape
-    past = inputs["past_key_values.0.key"]
+    shape = inputs[PROBE_QKV].shape
+    past_k, past_v = kv_io_names(0)[:2]
+    past = inputs[past_k]
     cache_dtype = np.int8 if "int8" in past.type else np.float32
     cache = np.zeros((1, past.shape[1], max_seq_len, past.shape[3]), cache_dtype)  # as the runtime's cache
-    feeds = {"qkv": np.random.default_rng(0).standard_normal((1, prompt_len, shape[2])).astype(np.float32),
-             "position_ids": np.arange(prompt_len, dtype=np.int64)[None],
-             "past_key_values.0.key": cache, "past_key_values.0.value": cache.copy(),
-             "seqlens_k": np.array([prompt_len - 1], np.int32), "total_sequence_length": np.array(prompt_len, np.int32)}
+    feeds = {PROBE_QKV: np.random.default_rng(0).standard_normal((1, prompt_len, shape[2])).astype(np.float32),
+             POSITION_IDS: np.arange(prompt_len, dtype=np.int64)[None], past_k: cache, past_v: cache.copy(),
+             SEQLENS_K: np.array([prompt_len - 1], np.int32), TOTAL_SEQUENCE_LENGTH: np.array(prompt_len, np.int32)}
     per_form = {form: {n.name: feeds[n.name] for n in s.get_inputs()} for form, s in sessions.items()}
     seconds = {form: float("inf") for form in sessions}
     for _ in range(3):  # alternate, so that a busy moment hits both forms; best of each

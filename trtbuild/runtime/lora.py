@@ -17,6 +17,7 @@ numpy and onnxruntime only: .safetensors and .bin adapters are read without torc
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -27,14 +28,28 @@ import numpy as np
 import onnxruntime as ort
 
 from trtbuild.engine import EngineConfig
+from trtbuild.engine_io import LORA_DIR, LORA_FORMS, LORA_MANIFEST, LORA_TASK_IDS, lora_graph_inputs
 from trtbuild.errors import TrtbuildError
 from trtbuild.lora_adapter import (LoraAdapter, adapter_fingerprint, check_adapter_fits, lora_layout,
                                    read_lora_adapter, write_adapter_slot)
-from trtbuild.plugins.lora import LORA_TASK_IDS, lora_graph_inputs, read_manifest
 
 log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 16  # bound-slot views / compact buffers kept (one per distinct set of adapters in a batch)
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    """The engine dir's lora/manifest.json (written by trtbuild.lora_engine): its form and adapters."""
+    path = Path(engine_dir) / LORA_DIR / LORA_MANIFEST
+    if not path.is_file():
+        raise TrtbuildError(f"{path} not found: the engine dir's lora plugin is incomplete; rebuild it with trt-build")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrtbuildError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
+    if manifest.get("form") not in LORA_FORMS:
+        raise TrtbuildError(f"{path}: unknown lora form {manifest.get('form')!r}; rebuild the engine")
+    return manifest
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """ModelRunner: load an engine dir and run prefill / decode steps, generation and scoring.
 
-Imports onnxruntime, numpy and tokenizers only: an engine runs without torch or transformers.
+Imports onnxruntime, numpy and tokenizers only: an engine runs without torch, transformers, onnx or
+the network writer (the engine's input and output names come from trtbuild.engine_io).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import onnxruntime as ort
 
 from trtbuild.checkpoint import TOKENIZER_DIR
 from trtbuild.engine import EngineConfig, load_engine_config
-from trtbuild.engine_io import USE_PROMPT_KERNEL
+from trtbuild.engine_io import INPUT_IDS, LOGITS, LOGITS_POSITIONS, POSITION_IDS, USE_PROMPT_KERNEL
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime.cpu_forms import CpuForms
-from trtbuild.runtime.kv_cache import ConcatKVCache, SharedKVCache
+from trtbuild.runtime.kv_cache import KVCache, kv_cache_for
 from trtbuild.runtime.request import Request
 from trtbuild.runtime.sampling import SamplingConfig
+from trtbuild.tokenizer import TOKENIZER_FILE, load_tokenizer  # load_tokenizer: importable from here too
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,10 @@ class GenerationOutput:
     prompt_lengths: list[int]
 
 
-def load_tokenizer(path: str | Path):
-    """A `tokenizers.Tokenizer` from a dir holding tokenizer.json (or the file itself)."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise TrtbuildError(f"{file} not found: pass --tokenizer_dir with a tokenizer.json")
-    return Tokenizer.from_file(str(file))
+def _engine_tokenizer(engine_dir: Path, tokenizer_dir: str | Path | None):
+    """The tokenizer given (tokenizer_dir, required) or the engine dir's own (if it has one)."""
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
+    return load_tokenizer(tok_dir) if (tok_dir / TOKENIZER_FILE).is_file() or tokenizer_dir else None
 
 
 class ModelRunner:
@@ -57,14 +54,12 @@ class ModelRunner:
         inputs = {i.name for i in session.get_inputs()} if hasattr(session, "get_inputs") else set()
         self.prompt_kernel = None if USE_PROMPT_KERNEL not in inputs else \
             np.array(forms.prompt_kernel if forms is not None and forms.prompt_kernel is not None else True)
-        pc, bc = config.pretrained_config, config.build_config
+        # shared buffer (attention plugin): requests join and leave a running batch (trtbuild.runtime.scheduler);
+        # concatenated (standard attention): a batch runs from prefill to its last token together
         self.shared_cache = config.kv_cache_layout == "shared_buffer"
-        self.cache_dtype = np.int8 if pc.quantization.kv_cache_quant_algo == "INT8" else np.dtype(bc.compute_dtype)
-        self.vocab_size = pc.vocab_size
+        self.kv_cache = kv_cache_for(config)  # the shared buffer, or an empty cache each call copies (for_call)
+        self.vocab_size = config.pretrained_config.vocab_size
         self.lora = None  # LoraManager, attached when the engine has a lora plugin
-        self.kv_cache = (SharedKVCache(pc.num_hidden_layers, bc.max_batch_size, pc.num_key_value_heads,
-                                       bc.max_seq_len, pc.head_size, self.cache_dtype)
-                         if self.shared_cache else None)
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
@@ -81,13 +76,11 @@ class ModelRunner:
         engine_path = engine_dir / f"rank{rank}.engine"
         if not engine_path.is_file():
             raise TrtbuildError(f"{engine_path} not found: the engine dir is incomplete; rebuild it with trt-build")
-        if backend == "tensorrt":  # on an NVIDIA GPU, with the same _step feeds as the standard onnxruntime form
+        if backend == "tensorrt":  # on an NVIDIA GPU, with the same step feeds as the standard onnxruntime form
             from trtbuild.runtime.tensorrt_session import TensorRTStepSession
 
             session = TensorRTStepSession.open(engine_dir, engine_path, config)  # one clear line without a GPU
-            tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
-            tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() or tokenizer_dir else None
-            return cls(engine_dir, config, session, tokenizer)  # type: ignore[arg-type]
+            return cls(engine_dir, config, session, _engine_tokenizer(engine_dir, tokenizer_dir))  # type: ignore[arg-type]
         from trtbuild.backends.onnxruntime_backend import default_num_threads, open_session
         from trtbuild.kernels import KernelUnavailable
         from trtbuild.runtime.cpu_forms import choose_forms
@@ -108,9 +101,7 @@ class ModelRunner:
         log.info("%s runs as %s (int8 GEMMs: %s, prompt attention: %s)", engine_path, forms.engine_path.name,
                  forms.int8_gemm or "none", {True: "trtbuild's kernel", False: "GroupQueryAttention",
                                              None: "as decode"}[forms.prompt_kernel])
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
-        tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() or tokenizer_dir else None
-        runner = cls(engine_dir, config, session, tokenizer, forms)
+        runner = cls(engine_dir, config, session, _engine_tokenizer(engine_dir, tokenizer_dir), forms)
         if config.build_config.plugin_config.lora_plugin:
             from trtbuild.runtime.lora import LoraManager
 
@@ -144,40 +135,40 @@ class ModelRunner:
             raise TrtbuildError(f"prompt {index} has token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
 
     # ---- one engine step --------------------------------------------------------------------
-    def _step(self, input_ids: np.ndarray, position_ids: np.ndarray, logits_positions: np.ndarray,
-              lengths_after: np.ndarray, slot_start: int = 0, cache: ConcatKVCache | None = None,
-              attention_mask: np.ndarray | None = None, lora_task_ids: np.ndarray | None = None) -> np.ndarray:
-        """Run the engine once over rows [slot_start, slot_start + B); returns logits [B, K, vocab].
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, logits_positions: np.ndarray,
+             lengths_after: np.ndarray, slot_start: int = 0, cache: KVCache | None = None,
+             lora_task_ids: np.ndarray | None = None) -> np.ndarray:
+        """Run the engine once, a prefill or a decode step, over KV cache rows [slot_start, slot_start + B).
 
-        lengths_after[b]: tokens in row b's cache after this step.
+        input_ids, position_ids [B, S] int64: the step's tokens, right-padded, and their positions.
+        logits_positions [B, K] int64: which of the S positions' logits to return.
+        lengths_after [B]: the tokens in each row's cache after this step (a row's real tokens of the
+        step are its first lengths_after[b] - cached ones; the rest is padding).
+        cache: the KV cache the step reads and extends (default: the runner's, `kv_cache.for_call()`:
+        the shared buffer, or a new concatenated cache, i.e. a step over an empty cache).
+        lora_task_ids [B]: each row's adapter (-1, the default: the base model).
+        Returns logits [B, K, vocab] float32.
         """
         batch = input_ids.shape[0]
-        io = (self.kv_cache.binding(self.session, slot_start, batch, int(lengths_after.max())) if self.shared_cache
-              else self.session.io_binding())
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        io.bind_cpu_input("logits_positions", np.ascontiguousarray(logits_positions, dtype=np.int64))
+        cache = cache if cache is not None else self.kv_cache.for_call()
+        io = cache.bind(self.session, slot_start, lengths_after, input_ids.shape[1])
+        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_cpu_input(LOGITS_POSITIONS, np.ascontiguousarray(logits_positions, dtype=np.int64))
         logits = np.empty((batch, logits_positions.shape[1], self.vocab_size), np.float32)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        io.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if self.lora is not None:
             self.lora.bind(io, lora_task_ids if lora_task_ids is not None else np.full(batch, -1, np.int64))
         if self.prompt_kernel is not None:
             io.bind_cpu_input(USE_PROMPT_KERNEL, self.prompt_kernel)
-        if self.shared_cache:
-            io.bind_cpu_input("seqlens_k", (lengths_after - 1).astype(np.int32))
-            io.bind_cpu_input("total_sequence_length", np.array(int(lengths_after.max()), np.int32))
-            self.session.run_with_iobinding(io)
-        else:
-            io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-            cache.bind(io)
-            self.session.run_with_iobinding(io)
-            cache.update(io)
+        self.session.run_with_iobinding(io)
+        cache.after_run(io)
         return logits
 
     def prefill(self, prompts: list[list[int]], slot_start: int = 0, all_logits: bool = False,
-                cache: ConcatKVCache | None = None, lora_task_ids: np.ndarray | None = None) -> np.ndarray:
-        """Right-padded prompts in one batch; logits of each row's last token [B, 1, V]
-        (or of every position [B, S, V] when all_logits)."""
+                cache: KVCache | None = None, lora_task_ids: np.ndarray | None = None) -> np.ndarray:
+        """Right-padded prompts in one batch (a step into an empty cache, see `step`); logits of each
+        row's last token [B, 1, V] (or of every position [B, S, V] when all_logits)."""
         lengths = np.array([len(p) for p in prompts], np.int64)
         seq = int(lengths.max())
         ids = np.zeros((len(prompts), seq), np.int64)
@@ -185,8 +176,7 @@ class ModelRunner:
             ids[b, :len(p)] = p
         positions = np.broadcast_to(np.arange(seq, dtype=np.int64), ids.shape)
         picks = positions if all_logits else (lengths - 1)[:, None]
-        mask = (positions < lengths[:, None]).astype(np.int64)
-        return self._step(ids, positions, picks, lengths, slot_start, cache, mask, lora_task_ids)
+        return self.step(ids, positions, picks, lengths, slot_start, cache, lora_task_ids)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, batch_input_ids: list[list[int]], sampling: SamplingConfig | list[SamplingConfig],
@@ -224,15 +214,12 @@ class ModelRunner:
 
     def _generate_static(self, requests: list[Request]) -> None:
         """Standard-attention engines: one prefill, then decode the whole batch until all finish."""
-        pc = self.config.pretrained_config
         batch = len(requests)
-        cache = ConcatKVCache(pc.num_hidden_layers, batch, pc.num_key_value_heads, pc.head_size, self.cache_dtype)
+        cache = self.kv_cache.for_call()
         task_ids = np.array([r.lora_task_id for r in requests], np.int64)
         prompts = [r.prompt_ids for r in requests]
         logits = self.prefill(prompts, cache=cache, lora_task_ids=task_ids)
         lengths = np.array([len(p) for p in prompts], np.int64)
-        seq = int(lengths.max())
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
         while True:
             for r, row in zip(requests, logits):
                 r.accept(row[0])
@@ -241,10 +228,9 @@ class ModelRunner:
             last = [r.output_ids[-1] if r.output_ids else 0 for r in requests]
             ids = np.array(last, np.int64)[:, None]
             positions = lengths[:, None].copy()
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             lengths = lengths + 1
-            logits = self._step(ids, positions, np.zeros((batch, 1), np.int64), lengths, cache=cache,
-                                attention_mask=mask, lora_task_ids=task_ids)
+            logits = self.step(ids, positions, np.zeros((batch, 1), np.int64), lengths, cache=cache,
+                               lora_task_ids=task_ids)
 
     # ---- scoring ----------------------------------------------------------------------------
     def score(self, batch_input_ids: list[list[int]], lora_task_ids: list[int] | None = None) -> np.ndarray:
@@ -254,10 +240,4 @@ class ModelRunner:
         for i, p in enumerate(batch_input_ids):
             self.check_request(list(p), 0, i)
         task_ids = np.array(lora_task_ids if lora_task_ids is not None else [-1] * len(batch_input_ids), np.int64)
-        cache = None
-        if not self.shared_cache:
-            pc = self.config.pretrained_config
-            cache = ConcatKVCache(pc.num_hidden_layers, len(batch_input_ids), pc.num_key_value_heads,
-                                  pc.head_size, self.cache_dtype)
-        return self.prefill([list(p) for p in batch_input_ids], all_logits=True, cache=cache,
-                            lora_task_ids=task_ids)
+        return self.prefill([list(p) for p in batch_input_ids], all_logits=True, lora_task_ids=task_ids)

@@ -57,8 +57,8 @@ class Scheduler:
         ids = np.array([[r.output_ids[-1]] for r in active], np.int64)
         lengths = np.array([r.num_tokens for r in active], np.int64)
         task_ids = np.array([r.lora_task_id for r in active], np.int64)
-        logits = self.runner._step(ids, (lengths - 1)[:, None], np.zeros((len(active), 1), np.int64), lengths,
-                                   slot_start=0, lora_task_ids=task_ids)
+        logits = self.runner.step(ids, (lengths - 1)[:, None], np.zeros((len(active), 1), np.int64), lengths,
+                                  slot_start=0, lora_task_ids=task_ids)
         for r, row in zip(active, logits):
             r.accept(row[0])
 

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild.serving import load_tokenizer, model_parameter
+from trtbuild.serving import model_parameter
+from trtbuild.tokenizer import load_tokenizer
 
 
 def _error(msg):

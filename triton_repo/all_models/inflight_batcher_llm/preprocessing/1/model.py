@@ -12,8 +12,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild.serving import (load_tokenizer, model_parameter, read_engine_config,
-                              special_token_ids, to_word_list_format)
+from trtbuild.serving import model_parameter, read_engine_config, special_token_ids, to_word_list_format
+from trtbuild.tokenizer import load_tokenizer
 
 
 def _error(msg):

@@ -39,7 +39,8 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild.serving import GuardedSender, IncrementalDetokenizer, load_tokenizer, model_parameter
+from trtbuild.serving import GuardedSender, IncrementalDetokenizer, model_parameter
+from trtbuild.tokenizer import load_tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
