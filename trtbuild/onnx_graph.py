@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import BinaryIO, Callable, Iterator, Sequence, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +30,21 @@ NP_TO_ONNX = {
 T = TypeVar("T")
 
 ONNX_FLOAT = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+
+def append_external_data(tensor: TensorProto, raw: bytes, data_file: BinaryIO, location: str) -> None:
+    """Make `raw` the external data of `tensor`: appended to the open `data_file` (named `location`,
+    beside the model) at the next ALIGN boundary, so that onnxruntime can memory-map it."""
+    offset = data_file.tell()
+    pad = (-offset) % ALIGN
+    if pad:
+        data_file.write(b"\0" * pad)
+        offset += pad
+    data_file.write(raw)
+    tensor.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, v
 
 
 class GraphBuilder:
@@ -78,17 +93,8 @@ class GraphBuilder:
         if self._written(name, data_type, dims):
             return name
         self._weights[name] = (data_type, tuple(dims))
-        offset = self._data.tell()
-        pad = (-offset) % ALIGN
-        if pad:
-            self._data.write(b"\0" * pad)
-            offset += pad
-        self._data.write(raw)
         t = TensorProto(name=name, data_type=data_type, dims=list(dims))
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = t.external_data.add()
-            entry.key, entry.value = k, v
+        append_external_data(t, raw, self._data, self.data_name)
         self.initializers.append(t)
         return name
 

@@ -16,11 +16,17 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from trtbuild.backends import tensorrt_backend as tb
+from trtbuild.backends import tensorrt as tb
+from trtbuild.backends.tensorrt import compile as trt_compile
+from trtbuild.backends.tensorrt import probe
+from trtbuild.backends.tensorrt.errors import one_line_reason
+from trtbuild.engine import BuildConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.runtime.tensorrt_session import TensorRTSession
 
 from tensorrt_markers import (GPU, GPU_WHY, HAVE_POLYGRAPHY, PACKAGE, needs_polygraphy, needs_trt, no_gpu_only,
                               trt)
+from tensorrt_tools import polygraphy_compare
 
 vi = h.make_tensor_value_info
 HQ, HKV, D = 4, 2, 16
@@ -193,7 +199,7 @@ def test_asymmetric_int4_as_zero_point_correction_term_builds(tmp_path, rng):
         x = rng.standard_normal((2, 3, K)).astype(np.float16)
         xs = x.astype(np.float32).reshape(2, 3, G, BLOCK).sum(-1)
         ref = (x.astype(np.float32) @ w_sym - xs @ zs.astype(np.float32)).astype(np.float16)
-        ok, summary = tb.polygraphy_compare(tmp_path / "model.onnx", {"x": x}, {"y": ref}, rtol=1e-2, atol=5e-2)
+        ok, summary = polygraphy_compare(tmp_path / "model.onnx", {"x": x}, {"y": ref}, rtol=1e-2, atol=5e-2)
         assert ok, summary
 
 
@@ -317,13 +323,13 @@ def test_ctrl_c_cancels_the_build_and_writes_nothing(tmp_path, rng, monkeypatch)
     m, _ = matmul_model(rng)
     build(tmp_path, m, XPROF)
     before = (tmp_path / "model.engine").read_bytes()
-    real = tb._build_to_file
+    real = trt_compile._build_to_file
 
     def interrupted(*args):
         os.kill(os.getpid(), signal.SIGINT)  # caught by the build's handler: TensorRT is asked to stop
         return real(*args)
 
-    monkeypatch.setattr(tb, "_build_to_file", interrupted)
+    monkeypatch.setattr(trt_compile, "_build_to_file", interrupted)
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when started in the background (nohup ... &)
     with pytest.raises(KeyboardInterrupt):
         tb.build_tensorrt_engine(tmp_path / "model.onnx", tmp_path / "model.engine", XPROF)
@@ -339,10 +345,8 @@ def test_profile_from_dim_ranges(tmp_path):
               [vi("y", TP.FLOAT16, ["batch_size", "total_sequence_length", 8])])
     p = save(m, tmp_path / "m.onnx")
 
-    class Build:
-        max_batch_size, max_input_len, max_seq_len, max_num_tokens = 8, 256, 512, None
-
-    profile = tb.profile_from_dim_ranges(p, tb.dim_ranges_for_build(Build))
+    build_cfg = BuildConfig(max_batch_size=8, max_input_len=256, max_seq_len=512)
+    profile = tb.profile_from_dim_ranges(p, tb.dim_ranges_for_build(build_cfg))
     assert profile == {"x": ((1, 1, 8), (4, 128, 8), (8, 256, 8)), "past": ((1, 0, 8), (4, 256, 8), (8, 511, 8))}
     with pytest.raises(TrtbuildError, match="input 'past' axis 1 is dynamic \\(past_sequence_length\\)"):
         tb.profile_from_dim_ranges(p, {"batch_size": (1, 1, 1), "sequence_length": (1, 1, 1)})
@@ -350,8 +354,6 @@ def test_profile_from_dim_ranges(tmp_path):
 
 @needs_trt
 def test_build_for_engine_dir_takes_the_profile_from_the_build_limits(tmp_path, rng):
-    from types import SimpleNamespace
-
     hidden = 16
     m = model([h.make_node("Concat", ["past", "x"], ["present"], axis=1, name="cat"),
                h.make_node("MatMul", ["x", "W"], ["y"], name="mm0")],
@@ -361,8 +363,8 @@ def test_build_for_engine_dir_takes_the_profile_from_the_build_limits(tmp_path, 
                vi("present", TP.FLOAT16, ["batch_size", "total_sequence_length", hidden])],
               [nh.from_array(rng.standard_normal((hidden, hidden)).astype(np.float16), "W")])
     p = save(m, tmp_path / "rank0.onnx")
-    build_cfg = SimpleNamespace(max_batch_size=4, max_input_len=32, max_seq_len=64, max_num_tokens=None,
-                                compute_dtype="float16", trt_compute_capabilities=["SM86"])
+    build_cfg = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, compute_dtype="float16",
+                            trt_compute_capabilities=["SM86"])
     info = tb.build_for_engine_dir(p, tmp_path / "rank0.engine", config=None, build=build_cfg)
     prof = {t["name"]: t["profile"] for t in info["inputs"]}
     assert prof["x"] == {"min": [1, 1, hidden], "opt": [2, 16, hidden], "max": [4, 32, hidden]}
@@ -404,7 +406,7 @@ def test_default_targets_in_header(tmp_path, rng):
 
 # -------------------------------------------------------------------------------- without TensorRT
 def test_tensorrt_missing_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(tb, "tensorrt_available", lambda: (None, "tensorrt: No module named 'tensorrt'"))
+    monkeypatch.setattr(probe, "tensorrt_available", lambda: (None, "tensorrt: No module named 'tensorrt'"))
     with pytest.raises(TrtbuildError, match="pip install tensorrt_rtx.*pip install tensorrt"):
         tb.build_tensorrt_engine(tmp_path / "m.onnx", tmp_path / "m.engine", {})
     ok, why = tb.can_run_tensorrt()
@@ -417,7 +419,7 @@ def test_session_refuses_without_gpu_in_one_line(tmp_path):
     ok, why = tb.can_run_tensorrt()
     assert not ok and why and "\n" not in why
     with pytest.raises(TrtbuildError) as e:
-        tb.TensorRTSession(tmp_path / "model.engine")
+        TensorRTSession(tmp_path / "model.engine")
     msg = str(e.value)
     assert "\n" not in msg and "cannot run TensorRT engine" in msg and "--backend onnxruntime" in msg
 
@@ -427,7 +429,7 @@ def test_session_runs_matmul_on_gpu(tmp_path, rng):  # pragma: no cover - GPU ma
     m, w = matmul_model(rng)
     build(tmp_path, m, XPROF)
     x = rng.standard_normal((2, 3, K)).astype(np.float16)
-    with tb.TensorRTSession(tmp_path / "model.engine") as s:
+    with TensorRTSession(tmp_path / "model.engine") as s:
         y = s.run({"x": x})["y"]
     np.testing.assert_allclose(y.astype(np.float32), x.astype(np.float32) @ w.astype(np.float32), rtol=2e-2, atol=5e-2)
 
@@ -440,10 +442,10 @@ def test_polygraphy_compare_int4_dequantize_matmul(tmp_path, rng):
     x = rng.standard_normal((2, 3, K)).astype(np.float16)
     ref = (x.astype(np.float32) @ w).astype(np.float16)
     # onnxruntime's fp16 MatMul on CPU differs from an fp32 sum by up to ~0.03 here.
-    ok, summary = tb.polygraphy_compare(p, {"x": x}, {"y": ref}, rtol=1e-2, atol=5e-2)
+    ok, summary = polygraphy_compare(p, {"x": x}, {"y": ref}, rtol=1e-2, atol=5e-2)
     assert ok, summary
     assert "PASSED" in summary
-    ok, summary = tb.polygraphy_compare(p, {"x": x}, {"y": ref + np.float16(1)}, rtol=1e-2, atol=5e-2)
+    ok, summary = polygraphy_compare(p, {"x": x}, {"y": ref + np.float16(1)}, rtol=1e-2, atol=5e-2)
     assert not ok and "FAILED" in summary
 
 
@@ -459,7 +461,7 @@ def test_polygraphy_compare_attention_gqa_with_past(tmp_path, rng):
     vv = np.concatenate([feeds["past_value"], feeds["v"]], axis=2)
     ref = {"y": attention_reference(feeds["q"], kk, vv, feeds["attn_mask"]).astype(np.float16),
            "present_key": kk, "present_value": vv}
-    ok, summary = tb.polygraphy_compare(p, feeds, ref, rtol=1e-2, atol=1e-2)
+    ok, summary = polygraphy_compare(p, feeds, ref, rtol=1e-2, atol=1e-2)
     assert ok, summary
 
 
@@ -469,7 +471,7 @@ def test_polygraphy_compare_reports_a_name_mismatch(tmp_path, rng):
     p = save(m, tmp_path / "mm.onnx")
     x = rng.standard_normal((1, 2, K)).astype(np.float16)
     # polygraphy alone would pair the lone output 'y' with the lone reference whatever its name.
-    ok, summary = tb.polygraphy_compare(p, {"x": x}, {"not_an_output": x @ w}, rtol=1e-2, atol=1e-2)
+    ok, summary = polygraphy_compare(p, {"x": x}, {"not_an_output": x @ w}, rtol=1e-2, atol=1e-2)
     assert not ok and "['not_an_output'] are not outputs" in summary and "outputs: y" in summary
 
 
@@ -521,7 +523,7 @@ def test_prepare_reblocks_per_channel_int4_and_writes_scales_in_float16(tmp_path
     if HAVE_POLYGRAPHY:  # the rewritten graph computes x @ (q * s), s rounded to float16
         x = rng.standard_normal((2, 3, k)).astype(np.float16)
         ref = (x.astype(np.float32) @ w).astype(np.float16)
-        ok, summary = tb.polygraphy_compare(p, {"x": x}, {"y": ref}, rtol=2e-2, atol=0.1)
+        ok, summary = polygraphy_compare(p, {"x": x}, {"y": ref}, rtol=2e-2, atol=0.1)
         assert ok, summary
 
 
@@ -557,7 +559,7 @@ def test_parser_text_becomes_one_line():
             "validateTypes at /_src/optimizer/common/nodes/matrixMultiplyNode.cpp:38)\n"
             "[checkMacros.cpp::catchCudaError::250] Error Code 1: Cuda Runtime (In catchCudaError at "
             "/_src/common/dispatch/checkMacros.cpp:250 (cudaError 35: CUDA driver version is insufficient))")
-    assert tb._one_line_reason(desc) == ("IMatrixMultiplyLayer must have same input types. `A` is of type Half and "
+    assert one_line_reason(desc) == ("IMatrixMultiplyLayer must have same input types. `A` is of type Half and "
                                          "`B` is of type Float")
 
 
@@ -568,15 +570,10 @@ def test_describe_recipe():
         dtype = "float32"
         quantization = QuantConfig()
 
-    build = BuildConfigStub("float16")
+    build = BuildConfig(compute_dtype="float16")
     assert tb.describe_recipe(Cfg, build) == "float16"
     Cfg.quantization = QuantConfig(quant_algo="W4A16_AWQ", per_group=True, group_size=64, kv_cache_quant_algo="INT8")
     assert tb.describe_recipe(Cfg, build) == \
         "float16, int4 AWQ weight-only W4A16_AWQ (symmetric, per-group 64), int8 KV cache"
     Cfg.quantization = QuantConfig(quant_algo="W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
     assert tb.describe_recipe(Cfg, build) == "float16, SmoothQuant W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
-
-
-class BuildConfigStub:
-    def __init__(self, compute_dtype: str):
-        self.compute_dtype = compute_dtype

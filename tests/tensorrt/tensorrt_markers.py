@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from trtbuild.backends import tensorrt_backend as tb
+from trtbuild.backends import tensorrt as tb
 
 trt, PACKAGE = tb.tensorrt_available()
 HAVE_POLYGRAPHY = importlib.util.find_spec("polygraphy") is not None

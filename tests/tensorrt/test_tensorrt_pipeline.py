@@ -35,7 +35,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from trtbuild.backends import tensorrt_backend as tb
+from trtbuild.backends import tensorrt as tb
+from trtbuild.backends.tensorrt import probe
 from trtbuild.builder import build_engine
 from trtbuild.cli.build import main as build_main
 from trtbuild.engine import BuildConfig, PluginConfig, load_engine_config
@@ -46,6 +47,7 @@ from trtbuild.runtime.tensorrt_session import TensorRTStepSession
 
 from conftest import PPL_TEXT
 from tensorrt_markers import GPU, GPU_WHY, PACKAGE, needs_polygraphy, needs_trt, no_gpu_only, trt
+from tensorrt_tools import polygraphy_compare
 
 
 TINY_LIMITS = dict(max_batch_size=2, max_input_len=32, max_seq_len=64)
@@ -149,7 +151,7 @@ def diff_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 
 def polygraphy_check(onnx_path: Path, feeds: dict, reference: np.ndarray, atol: float, save_dir: Path):
     """polygraphy run --onnxrt against the saved reference logits; (passed, summary, its logits)."""
-    ok, summary = tb.polygraphy_compare(onnx_path, feeds, {"logits": reference}, rtol=0.0, atol=atol,
+    ok, summary = polygraphy_compare(onnx_path, feeds, {"logits": reference}, rtol=0.0, atol=atol,
                                         save_dir=save_dir)
     assert (save_dir / "reference.json").is_file() and (save_dir / "inputs.json").is_file()
     from polygraphy.comparator import RunResults
@@ -168,7 +170,7 @@ def fused_vs_tensorrt_network(ckpt: Path, trt_dir: Path, work: Path, limits: dic
     prompts = prompts_for(ckpt, limits["max_input_len"])
     ids, pos, picks, mask, lengths = prefill_inputs(prompts)
     batch = len(prompts)
-    ref = runner._step(ids, pos, picks, lengths)  # shared KV cache, slots [0, batch)
+    ref = runner.step(ids, pos, picks, lengths)  # shared KV cache, slots [0, batch)
     onnx_path = trt_dir / "rank0.onnx"
     feeds = standard_feeds(onnx_path, ids, pos, picks, mask)
     ok, summary, got = polygraphy_check(onnx_path, feeds, ref, atol, work / "polygraphy_prefill")
@@ -176,7 +178,7 @@ def fused_vs_tensorrt_network(ckpt: Path, trt_dir: Path, work: Path, limits: dic
     assert ok, summary
     if decode:
         nxt = ref[np.arange(batch), lengths - 1].argmax(-1).astype(np.int64)[:, None]
-        ref_dec = runner._step(nxt, lengths[:, None], np.zeros((batch, 1), np.int64), lengths + 1)
+        ref_dec = runner.step(nxt, lengths[:, None], np.zeros((batch, 1), np.int64), lengths + 1)
         sess = unoptimized_session(onnx_path)
         names = [o.name for o in sess.get_outputs()]
         presents = dict(zip(names, sess.run(None, feeds)))
@@ -283,7 +285,7 @@ def test_tensorrt_not_installed_says_which_package(tiny_models, tmp_path, monkey
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt")
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
-    monkeypatch.setattr(tb, "_cached_trt", None)
+    monkeypatch.setattr(probe, "_cached_trt", None)
     out = tmp_path / "trt"
     line = trt_build_error(capsys, ckpt, out)
     assert "needs TensorRT, which is not installed" in line and "pip install tensorrt_rtx" in line
@@ -348,16 +350,12 @@ def test_group_size_that_does_not_divide_the_model_is_refused(tiny_models, tmp_p
 def test_op_tensorrt_rejects_names_node_and_recipe(tiny_models, tmp_path, capsys, monkeypatch):
     """A fused plugin op slipped into the network (the first: the int8 embedding table's
     GatherBlockQuantized, then MatMulNBits): the parser's refusal names the node and the recipe."""
+    from dataclasses import replace
+
     import trtbuild.builder as builder
 
-    real = builder.resolve_plugins
-
-    def keep_fused_gemm(config, build):
-        options = real(config, build)
-        options.fused_gemm = True
-        return options
-
-    monkeypatch.setattr(builder, "resolve_plugins", keep_fused_gemm)
+    real = builder.network_options
+    monkeypatch.setattr(builder, "network_options", lambda build: replace(real(build), fused_gemm=True))
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt", "--use_weight_only", "--weight_only_precision", "int4")
     out = tmp_path / "trt"
     line = trt_build_error(capsys, ckpt, out)
@@ -426,12 +424,12 @@ def test_runner_drives_the_tensorrt_adapter_with_the_standard_feeds(tiny_trt_eng
     """Everything but the GPU: ModelRunner.from_dir's tensorrt branch and TensorRTStepSession's binding,
     with the engine's ONNX on onnxruntime standing in for the TensorRT session. Greedy tokens and
     scores equal those of the onnxruntime standard-form path over the same ONNX."""
-    import trtbuild.backends.tensorrt_backend as backend
+    import trtbuild.runtime.tensorrt_session as session_module
 
     onnx_path = tiny_trt_engine / "rank0.onnx"
     stand_in = OnnxruntimeStandIn(onnx_path)
-    monkeypatch.setattr(backend, "can_run_tensorrt", lambda: (True, "GPU 0: stand-in"))
-    monkeypatch.setattr(backend, "TensorRTSession", lambda path: stand_in)
+    monkeypatch.setattr(session_module, "can_run_tensorrt", lambda: (True, "GPU 0: stand-in"))
+    monkeypatch.setattr(session_module, "TensorRTSession", lambda path: stand_in)
     runner = ModelRunner.from_dir(tiny_trt_engine)
     assert isinstance(runner.session, TensorRTStepSession) and runner.tokenizer is not None
     reference = ModelRunner(tiny_trt_engine, load_engine_config(tiny_trt_engine), unoptimized_session(onnx_path),
