@@ -11,7 +11,8 @@ from pathlib import Path
 from trtbuild.cli.helpformat import HelpFormatter
 from trtbuild.convert.converter import convert_checkpoint
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
-from trtbuild.quantization.api import add_quant_args, quantize_checkpoint, recipe_from_args
+from trtbuild.quantization.api import quantize_checkpoint
+from trtbuild.quantization.recipe import add_quant_args, recipe_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

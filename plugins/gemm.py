@@ -22,11 +22,11 @@ def linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str,
     """Emit the linear layer `prefix` (e.g. transformer.layers.0.attention.qkv) applied to x;
     `kernels`: W8A8 per token quantizes with trtbuild's kernels; `weight_only_activations`: "int8"
     or "float" activations for weight-only GEMMs (plugins.quant_gemm)."""
-    if quant is not None and quant.quant_algo is not None:
+    if quant is not None and quant.algo is not None:
         from trtbuild.plugins.quant_gemm import quantized_linear
 
         group_size = quant.group_size if quant.per_group else -1
-        y = quantized_linear(g, x, tensors, prefix, dtype, fused, quant.quant_algo, group_size, kernels,
+        y = quantized_linear(g, x, tensors, prefix, dtype, fused, quant.algo, group_size, kernels,
                              weight_only_activations)
     else:
         w = g.weight(prefix + ".weight", np.asarray(tensors[prefix + ".weight"], dtype=dtype).T)

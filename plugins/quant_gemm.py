@@ -27,8 +27,8 @@ from onnx import TensorProto
 
 from trtbuild.errors import TrtbuildError
 from trtbuild.onnx_graph import GraphBuilder
+from trtbuild.quant_algo import QuantAlgo
 
-WEIGHT_ONLY_BITS = {"W8A16": 8, "W4A16": 4, "W4A16_GPTQ": 4, "W4A16_AWQ": 4}
 # weight_only_activations → MatMulNBits accuracy_level (onnxruntime: 0 = float compute, 4 = int8)
 ACCURACY_LEVELS = {"int8": 4, "float": 0}
 PER_CHANNEL_BLOCK = 32  # activation block of weights per channel (the finest MLAS's int8 kernels run fast)
@@ -242,14 +242,10 @@ def smoothquant_swiglu_mlp(g: GraphBuilder, x: str, fc_gate: dict[str, np.ndarra
 
 
 def quantized_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
-                     fused: bool, quant_algo: str, group_size: int = 128, kernels: bool = False,
+                     fused: bool, algo: QuantAlgo, group_size: int = 128, kernels: bool = False,
                      weight_only_activations: str = "int8") -> str:
-    """Lower one quantized linear; quant_algo uses TensorRT-LLM's names."""
-    if quant_algo in WEIGHT_ONLY_BITS:
-        return weight_only_linear(g, x, tensors, prefix, WEIGHT_ONLY_BITS[quant_algo], group_size, fused,
+    """Lower one quantized linear holding `algo`'s weights."""
+    if algo.weight_only:
+        return weight_only_linear(g, x, tensors, prefix, algo.weight_bits, group_size, fused,
                                   weight_only_activations)
-    if quant_algo.startswith("W8A8_SQ"):
-        return smoothquant_linear(g, x, tensors, prefix, per_token="PER_TOKEN" in quant_algo, fused=fused,
-                                  kernels=kernels)
-    raise TrtbuildError(f"quant_algo {quant_algo!r} is not supported by the gemm plugin "
-                        f"({', '.join(WEIGHT_ONLY_BITS)}, W8A8_SQ_*)")
+    return smoothquant_linear(g, x, tensors, prefix, per_token=algo.per_token, fused=fused, kernels=kernels)

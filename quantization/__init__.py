@@ -1,12 +1,7 @@
 """Quantization recipes: RTN, GPTQ, AWQ, SmoothQuant, KV-cache calibration (installed as trtbuild.quantization).
 
-Entry points (see api.py): QuantRecipe, quantize_checkpoint, add_quant_args, recipe_from_args,
-dequantize_linear; pre-quantized HF checkpoints: importers.PrequantizedSpec, import_gptq_linear,
-import_awq_linear, concat_linears. Tensor layout: docs/CONTRACTS.md.
+Modules: recipe (QuantRecipe and the flags; torch-free), api (quantize_checkpoint, dequantize_linear),
+importers (pre-quantized HF checkpoints: PrequantizedSpec, import_gptq_linear, import_awq_linear,
+concat_linears), calib_files (reading --calib_dataset; torch-free). Tensor layout: docs/CONTRACTS.md.
+Import the module you need: this package imports nothing itself, so the torch-free parts stay so.
 """
-
-from .api import QuantRecipe, add_quant_args, dequantize_linear, quantize_checkpoint, recipe_from_args
-from .importers import PrequantizedSpec, concat_linears, import_awq_linear, import_gptq_linear
-
-__all__ = ["QuantRecipe", "add_quant_args", "dequantize_linear", "quantize_checkpoint", "recipe_from_args",
-           "PrequantizedSpec", "concat_linears", "import_awq_linear", "import_gptq_linear"]

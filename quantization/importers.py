@@ -28,6 +28,7 @@ import torch
 
 from trtbuild.checkpoint import QuantConfig
 from trtbuild.errors import TrtbuildError
+from trtbuild.quant_algo import weight_only_algo
 
 from .layout import QuantizedWeight, quantize_rtn, to_weight_only_tensors
 
@@ -248,8 +249,5 @@ class PrequantizedSpec:
         return import_awq_linear(tensors, name, version=self.version, **kw)
 
     def quant_config(self) -> QuantConfig:
-        algo = ("W4A16_GPTQ" if self.bits == 4 else "W8A16_GPTQ") if self.method == "gptq" else "W4A16_AWQ"
-        per_group = self.group_size > 0
-        return QuantConfig(quant_algo=algo, group_size=self.group_size if per_group else -1,
-                           has_zero_point=self.has_zero_point, pre_quant_scale=False, per_group=per_group,
-                           exclude_modules=["lm_head"])
+        return QuantConfig.for_algo(weight_only_algo(self.bits, self.method), group_size=self.group_size,
+                                    has_zero_point=self.has_zero_point)

@@ -21,15 +21,6 @@ import torch
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.errors import TrtbuildError
 
-WEIGHT_ONLY_ALGOS = {"W8A16": 8, "W4A16": 4, "W4A16_GPTQ": 4, "W4A16_AWQ": 4, "W8A16_GPTQ": 8}
-SQ_ALGOS = (
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
-    "W8A8_SQ_PER_TENSOR_PLUGIN",
-)
-
-
 @dataclass
 class QuantizedWeight:
     """Integer weights in original column order plus per-group parameters.
@@ -195,12 +186,12 @@ def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, config: Pre
     for weight-only layouts; SmoothQuant's activation rounding is not representable here.
     """
     qc = config.quantization
-    algo = qc.quant_algo
+    algo = qc.algo
     w = _need(tensors, prefix + ".weight")
-    if algo in WEIGHT_ONLY_ALGOS and w.dtype == torch.uint8:
-        wf = from_weight_only_tensors(tensors, prefix, WEIGHT_ONLY_ALGOS[algo], qc.has_zero_point,
+    if algo is not None and algo.weight_only and w.dtype == torch.uint8:
+        wf = from_weight_only_tensors(tensors, prefix, algo.weight_bits, qc.has_zero_point,
                                       qc.group_size if qc.per_group else None).dequantize()
-    elif algo in SQ_ALGOS and w.dtype == torch.int8:
+    elif algo is not None and algo.smoothquant and w.dtype == torch.int8:
         s = _need(tensors, prefix + ".per_channel_scale").float()
         if s.numel() not in (1, w.shape[0]):
             raise TrtbuildError(f"{prefix}.per_channel_scale: {s.numel()} values for {w.shape[0]} output channels")
@@ -208,7 +199,7 @@ def dequantize_linear(tensors: dict[str, torch.Tensor], prefix: str, config: Pre
     elif w.is_floating_point():
         wf = w.float()
     else:
-        raise TrtbuildError(f"{prefix}.weight: dtype {w.dtype} does not match quant_algo {algo!r}")
+        raise TrtbuildError(f"{prefix}.weight: dtype {w.dtype} does not match quant_algo {qc.quant_algo!r}")
     p = tensors.get(prefix + ".prequant_scaling_factor")
     if apply_prequant and p is not None:
         if p.numel() != wf.shape[1]:

@@ -23,7 +23,7 @@ from trtbuild.errors import TrtbuildError
 from trtbuild.models import family_of
 from trtbuild.rope import local_rope, longrope_attention_factor, longrope_inv_freq
 
-from .layout import SQ_ALGOS, dequantize_linear
+from .layout import dequantize_linear
 
 LinearHook = Callable[[str, torch.Tensor], None]
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -123,9 +123,9 @@ class ReferenceModel:
             p = self._opt(prefix + ".prequant_scaling_factor")
             if p is not None:
                 x = x * p
-            algo = self.config.quantization.quant_algo
-            if self.simulate_quant and algo in SQ_ALGOS:
-                x = self._fake_quant_act(prefix, x, per_token="PER_TOKEN" in algo)
+            algo = self.config.quantization.algo
+            if self.simulate_quant and algo is not None and algo.smoothquant:
+                x = self._fake_quant_act(prefix, x, per_token=algo.per_token)
         y = x @ wf.t()
         b = self._opt(prefix + ".bias")
         return y + b if b is not None else y

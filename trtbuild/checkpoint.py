@@ -27,6 +27,7 @@ from typing import Any
 
 from trtbuild.errors import TrtbuildError
 from trtbuild.fsutil import read_json, write_json
+from trtbuild.quant_algo import KV_CACHE_QUANT_ALGOS, QuantAlgo, parse_quant_algo
 from trtbuild.version import CHECKPOINT_FORMAT_VERSION, __version__
 
 CONFIG_NAME = "config.json"
@@ -65,6 +66,29 @@ class QuantConfig:
     exclude_modules: list[str] | None = None
     smoothquant_val: float | None = None
     per_group: bool = False
+
+    def __post_init__(self) -> None:
+        parse_quant_algo(self.quant_algo)  # an unknown name fails where the config is read
+        if self.kv_cache_quant_algo not in (None, *KV_CACHE_QUANT_ALGOS):
+            raise TrtbuildError(f"quantization.kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not one of "
+                                f"{', '.join(KV_CACHE_QUANT_ALGOS)}")
+
+    @classmethod
+    def for_algo(cls, algo: QuantAlgo | None, group_size: int = -1, has_zero_point: bool = False,
+                 pre_quant_scale: bool = False, smoothquant_val: float | None = None,
+                 int8_kv_cache: bool = False) -> "QuantConfig":
+        """The quantization block of a checkpoint whose linears hold `algo` (None: floating point);
+        group_size <= 0 means one scale per output channel. lm_head stays floating point."""
+        per_group = algo is not None and algo.weight_only and group_size > 0
+        return cls(quant_algo=algo.name if algo else None, kv_cache_quant_algo="INT8" if int8_kv_cache else None,
+                   group_size=group_size if per_group else -1, has_zero_point=bool(algo and has_zero_point),
+                   pre_quant_scale=pre_quant_scale, exclude_modules=["lm_head"] if algo else None,
+                   smoothquant_val=smoothquant_val if algo and algo.smoothquant else None, per_group=per_group)
+
+    @property
+    def algo(self) -> QuantAlgo | None:
+        """What quant_algo means (None: floating-point linears)."""
+        return parse_quant_algo(self.quant_algo)
 
     @property
     def is_quantized(self) -> bool:
@@ -130,7 +154,10 @@ class PretrainedConfig:
         if missing:
             raise TrtbuildError(f"{source}: missing checkpoint config fields {missing}")
         d["mapping"] = Mapping(**d.get("mapping", {}))
-        d["quantization"] = QuantConfig(**d.get("quantization", {}))
+        try:
+            d["quantization"] = QuantConfig(**d.get("quantization", {}))
+        except TrtbuildError as e:
+            raise TrtbuildError(f"{source}: {e}") from None
         return cls(**d)
 
     def window(self, layer: int) -> int | None:

@@ -77,7 +77,7 @@ def build_recipe(ckpt_dir: Path, engine_dir: Path, flags: list[str], calib_file:
                  calib_max_seq_length: int = 512, max_seq_len: int = 1024) -> float:
     """Build one recipe's engine from a floating-point checkpoint; returns seconds taken."""
     from trtbuild.cli.build import build_parser
-    from trtbuild.quantization.api import recipe_from_args
+    from trtbuild.quantization.recipe import recipe_from_args
 
     args = build_parser().parse_args(["--checkpoint_dir", str(ckpt_dir), "--output_dir", str(engine_dir), *flags,
                                       *(["--calib_dataset", str(calib_file), "--calib_size", str(calib_size),
