@@ -42,7 +42,6 @@ def log(msg: str) -> None:
 
 def prepare(args) -> dict[str, Path]:
     """Checkpoint, adapters and engines under work_dir (reused when present)."""
-    import trtbuild.lora_engine as lora_engine
     from trtbuild.builder import build_engine
     from trtbuild.engine import BuildConfig, LoraConfig
 
@@ -82,9 +81,8 @@ def prepare(args) -> dict[str, Path]:
         engines[f"lora-{form}"] = out
         if not (out / "config.json").is_file():
             log(f"building the lora engine ({form})")
-            lora_engine.DEFAULT_LORA_FORM = form
-            build_engine(ckpt, out, limits(lora_config=LoraConfig(max_lora_rank=args.rank, max_loras=2)),
-                         force=True, progress=False, lora_dirs=adapters)
+            lora = LoraConfig(lora_dir=tuple(adapters), max_lora_rank=args.rank, max_loras=2, lora_form=form)
+            build_engine(ckpt, out, limits(lora_config=lora), force=True, progress=False)
     return engines
 
 

@@ -76,8 +76,10 @@ def read_hf_weights(model_dir: str | Path, config: PretrainedConfig, progress: b
                 f"{model_dir}: tensor {' + '.join(row.sources)} has shape {tuple(tensor.shape)}, "
                 f"expected {shapes[row.checkpoint]} from config.json")
         if not tensor.is_floating_point():
-            raise TrtbuildError(f"{model_dir}: tensor {row.sources[0]} is {tensor.dtype}, not floating point; "
-                                "pre-quantized checkpoints go through --use_weight_only with --quant_ckpt_path")
+            raise TrtbuildError(f"{model_dir}: tensor {row.sources[0]} is {tensor.dtype}, not floating point: a "
+                                "pre-quantized model (GPTQ, AWQ, bitsandbytes) cannot be converted; convert its "
+                                "floating-point original and quantize with --use_weight_only --weight_only_precision "
+                                "int4_gptq (or int4_awq, int4, int8)")
         weights[row.checkpoint] = tensor.to(dtype).contiguous()
     leftover = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
     if leftover:

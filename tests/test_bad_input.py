@@ -23,18 +23,15 @@ def run_main(main, argv, capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bad") / "ckpt"
-    convert_cli.main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(out)])
-    return out
+def ckpt(tiny_models, engines):
+    return engines.checkpoint(tiny_models["llama"])
 
 
 @pytest.fixture(scope="module")
-def engine(ckpt):
-    out = ckpt.parent / "engine"
-    build_cli.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--max_batch_size", "2",
-                    "--max_input_len", "16", "--max_seq_len", "64"])
-    return out
+def engine(tiny_models, engines):
+    from trtbuild.engine import BuildConfig
+
+    return engines.engine(tiny_models["llama"], BuildConfig(max_batch_size=2, max_input_len=16, max_seq_len=64))
 
 
 def leftovers(parent, name):
@@ -232,3 +229,36 @@ def test_help_shows_the_defaults(command, shown):
     for s in shown:
         assert s in text, s
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+
+
+def test_lora_task_uids_that_are_not_numbers(engine, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli.main(["--engine_dir", str(engine), "--input_text", "hi", "--lora_task_uids", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--lora_task_uids" in err and "'x'" in err and "Traceback" not in err
+
+
+def test_tensorrt_backend_names_the_plugin_flag_to_disable(ckpt, tmp_path, capsys):
+    line = run_main(build_cli.main, ["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "e"),
+                                     "--backend", "tensorrt", "--gemm_plugin", "float16"], capsys)
+    assert "--gemm_plugin float16" in line and "use --gemm_plugin disable" in line and "{flag}" not in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_prequantized_weights_say_how_to_quantize_instead(tiny_models, tmp_path, capsys):
+    """An integer tensor where the model has a float one: the error names it and flags that exist."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], d)
+    weights = load_file(str(d / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name].to(torch.int8)
+    save_file(weights, str(d / "model.safetensors"))
+    line = run_main(convert_cli.main, ["--model_dir", str(d), "--output_dir", str(tmp_path / "o")], capsys)
+    assert name in line and "--weight_only_precision" in line
+    flags = {a for action in convert_cli.build_parser()._actions for a in action.option_strings}
+    assert all(word in flags for word in line.replace(",", " ").split() if word.startswith("--")), line
+    assert not (tmp_path / "o").exists()

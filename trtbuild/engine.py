@@ -15,21 +15,21 @@ from trtbuild.version import ENGINE_FORMAT_VERSION, __version__
 PLUGIN_CHOICES = ("auto", "disable", "float32", "float16", "bfloat16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PluginConfig:
-    """TensorRT-LLM's plugin flags; after the build each holds a dtype or None (disabled)."""
+    """TensorRT-LLM's plugin flags; in a built engine each holds a dtype or None (disabled)."""
 
     gemm_plugin: str | None = "auto"
     gpt_attention_plugin: str | None = "auto"
     norm_plugin: str | None = "auto"
-    lora_plugin: str | None = None
+    lora_plugin: str | None = None  # None: "auto" when the build has adapters
     # attention plugin: prompts into an empty cache run trtbuild's CausalPromptAttention kernel
-    # (trtbuild.kernels), which computes only the causal half of the scores. True after a build
-    # only if the engine uses it: the runtime then registers the kernel library.
+    # (trtbuild.kernels), which computes only the causal half of the scores. True in a built
+    # engine only if it uses it: the runtime then registers the kernel library.
     context_fmha: bool = True
     # gemm plugin, SmoothQuant W8A8 per token: trtbuild's PerTokenQuantize and SwiGLUQuantize ops
     # (trtbuild.kernels) quantize activations in one pass each (TensorRT-LLM's quantize_per_token
-    # plugin). True after a build only if the engine uses them.
+    # plugin). True in a built engine only if it uses them.
     smooth_quant_plugins: bool = True
 
     @property
@@ -38,25 +38,40 @@ class PluginConfig:
         return bool(self.context_fmha or self.smooth_quant_plugins)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
-    lora_dir: list[str] = field(default_factory=list)  # as stored in the engine dir: lora/{i}
-    max_lora_rank: int = 0
-    lora_target_modules: list[str] = field(default_factory=list)
-    max_loras: int = 0  # adapter slots (built-in adapters plus room for add_lora)
+    """The lora plugin's adapters and capacity. Asked for: the adapter dirs, 0 / () meaning "from the
+    adapters"; in a built engine: every value filled, lora_dir as stored there (lora/{i})."""
+
+    lora_dir: tuple[str, ...] = ()
+    max_lora_rank: int = 0  # 0: the largest rank among the adapters
+    lora_target_modules: tuple[str, ...] = ()  # (): every module the adapters have
+    max_loras: int = 0  # adapter slots; 0: the adapters given + EXTRA_LORA_SLOTS (room for add_lora)
+    lora_form: str = "masked"  # engine_io.LORA_FORMS (trtbuild.plugins.lora); "gather" is the per-row reference
+
+    def __post_init__(self) -> None:  # lists from JSON or callers become tuples: the config stays frozen
+        object.__setattr__(self, "lora_dir", tuple(str(d) for d in self.lora_dir))
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
 
 
-@dataclass
+EXTRA_LORA_SLOTS = 4
+
+
+@dataclass(frozen=True)
 class BuildConfig:
+    """trt-build's flags, and the defaults of each (the CLI reads them from here). None means "from
+    the model" until the build resolves it (trtbuild.resolve): an engine's build_config has every
+    field filled."""
+
     max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
-    max_num_tokens: int | None = None
+    max_input_len: int | None = None  # None: min(1024, max_seq_len)
+    max_seq_len: int | None = None  # None: min(2048, max_position_embeddings), at least max_input_len
+    max_num_tokens: int | None = None  # None: max_batch_size x max_input_len
     plugin_config: PluginConfig = field(default_factory=PluginConfig)
     lora_config: LoraConfig = field(default_factory=LoraConfig)
     backend: str = "onnxruntime"
-    compute_dtype: str = "float32"
-    trt_compute_capabilities: list[str] | None = None
+    compute_dtype: str | None = None  # set by the build: float32 on onnxruntime, the checkpoint's (or float16) on tensorrt
+    trt_compute_capabilities: tuple[str, ...] | None = None  # tensorrt: the GPU targets (None: the default set)
     quantize_lm_head: bool = True  # int8 lm_head in weight-only engines
     # weight-only engines (W8A16, W4A16*): "int8" multiplies the int8/int4 weights by activations
     # quantized to int8 per block of 32 (or of the weights' group) with onnxruntime's fast kernel
@@ -74,6 +89,10 @@ class BuildConfig:
     # Set by the build: the engine dir also holds rank{N}.u8u8.engine, its W8A8 GEMMs in the form
     # that is exact on CPUs without VNNI (trtbuild.cpu_forms); the runtime picks one by probe.
     u8u8_form: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trt_compute_capabilities is not None:
+            object.__setattr__(self, "trt_compute_capabilities", tuple(self.trt_compute_capabilities))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":

@@ -10,42 +10,46 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine import BuildConfig
+from trtbuild.engine import EXTRA_LORA_SLOTS, BuildConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.lora_adapter import (LoraAdapter, adapter_fingerprint, check_adapter_fits, check_target_modules,
                                    read_lora_adapter, union_target_modules)
-from trtbuild.plugins.lora import LORA_DIR, LORA_FORMS, MANIFEST, LoraNetworkOptions
+from trtbuild.engine_io import LORA_DIR, LORA_FORMS, LORA_MANIFEST
+from trtbuild.plugins.lora import LoraNetworkOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LORA_FORM = "masked"  # see trtbuild.plugins.lora; "gather" is the per-row reference lowering
-EXTRA_SLOTS = 4  # default --max_loras: the adapters given plus room for this many added at run time
+def wants_lora(build: BuildConfig) -> bool:
+    """The build asks for the lora plugin (adapters given, or --lora_plugin set)."""
+    return bool(build.lora_config.lora_dir) or build.plugin_config.lora_plugin not in (None, "disable")
 
 
-def resolve_lora_config(config: PretrainedConfig, build: BuildConfig, adapters: list[LoraAdapter]) -> None:
-    """Fill build.lora_config's defaults from the adapters and check that every adapter fits."""
+def resolve_lora_config(config: PretrainedConfig, build: BuildConfig, adapters: list[LoraAdapter]) -> BuildConfig:
+    """`build` with lora_config's defaults filled from the adapters and the lora plugin's dtype;
+    checks that every adapter fits."""
     lc = build.lora_config
-    targets = (check_target_modules(config, lc.lora_target_modules) if lc.lora_target_modules
+    targets = (check_target_modules(config, list(lc.lora_target_modules)) if lc.lora_target_modules
                else union_target_modules(adapters))
     max_rank = lc.max_lora_rank or max(a.max_rank for a in adapters)
     if max_rank < 1:
         raise TrtbuildError(f"--max_lora_rank {max_rank} must be at least 1")
     for adapter in adapters:
         check_adapter_fits(adapter, targets, max_rank)
-    max_loras = lc.max_loras or len(adapters) + EXTRA_SLOTS
+    max_loras = lc.max_loras or len(adapters) + EXTRA_LORA_SLOTS
     if max_loras < len(adapters):
         raise TrtbuildError(f"--max_loras {max_loras} is below the {len(adapters)} adapters given with --lora_dir: "
                             f"pass --max_loras {len(adapters)} or more")
-    lc.lora_target_modules, lc.max_lora_rank, lc.max_loras = targets, max_rank, max_loras
     pc = build.plugin_config
-    if pc.lora_plugin in (None, "auto", "disable"):
-        pc.lora_plugin = build.compute_dtype
-    elif pc.lora_plugin != build.compute_dtype:
+    if pc.lora_plugin not in (None, "auto", "disable") and pc.lora_plugin != build.compute_dtype:
         raise TrtbuildError(f"--lora_plugin {pc.lora_plugin}: this engine computes in {build.compute_dtype} "
                             f"(--backend {build.backend}); use --lora_plugin auto")
+    return replace(build, plugin_config=replace(pc, lora_plugin=build.compute_dtype),
+                   lora_config=replace(lc, lora_target_modules=tuple(targets), max_lora_rank=max_rank,
+                                       max_loras=max_loras))
 
 
 def store_adapter(src: Path, dst: Path) -> None:
@@ -56,11 +60,13 @@ def store_adapter(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def prepare_lora(config: PretrainedConfig, build: BuildConfig, lora_dirs: list[str], engine_dir: Path,
-                 form: str | None = None) -> LoraNetworkOptions:
-    """Validate `lora_dirs` for this base model and build config, store them as `engine_dir/lora/{i}`,
-    and return the network options of the lora plugin (adapter i gets lora task id i at run time)."""
-    form = form or DEFAULT_LORA_FORM
+def prepare_lora(config: PretrainedConfig, build: BuildConfig,
+                 engine_dir: Path) -> tuple[BuildConfig, LoraNetworkOptions]:
+    """Validate the adapters of build.lora_config for this base model and build, store them as
+    `engine_dir/lora/{i}`, and return the build with its lora_config resolved (lora_dir as stored)
+    and the network options of the lora plugin (adapter i gets lora task id i at run time)."""
+    lora_dirs = list(build.lora_config.lora_dir)
+    form = build.lora_config.lora_form
     if form not in LORA_FORMS:
         raise TrtbuildError(f"lora form {form!r} is not one of {', '.join(LORA_FORMS)}")
     if build.backend != "onnxruntime":
@@ -76,7 +82,7 @@ def prepare_lora(config: PretrainedConfig, build: BuildConfig, lora_dirs: list[s
         if fp in seen:
             raise TrtbuildError(f"--lora_dir {seen[fp]} and {d} are the same adapter; pass each adapter once")
         seen[fp] = str(d)
-    resolve_lora_config(config, build, adapters)
+    build = resolve_lora_config(config, build, adapters)
     lc = build.lora_config
     stored, sources = [], []
     for i, (d, adapter) in enumerate(zip(lora_dirs, adapters)):
@@ -86,10 +92,10 @@ def prepare_lora(config: PretrainedConfig, build: BuildConfig, lora_dirs: list[s
         sources.append({"dir": rel, "source": str(Path(d).resolve()), "weights_file": adapter.weights_file,
                         "max_rank": adapter.max_rank, "target_modules": adapter.target_modules})
         log.info("%s → task id %d", adapter, i)
-    lc.lora_dir = stored
     manifest = {"form": form, "adapters": sources}
-    (Path(engine_dir) / LORA_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (Path(engine_dir) / LORA_DIR / LORA_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("lora plugin (%s form): %s, max rank %d, %d slots", form, " ".join(lc.lora_target_modules),
              lc.max_lora_rank, lc.max_loras)
-    return LoraNetworkOptions(config, lc.lora_target_modules, lc.max_lora_rank, dtype=build.compute_dtype, form=form)
-
+    options = LoraNetworkOptions(config, list(lc.lora_target_modules), lc.max_lora_rank, dtype=build.compute_dtype,
+                                 form=form)
+    return replace(build, lora_config=replace(lc, lora_dir=tuple(stored))), options

@@ -11,20 +11,24 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import TensorProto
 from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
-from trtbuild.engine_io import USE_PROMPT_KERNEL, kv_io_names
+from trtbuild.engine_io import INPUT_IDS, LOGITS, LOGITS_POSITIONS, POSITION_IDS, USE_PROMPT_KERNEL, kv_io_names
 from trtbuild.models import family_of
+from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
 from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_inputs, attention, declare_kv_io,
                                         prompt_condition)
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
-from trtbuild.plugins.quant_gemm import WEIGHT_ONLY_BITS, accuracy_level, smoothquant_swiglu_mlp, weight_only_linear
+from trtbuild.plugins.quant_gemm import accuracy_level, smoothquant_swiglu_mlp, weight_only_linear
+
+if TYPE_CHECKING:
+    from trtbuild.plugins.lora import LoraNetworkOptions
 
 
 @dataclass
@@ -46,13 +50,14 @@ class NetworkOptions:
     quantize_lm_head: bool = True
     # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)
     weight_only_activations: str = "int8"
-    lora: "LoraNetworkOptions | None" = None
+    lora: LoraNetworkOptions | None = None
 
 
 def quantize_lm_head(config: PretrainedConfig, options: "NetworkOptions") -> bool:
     """Weight-only engines also read lm_head as int8 (unless built with --no_quantize_lm_head): at
     fp32 it would be the largest weight read per token (vocab x hidden), capping decode speed."""
-    return options.quantize_lm_head and config.quantization.quant_algo in WEIGHT_ONLY_BITS
+    algo = config.quantization.algo
+    return options.quantize_lm_head and algo is not None and algo.weight_only
 
 
 EMBEDDING_BLOCK = 32  # the int8 vocabulary tables: one scale per 32 values of a row
@@ -189,9 +194,9 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
     family = family_of(config)
     g = GraphBuilder(onnx_path)
     try:
-        input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-        position_ids = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-        logits_positions = g.input("logits_positions", TensorProto.INT64, ["batch_size", "num_logits"])
+        input_ids = g.input(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
+        position_ids = g.input(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
+        logits_positions = g.input(LOGITS_POSITIONS, TensorProto.INT64, ["batch_size", "num_logits"])
         shared = add_graph_inputs(g, config, options.fused_attention, options.max_seq_len, position_ids, input_ids,
                                   dtype)
         lora_inputs = options.lora.add_graph_inputs(g) if options.lora else None
@@ -278,8 +283,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         logits = g.op("Reshape", [logits, shape])
         if dtype != np.float32:
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
-        g.op("Identity", [logits], outputs=["logits"])
-        g.output("logits", TensorProto.FLOAT, ["batch_size", "num_logits", config.vocab_size])
+        g.op("Identity", [logits], outputs=[LOGITS])
+        g.output(LOGITS, TensorProto.FLOAT, ["batch_size", "num_logits", config.vocab_size])
         return g.save()
     finally:
         g.close()

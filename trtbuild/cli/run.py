@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_csv", default=None, help="write the output token ids here")
     p.add_argument("--output_npy", default=None, help="write the output token ids here, [batch, 1, len], padded")
     p.add_argument("--lora_dir", nargs="+", default=None, help="adapter dirs to load into the engine")
-    p.add_argument("--lora_task_uids", nargs="+", default=None, help="adapter per prompt; -1 = base model")
+    p.add_argument("--lora_task_uids", nargs="+", type=int, default=None,
+                   help="adapter (lora task id) per prompt, or one for all; -1 = base model")
     p.add_argument("--num_threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--log_level", default="warning")
     return p
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for d in args.lora_dir:
             runner.add_lora(d)
     if args.lora_task_uids:
-        task_ids = [int(t) for t in args.lora_task_uids]
+        task_ids = list(args.lora_task_uids)
         if len(task_ids) == 1:
             task_ids *= len(prompts)
     callback = None
