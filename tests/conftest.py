@@ -1,109 +1,37 @@
-"""Shared fixtures: tiny random HF models of every supported architecture, with a real tokenizer."""
+"""Shared fixtures: tiny random HF models of every supported architecture (tiny_models.py), the one
+engine factory (`engines`: convert → quantize → build once per session, shared by the tests that only
+read the results), the calibration text, and per-module scratch dirs that are deleted when the module
+is done (pyproject keeps only failed tests' tmp_path dirs, of the last run)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from tiny_models import (PPL_TEXT, REPO, SHARED, TINY_ARCHS, TinyModels,  # noqa: F401 (for the tests)
+                         make_tiny_model, make_tokenizer)
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-PPL_TEXT = SHARED / "data" / "ppl.txt"
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-TINY_VOCAB = 512
-
-
-def make_tokenizer(out_dir: Path, vocab_size: int = TINY_VOCAB) -> None:
-    """A byte-level BPE trained on real text, saved as tokenizer.json (what the runtime reads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    lines = PPL_TEXT.read_text().splitlines()[:2000]
-    tok.train_from_iterator(lines, trainer)
-    tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(
-        '{"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}')
-
-
-def tiny_hf_config(arch: str):
-    """A small config of each architecture exercising its features (GQA, biases, tying, rope)."""
-    import transformers as tf
-
-    common = dict(vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=1)
-    if arch == "llama":
-        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-                              tie_word_embeddings=True, **common)
-    if arch == "llama3":  # llama-3 rope scaling, untied lm_head, head_dim != hidden/heads
-        return tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 64},
-                              tie_word_embeddings=False, **common)
-    if arch == "mistral":
-        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
-                                tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000000.0,
-                              tie_word_embeddings=True, **common)
-    if arch == "qwen3":  # q/k norms per head, head_dim != hidden / heads
-        return tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rope_theta=1000000.0,
-                              tie_word_embeddings=True, **common)
-    if arch == "phi3":  # fused qkv / gate_up, partial rotary (16 of 32), LongRoPE switching at 64 tokens
-        return tf.Phi3Config(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=64,
-                             partial_rotary_factor=0.5, rope_parameters={
-                                 "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                 "short_factor": [1.0 + 0.1 * j for j in range(8)],
-                                 "long_factor": [2.0 + 0.5 * j for j in range(8)]},
-                             sliding_window=None, tie_word_embeddings=False, pad_token_id=0, **common)
-    if arch == "gemma3":  # four norms a layer, (1 + w) norms, sliding layers (window 6) beside full ones
-        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=6,
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                                "sliding_attention"], query_pre_attn_scalar=24,
-                                   tie_word_embeddings=True, pad_token_id=0, **common)
-    if arch == "gpt2":
-        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
-    raise ValueError(arch)
-
-
-TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "gemma3")
-
-
-def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, safe_serialization: bool = True) -> Path:
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_hf_config(arch))
-    with torch.no_grad():  # random biases and norms, so that every tensor's mapping matters
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name or name.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=safe_serialization)
-    make_tokenizer(out_dir)
-    return out_dir
+CALIB_CHARS = 100_000
+# calibration of the factory's recipes unless their flags say otherwise: 4 samples of 64 tokens
+CALIB_FLAGS = ("--calib_size", "4", "--calib_max_seq_length", "64")
+# what the factory keeps between test modules: past this, the least recently used engines (then
+# checkpoints) are deleted when a module ends; they are made again if asked for
+CACHE_MB = int(os.environ.get("TRTBUILD_TEST_CACHE_MB", "1200"))
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """arch → tiny HF model dir, made once per session."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {arch: make_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
+def tiny_models(tmp_path_factory) -> TinyModels:
+    """name → tiny HF model dir (TINY_ARCHS and tiny_models.TINY_VARIANTS), each made once per session."""
+    return TinyModels(tmp_path_factory.mktemp("tiny_models"))
 
 
 @pytest.fixture(scope="session")
@@ -114,20 +42,172 @@ def real_model_dir() -> Path:
     return fetch_model(DEFAULT_MODEL)
 
 
-def engines_in_both_forms(model_dir: Path, root: Path, **limits) -> dict:
-    """convert → build with the attention plugin on ("auto") and off ("disable") → runners (2 threads)."""
-    from trtbuild.builder import build_engine
-    from trtbuild.convert.converter import convert_checkpoint
-    from trtbuild.engine import BuildConfig, PluginConfig
-    from trtbuild.runtime import ModelRunner
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """The first 100,000 characters of ppl.txt: the tests' calibration text."""
+    f = tmp_path_factory.mktemp("calib") / "calib.txt"
+    f.write_text(PPL_TEXT.read_text()[:CALIB_CHARS])
+    return f
 
-    convert_checkpoint(model_dir, root / "ckpt", progress=False)
-    runners = {}
-    for attention in ("auto", "disable"):
-        build = BuildConfig(**limits, plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
-        build_engine(root / "ckpt", root / attention, build, progress=False)
-        runners[attention] = ModelRunner.from_dir(root / attention, num_threads=2)
-    return runners
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Path:
+    """A dir for one test module's fixtures, deleted when the module is done."""
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+@dataclasses.dataclass
+class _Made:
+    path: Path
+    size: int
+    kind: str  # "checkpoint" | "engine"
+    used: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Engines:
+    """convert → (quantize) → build, each result made once per session under `root` and shared.
+
+        engines.checkpoint(model_dir, dtype="float32", quant=())        → checkpoint dir
+        engines.engine(model_dir, BuildConfig(...), dtype=..., quant=()) → engine dir
+        engines.runner(model_dir, BuildConfig(...), ..., num_threads=1) → a new ModelRunner on it
+
+    `quant` holds convert_checkpoint.py's quantization flags; a recipe that needs calibration and
+    names no --calib_dataset calibrates on `calib_file` (4 samples of 64 tokens unless the flags say
+    otherwise). Results are keyed by (model dir, dtype, the recipe) and the BuildConfig (frozen, so
+    hashable), and are read-only: a test that changes files copies them to its tmp_path first, and
+    one that patches what a build sees (no compiler, ...) asks the factory before patching.
+    Between modules the factory keeps at most CACHE_MB (TRTBUILD_TEST_CACHE_MB), evicting the least
+    recently used; at the end of the session it deletes everything.
+    """
+
+    def __init__(self, root: Path, calib_file: Path, cache_bytes: int = CACHE_MB << 20):
+        self.root, self.calib_file, self.cache_bytes = root, calib_file, cache_bytes
+        self._made: dict[tuple, _Made] = {}
+        self._count = 0
+
+    # -- the keys --------------------------------------------------------------------------------
+    def recipe(self, quant=()):
+        """The QuantRecipe of convert flags, with the factory's calibration where it needs one and
+        none where it does not (so that flags differing only there share a checkpoint)."""
+        from trtbuild.quantization.recipe import QuantRecipe, add_quant_args, recipe_from_args
+
+        argv = ["--calib_dataset", str(self.calib_file), *CALIB_FLAGS, *map(str, quant)]  # the flags' own win
+        recipe = recipe_from_args(add_quant_args(argparse.ArgumentParser()).parse_args(argv))
+        if recipe.needs_calibration:
+            return recipe
+        defaults = QuantRecipe()
+        return dataclasses.replace(recipe, calib_dataset=None, calib_size=defaults.calib_size,
+                                   calib_max_seq_length=defaults.calib_max_seq_length)
+
+    def _checkpoint_key(self, model_dir, dtype, quant) -> tuple:
+        return ("checkpoint", str(Path(model_dir).resolve()), dtype, repr(self.recipe(quant)))
+
+    def _new_dir(self, kind: str, model_dir) -> Path:
+        self._count += 1
+        return self.root / f"{self._count:03d}_{kind}_{Path(model_dir).name}"
+
+    def _remember(self, key: tuple, path: Path, kind: str) -> Path:
+        self._made[key] = _Made(path, dir_size(path), kind)
+        return path
+
+    def _recall(self, key: tuple) -> Path | None:
+        made = self._made.get(key)
+        if made is None or not made.path.is_dir():
+            return None
+        made.used = time.monotonic()
+        return made.path
+
+    # -- the results -----------------------------------------------------------------------------
+    def checkpoint(self, model_dir, dtype: str = "float32", quant=()) -> Path:
+        from trtbuild.convert.converter import convert_checkpoint
+
+        key = self._checkpoint_key(model_dir, dtype, quant)
+        if (path := self._recall(key)) is not None:
+            return path
+        recipe = self.recipe(quant)
+        transform = None
+        if not recipe.is_noop:
+            from trtbuild.quantization.api import quantize_checkpoint
+
+            def transform(weights, config):
+                return quantize_checkpoint(weights, config, recipe, tokenizer=Path(model_dir), progress=False)
+
+        out = self._new_dir("ckpt", model_dir)
+        convert_checkpoint(model_dir, out, dtype, progress=False, transform=transform)
+        return self._remember(key, out, "checkpoint")
+
+    def engine(self, model_dir, build=None, dtype: str = "float32", quant=(), keep_onnx: bool = False) -> Path:
+        """The engine dir of `build` (BuildConfig(); keep_onnx: also the unoptimized rank0.onnx)."""
+        from trtbuild.builder import build_engine
+        from trtbuild.engine import BuildConfig
+
+        build = BuildConfig() if build is None else build
+        key = ("engine", self._checkpoint_key(model_dir, dtype, quant), build, keep_onnx)
+        if (path := self._recall(key)) is not None:
+            return path
+        ckpt = self.checkpoint(model_dir, dtype, quant)
+        out = self._new_dir("engine", model_dir)
+        build_engine(ckpt, out, build, progress=False, keep_onnx=keep_onnx)
+        return self._remember(key, out, "engine")
+
+    def runner(self, model_dir, build=None, dtype: str = "float32", quant=(), keep_onnx: bool = False,
+               num_threads: int = 1, **runner_options):
+        """A new ModelRunner (its own KV cache and adapters) on the shared engine."""
+        from trtbuild.runtime import ModelRunner
+
+        engine = self.engine(model_dir, build, dtype, quant, keep_onnx)
+        return ModelRunner.from_dir(engine, num_threads=num_threads, **runner_options)
+
+    def runners_in_both_forms(self, model_dir, num_threads: int = 1, **limits) -> dict:
+        """The attention and norm plugins on ("auto") and off ("disable") → a runner each."""
+        from trtbuild.engine import BuildConfig, PluginConfig
+
+        return {form: self.runner(model_dir, BuildConfig(**limits, plugin_config=PluginConfig(
+                    gpt_attention_plugin=form, norm_plugin=form)), num_threads=num_threads)
+                for form in ("auto", "disable")}
+
+    # -- disk ------------------------------------------------------------------------------------
+    def trim(self, budget: int | None = None) -> None:
+        """Delete the least recently used engines, then checkpoints, until at most `budget` bytes are kept."""
+        budget = self.cache_bytes if budget is None else budget
+        total = self.size
+        for key, made in sorted(self._made.items(), key=lambda kv: (kv[1].kind != "engine", kv[1].used)):
+            if total <= budget:
+                break
+            shutil.rmtree(made.path, ignore_errors=True)
+            del self._made[key]
+            total -= made.size
+
+    @property
+    def size(self) -> int:
+        return sum(m.size for m in self._made.values())
+
+
+_SESSION_ENGINES: list[Engines] = []
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory, calib_file) -> Engines:
+    """The session's engine factory (see Engines); everything it made is deleted at the end."""
+    factory = Engines(tmp_path_factory.mktemp("engines"), calib_file)
+    _SESSION_ENGINES.append(factory)
+    yield factory
+    _SESSION_ENGINES.remove(factory)
+    shutil.rmtree(factory.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _trim_engines_after_each_module():
+    """What one module made beyond the factory's budget goes when the module is done."""
+    yield
+    for factory in _SESSION_ENGINES:
+        factory.trim()
 
 
 def op_types(graph) -> set[str]:

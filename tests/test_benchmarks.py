@@ -11,21 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, make_tiny_model
+from trtbuild.engine import BuildConfig
+
+from conftest import REPO
 
 
-def test_bench_engines_quick(tmp_path: Path) -> None:
-    from trtbuild.builder import build_engine
-    from trtbuild.convert.converter import convert_checkpoint
-    from trtbuild.engine import BuildConfig
-
-    hf = make_tiny_model("llama", tmp_path / "hf")
-    convert_checkpoint(hf, tmp_path / "ckpt", "float32", progress=False)
-    build_engine(tmp_path / "ckpt", tmp_path / "engine",
-                 BuildConfig(max_batch_size=8, max_input_len=64, max_seq_len=128), progress=False)
+def test_bench_engines_quick(tiny_models, engines, tmp_path: Path) -> None:
+    hf = tiny_models["llama"]
+    engine = engines.engine(hf, BuildConfig(max_batch_size=8, max_input_len=64, max_seq_len=128))
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_engines.py"), "--quick",
-                        "--model_dir", str(hf), "--engine", f"tiny={tmp_path / 'engine'}", "--no_default_engine",
+                        "--model_dir", str(hf), "--engine", f"tiny={engine}", "--no_default_engine",
                         "--peers", "transformers", "--threads", "1", "--json", str(out),
                         "--cache_dir", str(tmp_path / "cache")],
                        capture_output=True, text=True, timeout=600)
@@ -45,11 +41,11 @@ def test_bench_engines_quick(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "bench").exists()  # nothing built beside the engine it was given
 
 
-def test_quant_table_on_tiny_model(tmp_path: Path) -> None:
+def test_quant_table_on_tiny_model(tiny_models) -> None:
     """benchmarks/quant_table.py: every recipe's row has a perplexity on each of the three texts
     (w8a16's also relative to fp32), a size and a decode speed, and the table names the CPU."""
-    hf = make_tiny_model("llama", tmp_path / "hf")
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_table.py"), "--model_dir", str(hf),
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_table.py"), "--model_dir",
+                        str(tiny_models["llama"]),
                         "--recipes", "fp32", "w8a16", "--eval_tokens", "1024", "--seq_len", "128", "--rounds", "1",
                         "--num_threads", "1"],
                        capture_output=True, text=True, timeout=600)
@@ -64,19 +60,12 @@ def test_quant_table_on_tiny_model(tmp_path: Path) -> None:
     assert "CPU: " in r.stdout and "cores)" in r.stdout, r.stdout
 
 
-def test_profile_runtime_on_tiny_engine(tmp_path: Path) -> None:
+def test_profile_runtime_on_tiny_engine(tiny_models, engines) -> None:
     """benchmarks/profile_runtime.py: the decode step's split (session.run, sampling, Python), the
     weights' read against the step, spinning or not, and the operator tables of decode and prefill."""
-    from trtbuild.builder import build_engine
-    from trtbuild.convert.converter import convert_checkpoint
-    from trtbuild.engine import BuildConfig
-
-    hf = make_tiny_model("llama", tmp_path / "hf")
-    convert_checkpoint(hf, tmp_path / "ckpt", "float32", progress=False)
-    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=2, max_input_len=64,
-                                                                     max_seq_len=128), progress=False)
+    engine = engines.engine(tiny_models["llama"], BuildConfig(max_batch_size=2, max_input_len=64, max_seq_len=128))
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_runtime.py"), "--engine_dir",
-                        str(tmp_path / "engine"), "--new_tokens", "8", "--prefill_len", "48", "--threads", "1"],
+                        str(engine), "--new_tokens", "8", "--prefill_len", "48", "--threads", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     for expected in ("decode step ", "sampling ", "weights read per token ", "not spinning",

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model
+from conftest import REPO, make_tiny_model
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
 
 

@@ -17,7 +17,7 @@ Tolerances (polygraphy passes an element when |diff| <= atol OR |diff|/|ref| <= 
   max 2.1 / mean 0.56 / argmax 58%: the fused engine is the one that moves, it agrees on 55% of
   argmaxes with the same weights dequantized to float32, and the TensorRT network on 97%).
   So the same polygraphy outputs are also checked tightly against the float32 standard-op engine
-  (the DequantizeLinear -> MatMul form as written, which tests/test_plugins.py proves equal to the
+  (the DequantizeLinear -> MatMul form as written, which tests/builder/test_plugins.py proves equal to the
   fused one up to that int8 rounding): max |diff| < 0.25 (measured 0.05), argmax equal on >= 97%.
 - tiny random models (logits ~1), every recipe TensorRT builds, vs the fused engine: atol 0.03
   (measured max 0.011, SmoothQuant).
@@ -45,7 +45,6 @@ from trtbuild.runtime.model_runner import ModelRunner, load_tokenizer
 from trtbuild.runtime.sampling import SamplingConfig
 from trtbuild.runtime.tensorrt_session import TensorRTStepSession
 
-from conftest import PPL_TEXT
 from tensorrt_markers import GPU, GPU_WHY, PACKAGE, needs_polygraphy, needs_trt, no_gpu_only, trt
 from tensorrt_tools import polygraphy_compare
 
@@ -92,13 +91,6 @@ def trt_build_error(capsys, ckpt: Path, out: Path, *flags: str, limits: dict | N
 def nothing_written(out: Path) -> None:
     assert not out.exists(), f"{out} was written"
     assert not [p.name for p in out.parent.iterdir() if ".partial" in p.name and out.name in p.name]
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(PPL_TEXT.read_text()[:50_000])
-    return f
 
 
 # ------------------------------------------------------------------------------------ parity

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Soak a served repository: many streams (gRPC, or HTTP generate_stream) at a bounded
-concurrency, some of them dropped by the client mid-way (what tests/test_triton_soak.py runs).
+concurrency, some of them dropped by the client mid-way (what tests/serving/test_triton_soak.py runs).
 
     python triton_repo/client/stream_soak_client.py -u 127.0.0.1:8001 --requests 300 \
         --concurrency 8 --drop_fraction 0.33 [--model tensorrt_llm_bls] [--max_tokens 32] \

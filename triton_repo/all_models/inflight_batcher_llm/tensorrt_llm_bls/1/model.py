@@ -24,7 +24,7 @@ So every inner stream is read to its final response (never abandoned: an unfinis
 stays in the stub's map for good), and a finished iterator is kept (`_retired`) until a later
 `is_cancelled()` round trip, which the stub sends through the same queue after the map's
 cleanup, has come back: then our reference is the last one and the iterator dies here, with the
-GIL. tests/test_triton_soak.py crashed this way with the threaded model of before in its first
+GIL. tests/serving/test_triton_soak.py crashed this way with the threaded model of before in its first
 300 streams.
 
 The final flag of a request whose client went away goes out a little late (GuardedSender's

@@ -36,17 +36,10 @@ def limits(attention: str = "auto", **lora) -> BuildConfig:
                        plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
 
 
-def build(ckpt: Path, out: Path, lora_dirs=None, form: str | None = None, attention: str = "auto",
+def build(ckpt: Path, out: Path, lora_dirs=None, form: str = "masked", attention: str = "auto",
           **lora) -> ModelRunner:
-    import trtbuild.lora_engine as lora_engine
-
-    old = lora_engine.DEFAULT_LORA_FORM
-    lora_engine.DEFAULT_LORA_FORM = form or old
-    try:
-        build_engine(ckpt, out, limits(attention, **lora), progress=False,
-                     lora_dirs=[str(d) for d in lora_dirs or []] or None)
-    finally:
-        lora_engine.DEFAULT_LORA_FORM = old
+    build_engine(ckpt, out, limits(attention, lora_dir=tuple(str(d) for d in lora_dirs or ()), lora_form=form,
+                                   **lora), progress=False)
     return ModelRunner.from_dir(out, num_threads=1)
 
 
@@ -81,10 +74,8 @@ def peft_greedy(pm, prompt) -> list[int]:
 class Setup:
     """One tiny model, its adapters, their merged engines, and the runtime-LoRA engines."""
 
-    def __init__(self, model: Path, root: Path, adapters: dict[str, Path], runtime: list[str], **lora):
-        self.model, self.root, self.adapters = model, root, adapters
-        self.ckpt = root / "ckpt"
-        convert_checkpoint(model, self.ckpt, progress=False)
+    def __init__(self, model: Path, ckpt: Path, root: Path, adapters: dict[str, Path], runtime: list[str], **lora):
+        self.model, self.ckpt, self.root, self.adapters = model, ckpt, root, adapters
         self.names = runtime
         self.dirs = [adapters[n] for n in runtime]  # task id k = runtime[k]
         self.runner = build(self.ckpt, root / "lora_engine", self.dirs, **lora)
@@ -102,9 +93,14 @@ class Setup:
         return self._peft[name]
 
 
+def setup_dir(module_tmp: Path, name: str) -> Path:
+    (module_tmp / name).mkdir()
+    return module_tmp / name
+
+
 @pytest.fixture(scope="module")
-def llama(tiny_models, tmp_path_factory) -> Setup:
-    root = tmp_path_factory.mktemp("lora_llama")
+def llama(tiny_models, engines, module_tmp) -> Setup:
+    root = setup_dir(module_tmp, "llama")
     m = tiny_models["llama"]
     adapters = {
         # rank 4 (k at rank 2), .safetensors, every linear but up_proj
@@ -117,47 +113,47 @@ def llama(tiny_models, tmp_path_factory) -> Setup:
         "a2": make_peft_adapter(m, root / "a2", r=3, lora_alpha=3, seed=3, dtype=torch.bfloat16,
                                 target_modules=["q_proj", "o_proj", "down_proj"]),
     }
-    return Setup(m, root, adapters, ["a0", "a1"], max_lora_rank=4, max_loras=3)
+    return Setup(m, engines.checkpoint(m), root, adapters, ["a0", "a1"], max_lora_rank=4, max_loras=3)
 
 
 @pytest.fixture(scope="module")
-def gpt2(tiny_models, tmp_path_factory) -> Setup:
-    root = tmp_path_factory.mktemp("lora_gpt2")
+def gpt2(tiny_models, engines, module_tmp) -> Setup:
+    root = setup_dir(module_tmp, "gpt2")
     m = tiny_models["gpt2"]
     adapters = {"g0": make_peft_adapter(m, root / "g0", r=4, seed=4),  # c_attn (fused qkv), c_proj, c_fc
                 "g1": make_peft_adapter(m, root / "g1", r=2, seed=5, safe_serialization=False,
                                         target_modules=["c_attn", "c_fc"])}
-    return Setup(m, root, adapters, ["g0", "g1"], max_lora_rank=4)
+    return Setup(m, engines.checkpoint(m), root, adapters, ["g0", "g1"], max_lora_rank=4)
 
 
-def family_setup(arch: str, tiny_models, tmp_path_factory, targets: dict[str, list[str]]) -> Setup:
+def family_setup(arch: str, tiny_models, engines, module_tmp, targets: dict[str, list[str]]) -> Setup:
     """Two adapters (rank 4 .safetensors, rank 2 .bin) of the given HF targets on a family's model."""
-    root = tmp_path_factory.mktemp(f"lora_{arch}")
+    root = setup_dir(module_tmp, arch)
     m = tiny_models[arch]
     adapters = {name: make_peft_adapter(m, root / name, r=4 - 2 * k, seed=6 + k, safe_serialization=k == 0,
                                         target_modules=modules)
                 for k, (name, modules) in enumerate(targets.items())}
-    return Setup(m, root, adapters, list(targets), max_lora_rank=4)
+    return Setup(m, engines.checkpoint(m), root, adapters, list(targets), max_lora_rank=4)
 
 
 @pytest.fixture(scope="module")
-def qwen3(tiny_models, tmp_path_factory) -> Setup:
+def qwen3(tiny_models, engines, module_tmp) -> Setup:
     """q_proj / k_proj adapted before the per-head q / k norms."""
-    return family_setup("qwen3", tiny_models, tmp_path_factory, {
+    return family_setup("qwen3", tiny_models, engines, module_tmp, {
         "q0": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], "q1": ["q_proj", "down_proj", "gate_proj"]})
 
 
 @pytest.fixture(scope="module")
-def phi3(tiny_models, tmp_path_factory) -> Setup:
+def phi3(tiny_models, engines, module_tmp) -> Setup:
     """Phi-3's fused qkv_proj (attn_qkv) and gate_up_proj (mlp_h_to_4h and mlp_gate sharing one A)."""
-    return family_setup("phi3", tiny_models, tmp_path_factory, {
+    return family_setup("phi3", tiny_models, engines, module_tmp, {
         "p0": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "p1": ["qkv_proj", "gate_up_proj"]})
 
 
 @pytest.fixture(scope="module")
-def gemma3(tiny_models, tmp_path_factory) -> Setup:
+def gemma3(tiny_models, engines, module_tmp) -> Setup:
     """Gemma 3: adapters under its sandwich norms, on sliding-window and full layers."""
-    return family_setup("gemma3", tiny_models, tmp_path_factory, {
+    return family_setup("gemma3", tiny_models, engines, module_tmp, {
         "e0": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "e1": ["gate_proj", "up_proj"]})
 
 
@@ -185,9 +181,9 @@ def test_runtime_equals_merged_equals_peft(request, arch):
         assert got[0] == peft_greedy(pm, PROMPTS[0])
 
 
-def test_base_rows_equal_base_engine(llama, tmp_path):
+def test_base_rows_equal_base_engine(llama, engines):
     """Task id -1 is the base model: the same logits as an engine built without the plugin."""
-    base = build(llama.ckpt, tmp_path / "base")
+    base = engines.runner(llama.model, limits())
     np.testing.assert_allclose(llama.runner.score(PROMPTS, lora_task_ids=[-1] * 3), base.score(PROMPTS),
                                atol=1e-5, rtol=0)
     np.testing.assert_allclose(llama.runner.score(PROMPTS), base.score(PROMPTS), atol=1e-5, rtol=0)
@@ -244,8 +240,8 @@ def test_standard_plugins_engine(llama, tmp_path):
 def test_engine_dir_holds_adapters(llama):
     d = llama.runner.engine_dir
     lc = llama.runner.config.build_config.lora_config
-    assert lc.lora_dir == ["lora/0", "lora/1"] and lc.max_lora_rank == 4 and lc.max_loras == 3
-    assert lc.lora_target_modules == ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h"]
+    assert lc.lora_dir == ("lora/0", "lora/1") and lc.max_lora_rank == 4 and lc.max_loras == 3
+    assert lc.lora_target_modules == ("attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h")
     assert llama.runner.config.build_config.plugin_config.lora_plugin == "float32"
     assert (d / "lora/0" / ADAPTER_SAFETENSORS).is_file() and (d / "lora/1" / ADAPTER_BIN).is_file()
     assert (d / "lora/0" / ADAPTER_CONFIG).read_bytes() == (llama.adapters["a0"] / ADAPTER_CONFIG).read_bytes()
@@ -316,8 +312,8 @@ def _ids_csv(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_adapters(llama, tiny_models, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bad_lora")
+def bad_adapters(llama, tiny_models, module_tmp) -> dict[str, Path]:
+    root = setup_dir(module_tmp, "bad_lora")
     good = llama.adapters["a0"]
     out = {
         "other_model": make_peft_adapter(tiny_models["llama3"], root / "other_model", r=2),
@@ -408,7 +404,7 @@ def test_bad_build_flags(llama, tmp_path, capsys):
         assert re.search(msg, capsys.readouterr().err), extra
 
 
-def test_unknown_task_id(llama, capsys, tmp_path):
+def test_unknown_task_id(llama, engines, capsys, tmp_path):
     with pytest.raises(TrtbuildError, match=r"lora task id 2 is unknown: .* has task ids 0, 1 loaded \(-1 = base "
                                             r"model\)"):
         llama.runner.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=2), lora_task_ids=[2])
@@ -420,7 +416,7 @@ def test_unknown_task_id(llama, capsys, tmp_path):
         main(["--engine_dir", str(llama.runner.engine_dir), "--input_file", str(_ids_csv(tmp_path)),
               "--max_output_len", "2", "--lora_task_uids", "0", "7", "-1"])
     assert e.value.code == 2 and "lora task id 7 is unknown" in capsys.readouterr().err
-    base = build(llama.ckpt, tmp_path / "base")
+    base = engines.runner(llama.model, limits())
     with pytest.raises(TrtbuildError, match="built without --lora_plugin"):
         base.add_lora(llama.adapters["a0"])
 
@@ -430,23 +426,30 @@ def test_unknown_task_id(llama, capsys, tmp_path):
 
 
 def test_runtime_runs_without_torch(llama, tmp_path):
-    """An engine with a .safetensors and a .bin adapter loads, takes a bf16 adapter and runs with
-    torch made unimportable (the runtime's promise: numpy, onnxruntime and tokenizers only)."""
+    """An engine with a .safetensors and a .bin adapter loads, takes a bf16 adapter, scores and
+    generates with torch made unimportable, and imports none of the build side (the runtime's
+    promise: numpy, onnxruntime and tokenizers only; tests/runtime/test_runtime_boundary.py for the others)."""
     script = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
 import numpy as np
-from trtbuild.runtime import ModelRunner
+from trtbuild.runtime import ModelRunner, SamplingConfig
 r = ModelRunner.from_dir({str(llama.runner.engine_dir)!r}, num_threads=1)
 t = r.add_lora({str(llama.adapters["a2"])!r})
 s = r.score({PROMPTS!r}, lora_task_ids=[0, 1, t])
 np.save({str(tmp_path / "s.npy")!r}, s)
-assert not any(m == "torch" or m.startswith("torch.") for m, v in sys.modules.items() if v is not None)
+g = r.generate({PROMPTS!r}, SamplingConfig(max_new_tokens=3), lora_task_ids=[0, t, -1]).output_ids
+np.save({str(tmp_path / "g.npy")!r}, np.array(g))
+build_side = ("torch", "onnx", "transformers", "trtbuild.plugins", "trtbuild.network", "trtbuild.onnx_graph")
+loaded = [m for m, v in sys.modules.items() if v is not None and any(m == b or m.startswith(b + ".") for b in build_side)]
+assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=300)
     runner = ModelRunner.from_dir(llama.runner.engine_dir, num_threads=1)
     runner.add_lora(llama.adapters["a2"])
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), runner.score(PROMPTS, lora_task_ids=[0, 1, 2]), atol=1e-6)
+    assert np.load(tmp_path / "g.npy").tolist() == runner.generate(PROMPTS, SamplingConfig(max_new_tokens=3),
+                                                                   lora_task_ids=[0, 2, -1]).output_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,11 +457,10 @@ assert not any(m == "torch" or m.startswith("torch.") for m, v in sys.modules.it
 
 
 @pytest.mark.slow
-def test_real_model_runtime_equals_merged_equals_peft(real_model_dir, tmp_path):
+def test_real_model_runtime_equals_merged_equals_peft(real_model_dir, engines, tmp_path):
     """SmolLM2-135M (GQA 9/3, tied), a rank-16 adapter on every linear: runtime == merged == PeftModel."""
     adapter = make_peft_adapter(real_model_dir, tmp_path / "a", r=16, lora_alpha=32, b_std=0.01, seed=7)
-    ckpt = tmp_path / "ckpt"
-    convert_checkpoint(real_model_dir, ckpt, progress=False)
+    ckpt = engines.checkpoint(real_model_dir)
     runner = build(ckpt, tmp_path / "lora", [adapter], max_lora_rank=16, max_loras=1)
     merged = merged_engine(real_model_dir, adapter, tmp_path)
     pm = peft_model(real_model_dir, adapter)

@@ -10,7 +10,6 @@ from onnx import TensorProto, helper
 
 from trtbuild import kernels
 from trtbuild.builder import build_engine
-from trtbuild.convert.cli import main as convert_main
 from trtbuild.engine import BuildConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner
@@ -19,8 +18,8 @@ from conftest import op_types
 
 
 @pytest.fixture(scope="module")
-def kernel_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernels")
+def kernel_dir(module_tmp):
+    return module_tmp
 
 
 @pytest.fixture(params=list(kernels.ISA_FLAGS))
@@ -166,18 +165,16 @@ def test_library_is_built_once_and_reused(kernel_dir):
     assert not [p for p in kernel_dir.iterdir() if p.name.startswith(".partial")]  # no half-written library
 
 
-def test_no_compiler_builds_without_the_kernel_and_an_engine_that_needs_it_says_so(tiny_models, tmp_path, monkeypatch,
-                                                                                    caplog):
-    ckpt = tmp_path / "ckpt"
-    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt)])
+def test_no_compiler_builds_without_the_kernel_and_an_engine_that_needs_it_says_so(tiny_models, engines, tmp_path,
+                                                                                    monkeypatch, caplog):
     build = BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64)
-    build_engine(ckpt, tmp_path / "fmha", build, progress=False)  # with the compiler: the kernel
+    fmha = engines.engine(tiny_models["llama"], build)  # with the compiler: the kernel
+    ckpt = engines.checkpoint(tiny_models["llama"])
 
     monkeypatch.setattr(kernels, "find_compiler", lambda: None)
     monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "empty_kernel_dir"))  # nothing built yet
     with caplog.at_level("WARNING"):
-        build_engine(ckpt, tmp_path / "plain", BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64),
-                     progress=False)
+        build_engine(ckpt, tmp_path / "plain", build, progress=False)
     assert "install g++" in caplog.text
     plain = ModelRunner.from_dir(tmp_path / "plain", num_threads=1)
     assert not plain.config.build_config.plugin_config.context_fmha
@@ -188,7 +185,7 @@ def test_no_compiler_builds_without_the_kernel_and_an_engine_that_needs_it_says_
     assert plain.prefill([[5, 6, 7]]).shape[-1] == plain.config.pretrained_config.vocab_size
 
     with pytest.raises(TrtbuildError, match="--context_fmha disable") as err:
-        ModelRunner.from_dir(tmp_path / "fmha", num_threads=1)
+        ModelRunner.from_dir(fmha, num_threads=1)
     assert "install g++" in str(err.value) and "rank0.engine" in str(err.value)
 
 

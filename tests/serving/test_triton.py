@@ -15,6 +15,7 @@ import fcntl
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trtbuild.engine import BuildConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.serving import (GuardedSender, IncrementalDetokenizer, from_word_list_format, make_model_repo,
                               main as triton_repo_main, to_word_list_format)
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 sys.path.insert(0, str(REPO / "triton_repo"))
 from launch_triton_server import (CUDA_NOTE, LaunchError, TritonServer, default_triton_venv,  # noqa: E402
                                   needs_cuda_note, stale_shm_regions)
@@ -151,35 +154,9 @@ def triton_venv() -> Path:
     return venv
 
 
-def make_tiny_llama(out_dir: Path) -> Path:
-    """A tiny random Llama with 4k positions (long streams for the disconnect test) and a real
-    byte-level BPE tokenizer; weights scaled up so that greedy text is not one repeated token."""
-    import torch
-    import transformers as tf
-
-    from conftest import make_tokenizer
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, initializer_range=0.2)
-    model = tf.LlamaForCausalLM(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    make_tokenizer(out_dir)
-    return out_dir
-
-
-def build(model_dir: Path, root: Path, max_batch_size: int, max_input_len: int, max_seq_len: int) -> Path:
-    from trtbuild.builder import build_engine
-    from trtbuild.convert.converter import convert_checkpoint
-    from trtbuild.engine import BuildConfig
-
-    convert_checkpoint(model_dir, root / "ckpt", progress=False)
-    build_engine(root / "ckpt", root / "engine",
-                 BuildConfig(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len),
-                 progress=False)
-    return root / "engine"
+# the tiny engine: tiny_models["llama_4k"] (4k positions: long streams for the disconnect test)
+TINY_MODEL = "llama_4k"
+TINY_BUILD = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=4096)
 
 
 class Served:
@@ -221,24 +198,27 @@ ENGINES = [pytest.param("tiny", id="tiny"), pytest.param("real", id="real", mark
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def served(request, tmp_path_factory, triton_venv):
+def served(request, tiny_models, engines, tmp_path_factory, triton_venv):
     from trtbuild.runtime import ModelRunner
 
     kind = request.param
-    root = tmp_path_factory.mktemp(f"served-{kind}")
     if kind == "tiny":
-        engine = build(make_tiny_llama(root / "hf"), root, max_batch_size=4, max_input_len=64, max_seq_len=4096)
+        engine = engines.engine(tiny_models[TINY_MODEL], TINY_BUILD)
         threads = 1
     else:
         model_dir = request.getfixturevalue("real_model_dir")
-        engine = build(model_dir, root, max_batch_size=16, max_input_len=256, max_seq_len=1024)
+        engine = engines.engine(model_dir, BuildConfig(max_batch_size=16, max_input_len=256, max_seq_len=1024))
         threads = 2
     runner = ModelRunner.from_dir(engine, num_threads=threads)
     eos = runner.config.pretrained_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    repo = make_model_repo(engine, root / "repo", decoupled=True, num_threads=threads)
-    with TritonServer(repo, timeout=300) as server:
-        yield Served(kind, engine, runner, server, eos)
+    root = tmp_path_factory.mktemp(f"served-{kind}")
+    try:
+        repo = make_model_repo(engine, root / "repo", decoupled=True, num_threads=threads)
+        with TritonServer(repo, timeout=300) as server:
+            yield Served(kind, engine, runner, server, eos)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -693,14 +673,13 @@ def test_grpc_clients(served, triton_venv):
 # ------------------------------------------------------------------------------ non-decoupled
 
 @pytest.fixture(scope="module")
-def plain_server(tmp_path_factory, triton_venv):
+def plain_server(tiny_models, engines, module_tmp, triton_venv):
     """The tiny engine behind a non-decoupled repository: plain HTTP /infer works."""
     from trtbuild.runtime import ModelRunner
 
-    root = tmp_path_factory.mktemp("plain")
-    engine = build(make_tiny_llama(root / "hf"), root, max_batch_size=4, max_input_len=64, max_seq_len=256)
+    engine = engines.engine(tiny_models[TINY_MODEL], BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=256))
     runner = ModelRunner.from_dir(engine, num_threads=1)
-    repo = make_model_repo(engine, root / "repo", decoupled=False, num_threads=1)
+    repo = make_model_repo(engine, module_tmp / "plain_repo", decoupled=False, num_threads=1)
     with TritonServer(repo, timeout=300) as server:
         yield Served("tiny", engine, runner, server, 1)
 

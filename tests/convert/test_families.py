@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from trtbuild.builder import build_engine
 from trtbuild.convert.cli import main as convert_main
 from trtbuild.engine import BuildConfig, PluginConfig
 from trtbuild.models import FAMILIES, SUPPORTED_ARCHITECTURES
-from trtbuild.runtime import ModelRunner, SamplingConfig
+from trtbuild.runtime import SamplingConfig
 
-from conftest import PPL_TEXT, TINY_ARCHS
+from conftest import TINY_ARCHS
 
 NEW_FAMILIES = ("qwen3", "phi3", "gemma3")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24], [300, 301, 302, 303, 304, 305, 306]]
 
 # recipe → (convert flags, the largest mean KL(float || recipe) per position allowed on the tiny models:
 # measured 2e-6 to 8e-6 for the 8-bit recipes and 3e-4 to 1.1e-3 for int4 on Qwen3 and Phi-3, whose
-# random weights give flat distributions; the bounds are 5-15x those)
+# random weights give flat distributions; the bounds are 5-15x those). The factory calibrates on
+# conftest's calib_file, 4 samples of 64 tokens.
 RECIPES = {
     "w8a16": (["--use_weight_only", "--weight_only_precision", "int8"], 1e-4),
     "w4a16_rtn_g32": (["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "32"],
@@ -37,20 +37,9 @@ RECIPES = {
 }
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(PPL_TEXT.read_text()[:100_000])
-    return f
-
-
-def engine(hf_dir, out, flags=(), calib=None, attention="auto") -> ModelRunner:
-    extra = ["--calib_dataset", str(calib), "--calib_size", "4", "--calib_max_seq_length", "64"] if flags else []
-    convert_main(["--model_dir", str(hf_dir), "--output_dir", str(out / "ckpt"), *flags, *extra])
-    plugins = PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention)
-    build_engine(out / "ckpt", out / "engine", BuildConfig(max_batch_size=4, max_input_len=128, max_seq_len=192,
-                                                           plugin_config=plugins), progress=False)
-    return ModelRunner.from_dir(out / "engine", num_threads=1)
+def limits(attention="auto") -> BuildConfig:
+    return BuildConfig(max_batch_size=4, max_input_len=128, max_seq_len=192,
+                       plugin_config=PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention))
 
 
 def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
@@ -60,18 +49,12 @@ def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-@pytest.fixture(scope="module")
-def float_engines(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("float")
-    return {arch: engine(tiny_models[arch], root / arch) for arch in NEW_FAMILIES}
-
-
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("arch", NEW_FAMILIES)
-def test_every_recipe_stays_close_to_the_float_engine(arch, recipe, tiny_models, float_engines, calib_file, tmp_path):
+def test_every_recipe_stays_close_to_the_float_engine(arch, recipe, tiny_models, engines):
     flags, bound = RECIPES[recipe]
-    quantized = engine(tiny_models[arch], tmp_path, flags, calib_file)
-    reference = float_engines[arch].score(PROMPTS)
+    quantized = engines.runner(tiny_models[arch], limits(), quant=flags)
+    reference = engines.runner(tiny_models[arch], limits()).score(PROMPTS)
     scores = quantized.score(PROMPTS)
     kl = [mean_kl(reference[i, :len(p)], scores[i, :len(p)]) for i, p in enumerate(PROMPTS)]
     assert max(kl) < bound, f"{arch} {recipe}: KL to the float engine {kl}"
@@ -83,13 +66,13 @@ def test_every_recipe_stays_close_to_the_float_engine(arch, recipe, tiny_models,
 
 
 @pytest.mark.parametrize("attention", ["auto", "disable"])
-def test_phi3_longrope_switches_past_the_original_length(attention, tiny_models, tmp_path):
+def test_phi3_longrope_switches_past_the_original_length(attention, tiny_models, engines):
     """Past original_max_position_embeddings (64 in the tiny config) transformers takes LongRoPE's
     long factors for the whole forward: a 90-token prompt, and a generation that crosses 64."""
     import transformers
 
     hf_dir = tiny_models["phi3"]
-    runner = engine(hf_dir, tmp_path, attention=attention)
+    runner = engines.runner(hf_dir, limits(attention))
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     long_prompt = [(7 * j + 3) % 500 + 2 for j in range(90)]
     with torch.no_grad():

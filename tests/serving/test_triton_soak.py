@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pytest
 
-from test_triton import (PROMPTS, Served, _cancel_lines, build, make_tiny_llama,  # noqa: F401
-                         triton_venv)
+from test_triton import PROMPTS, TINY_BUILD, TINY_MODEL, Served, _cancel_lines, triton_venv  # noqa: F401
 from trtbuild.serving import make_model_repo
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SOAK_CLIENT = REPO / "triton_repo" / "client" / "stream_soak_client.py"
 
 pytestmark = pytest.mark.slow
@@ -63,11 +63,11 @@ FINAL_BATCH_SECONDS = 30
 
 
 @pytest.fixture(scope="module")
-def soak_served(tmp_path_factory, triton_venv):
+def soak_served(tiny_models, engines, tmp_path_factory, triton_venv):
     from trtbuild.runtime import ModelRunner
 
-    root = tmp_path_factory.mktemp("soak")
-    engine = build(make_tiny_llama(root / "hf"), root, max_batch_size=4, max_input_len=64, max_seq_len=4096)
+    root = tmp_path_factory.mktemp("soak")  # the repository (a few kB) and the server's log
+    engine = engines.engine(tiny_models[TINY_MODEL], TINY_BUILD)
     runner = ModelRunner.from_dir(engine, num_threads=1)
     eos = runner.config.pretrained_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos

@@ -9,21 +9,21 @@ import torch
 
 from trtbuild.runtime import SamplingConfig
 
-from conftest import PPL_TEXT, engines_in_both_forms
+from conftest import PPL_TEXT
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
+def gemma3(engines):
     import transformers
 
     from trtbuild.fetch import fetch_model
 
     torch.set_num_threads(2)
     model_dir = fetch_model("gemma3-270m")
-    runners = engines_in_both_forms(model_dir, tmp_path_factory.mktemp("gemma3"), max_batch_size=2,
-                                    max_input_len=1024, max_seq_len=1100)
+    runners = engines.runners_in_both_forms(model_dir, num_threads=2, max_batch_size=2, max_input_len=1024,
+                                            max_seq_len=1100)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return runners, hf
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from trtbuild.builder import build_engine
-from trtbuild.convert.converter import convert_checkpoint
 from trtbuild.engine import BuildConfig
 from trtbuild.evaluate import engine_perplexity, hf_perplexity, perplexity, token_nll, windows
 from trtbuild.evaluate.perplexity import main, tokenize_text
@@ -18,7 +16,7 @@ from trtbuild.evaluate.sides import load_text_tokenizer
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner
 
-from conftest import PPL_TEXT, make_tiny_model
+from conftest import PPL_TEXT
 
 torch.set_num_threads(1)
 
@@ -27,13 +25,9 @@ CHARS = 6000  # about 30 windows of 64 tokens with the tiny tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppl")
-    model = make_tiny_model("llama", root / "hf")
-    convert_checkpoint(model, root / "ckpt", progress=False)
-    build_engine(root / "ckpt", root / "engine", BuildConfig(max_batch_size=4, max_input_len=128, max_seq_len=128),
-                 progress=False)
-    return model, root / "engine"
+def tiny(tiny_models, engines):
+    model = tiny_models["llama"]
+    return model, engines.engine(model, BuildConfig(max_batch_size=4, max_input_len=128, max_seq_len=128))
 
 
 def test_token_nll_is_log_softmax_in_float64_and_stable():
@@ -115,18 +109,16 @@ def test_missing_text_file_exits_2(tiny, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_model_engine_equals_transformers(real_model_dir, tmp_path):
+def test_real_model_engine_equals_transformers(real_model_dir, engines):
     """SmolLM2 fp32, first 50,000 characters of ppl.txt at 1024-token windows (10 full windows).
 
     The models README quotes 22.28 for this slice: that figure also counts the trailing partial
     window (115 tokens); with it dropped, as here, transformers gives 22.18.
     """
     # one thread: on the 2 shared cores of CI, 2 threads spin against other jobs and run 2-3x slower
-    convert_checkpoint(real_model_dir, tmp_path / "ckpt", progress=False)
-    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=1, max_input_len=1024,
-                                                                     max_seq_len=1024), progress=False)
+    engine = engines.engine(real_model_dir, BuildConfig(max_batch_size=1, max_input_len=1024, max_seq_len=1024))
     kwargs = dict(text_file=PPL_TEXT, num_chars=50_000, seq_len=1024, num_threads=1, progress=False)
-    eng = engine_perplexity(tmp_path / "engine", **kwargs)
+    eng = engine_perplexity(engine, **kwargs)
     hf = hf_perplexity(real_model_dir, **kwargs)
     print(f"\nengine perplexity {eng.perplexity:.4f} ({eng.seconds:.0f} s), "
           f"transformers {hf.perplexity:.4f} ({hf.seconds:.0f} s)")

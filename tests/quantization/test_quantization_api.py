@@ -11,11 +11,12 @@ torch.set_num_threads(1)
 
 from trtbuild.checkpoint import linear_names  # noqa: E402
 from trtbuild.errors import TrtbuildError  # noqa: E402
-from trtbuild.quantization._testing import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
 from trtbuild.quantization.api import (  # noqa: E402
     QuantRecipe, add_quant_args, dequantize_linear, quantize_checkpoint, recipe_from_args)
 from trtbuild.quantization.calibration import make_calib_samples, read_calib_texts  # noqa: E402
 from trtbuild.quantization.reference_model import ReferenceModel  # noqa: E402
+
+from tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
 
 WORDS = ("the model reads text and writes numbers while a quiet river runs past old stone bridges "
          "in spring when birds sing over green fields and children count the boats that drift slowly "

@@ -12,11 +12,10 @@ import onnxruntime as ort
 import pytest
 
 from trtbuild.builder import build_engine
-from trtbuild.convert.cli import main as convert_main
 from trtbuild.engine import BuildConfig, PluginConfig, load_engine_config
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
-from conftest import PPL_TEXT, op_types
+from conftest import op_types
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304]]
 
@@ -41,13 +40,6 @@ RECIPES = {
 ARCH = {"gptq_g64_partial": "llama3"}
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(PPL_TEXT.read_text()[:100_000])
-    return f
-
-
 def unoptimized_runner(engine_dir) -> ModelRunner:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -57,18 +49,15 @@ def unoptimized_runner(engine_dir) -> ModelRunner:
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_fused_equals_standard(recipe, tiny_models, calib_file, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    calib = ["--calib_dataset", str(calib_file), "--calib_size", "4", "--calib_max_seq_length", "64"]
-    convert_main(["--model_dir", str(tiny_models[ARCH.get(recipe, "llama")]), "--output_dir", str(ckpt), *RECIPES[recipe],
-                  *(calib if RECIPES[recipe] else [])])
-    runners = {}
+def test_fused_equals_standard(recipe, tiny_models, engines):
+    dirs = {}  # calibrated recipes: on conftest's calib_file, 4 samples of 64 tokens (the factory's)
     for form in ("auto", "disable"):
         plugins = PluginConfig(gemm_plugin=form, gpt_attention_plugin=form, norm_plugin=form)
         build = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, plugin_config=plugins)
-        build_engine(ckpt, tmp_path / form, build, progress=False, keep_onnx=True)
-    runners["fused"] = ModelRunner.from_dir(tmp_path / "auto", num_threads=1)
-    runners["standard"] = unoptimized_runner(tmp_path / "disable")
+        dirs[form] = engines.engine(tiny_models[ARCH.get(recipe, "llama")], build, quant=RECIPES[recipe],
+                                    keep_onnx=True)
+    runners = {"fused": ModelRunner.from_dir(dirs["auto"], num_threads=1),
+               "standard": unoptimized_runner(dirs["disable"])}
     fused, standard = runners["fused"].score(PROMPTS), runners["standard"].score(PROMPTS)
     # MatMulNBits runs with accuracy_level 4 (activations quantized to int8 per block, for speed),
     # which its standard decomposition does not: weight-only recipes agree to ~5e-3 (logits ~1),
@@ -80,7 +69,7 @@ def test_fused_equals_standard(recipe, tiny_models, calib_file, tmp_path):
     out = runners["fused"].generate(PROMPTS, SamplingConfig(max_new_tokens=6)).output_ids
     assert all(len(o) == 6 for o in out)
     if recipe == "sq_per_token":  # the fused form ran trtbuild's per-token kernels (smooth_quant_plugins)
-        graph = onnx.load(str(tmp_path / "auto" / "rank0.engine"), load_external_data=False).graph
+        graph = onnx.load(str(dirs["auto"] / "rank0.engine"), load_external_data=False).graph
         assert {"PerTokenQuantize", "SwiGLUQuantize"} <= op_types(graph)
         assert runners["fused"].config.build_config.plugin_config.smooth_quant_plugins
 
@@ -194,55 +183,49 @@ def _matmulnbits_attrs(engine_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("recipe", ["w8a16", "w4a16_g32_zp"])
-def test_weight_only_activations_float_is_exact(recipe, tiny_models, calib_file, tmp_path):
+def test_weight_only_activations_float_is_exact(recipe, tiny_models, engines):
     """--weight_only_activations float: MatMulNBits at accuracy_level 0 (float activations) equals
     the standard DequantizeLinear → MatMul form to float rounding, fused by the gemm plugin, fused
     by onnxruntime from the standard form, and unfused (the standard form in the attention plugin's
     prompt branch, where onnxruntime cannot fuse it). The default quantizes activations per block of
     32 (per-channel weights) or of the group."""
-    ckpt = tmp_path / "ckpt"
-    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt), *RECIPES[recipe]])
-    engines = {}
+    dirs = {}
     for name, gemm, attention, activations in (("fused", "auto", "auto", "float"), ("standard", "disable", "disable", "float"),
                                                ("standard_in_branch", "disable", "auto", "float"),
                                                ("default", "auto", "auto", "int8")):
         plugins = PluginConfig(gemm_plugin=gemm, gpt_attention_plugin=attention, norm_plugin=attention)
         build = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, plugin_config=plugins,
                             weight_only_activations=activations)
-        build_engine(ckpt, tmp_path / name, build, progress=False, keep_onnx=name == "standard")
-        engines[name] = tmp_path / name
-    levels = {name: {a["accuracy_level"] for a in _matmulnbits_attrs(d)} for name, d in engines.items()}
+        dirs[name] = engines.engine(tiny_models["llama"], build, quant=RECIPES[recipe], keep_onnx=name == "standard")
+    levels = {name: {a["accuracy_level"] for a in _matmulnbits_attrs(d)} for name, d in dirs.items()}
     assert levels["fused"] == levels["standard"] == {0} and levels["default"] == {4}, levels
     assert levels["standard_in_branch"] <= {0}, levels
-    blocks = {a["block_size"] for a in _matmulnbits_attrs(engines["default"]) if a["K"] >= 32}
+    blocks = {a["block_size"] for a in _matmulnbits_attrs(dirs["default"]) if a["K"] >= 32}
     assert blocks == {32}, blocks
-    reference = unoptimized_runner(engines["standard"]).score(PROMPTS)
+    reference = unoptimized_runner(dirs["standard"]).score(PROMPTS)
     for name in ("fused", "standard", "standard_in_branch"):
-        scores = ModelRunner.from_dir(engines[name], num_threads=1).score(PROMPTS)
+        scores = ModelRunner.from_dir(dirs[name], num_threads=1).score(PROMPTS)
         for i, p in enumerate(PROMPTS):
             np.testing.assert_allclose(scores[i, :len(p)], reference[i, :len(p)], atol=1e-4, rtol=0,
                                        err_msg=f"{recipe} {name}: prompt {i}")
 
 
-def test_bad_weight_only_activations_named(tiny_models, tmp_path):
+def test_bad_weight_only_activations_named(tiny_models, engines, tmp_path):
     from trtbuild.errors import TrtbuildError
 
-    ckpt = tmp_path / "ckpt"
-    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt), *RECIPES["w8a16"]])
+    ckpt = engines.checkpoint(tiny_models["llama"], quant=RECIPES["w8a16"])
     with pytest.raises(TrtbuildError, match="--weight_only_activations 'fp8'"):
         build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, weight_only_activations="fp8"), progress=False)
     assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3"])  # tied, untied lm_head
-def test_weight_only_engines_store_the_vocabulary_table_in_int8_once(arch, tiny_models, tmp_path):
+def test_weight_only_engines_store_the_vocabulary_table_in_int8_once(arch, tiny_models, engines):
     """A weight-only engine gathers its embeddings from an int8 table (GatherBlockQuantized) that a
     tied lm_head reads too (MatMulNBits on the same initializer); no float table is left."""
-    ckpt = tmp_path / "ckpt"
-    convert_main(["--model_dir", str(tiny_models[arch]), "--output_dir", str(ckpt), *RECIPES["w4a16"]])
-    build_engine(ckpt, tmp_path / "engine", BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64),
-                 progress=False)
-    model = onnx.load(str(tmp_path / "engine" / "rank0.engine"), load_external_data=False)
+    engine = engines.engine(tiny_models[arch], BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64),
+                            quant=RECIPES["w4a16"])
+    model = onnx.load(str(engine / "rank0.engine"), load_external_data=False)
     nodes = {n.name or n.output[0]: n for n in model.graph.node}
     gather = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     lm_head = nodes["lm_head/MatMulNBits"]

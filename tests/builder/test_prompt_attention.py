@@ -12,32 +12,24 @@ import pytest
 
 from trtbuild.builder import build_engine
 from trtbuild.cli.build import main as build_main
-from trtbuild.convert.cli import main as convert_main
 from trtbuild.engine import BuildConfig, PluginConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
-from conftest import PPL_TEXT, op_types
+from conftest import op_types
 
 WINDOW = (8, 40)
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8_kv"])
-def runners(request, tiny_models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"split_{request.param}")
-    ckpt = tmp / "ckpt"
-    flags = []
-    if request.param == "int8_kv":
-        calib = tmp / "calib.txt"
-        calib.write_text(PPL_TEXT.read_text()[:20_000])
-        flags = ["--int8_kv_cache", "--calib_dataset", str(calib), "--calib_size", "2", "--calib_max_seq_length", "32"]
-    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt), *flags])
+def runners(request, tiny_models, engines):
+    """int8_kv: calibrated on conftest's calib_file (the factory's), 4 samples of 64 tokens."""
+    quant = ["--int8_kv_cache"] if request.param == "int8_kv" else []
     out = {}
     for name, fmha, (lo, hi) in (("fmha", True, WINDOW), ("split", False, WINDOW), ("one_call", False, (0, 0))):
         build = BuildConfig(max_batch_size=4, max_input_len=48, max_seq_len=96, context_split_min_len=lo,
                             context_split_max_len=hi, plugin_config=PluginConfig(context_fmha=fmha))
-        build_engine(ckpt, tmp / name, build, progress=False)
-        out[name] = ModelRunner.from_dir(tmp / name, num_threads=1)
+        out[name] = engines.runner(tiny_models["llama"], build, quant=quant)
     out["int8_kv"] = request.param == "int8_kv"
     return out
 
@@ -76,9 +68,8 @@ def test_prompt_engine_equals_one_call_engine(runners, lengths, engine):
     assert split.generate(prompts, sampling).output_ids == one_call.generate(prompts, sampling).output_ids
 
 
-def test_split_window_flags_are_checked(tiny_models, tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(ckpt)])
+def test_split_window_flags_are_checked(tiny_models, engines, tmp_path, capsys):
+    ckpt = engines.checkpoint(tiny_models["llama"])
     with pytest.raises(SystemExit) as exit_info:
         build_main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "e"),
                     "--context_split_min_len", "64", "--context_split_max_len", "32"])
@@ -90,9 +81,8 @@ def test_split_window_flags_are_checked(tiny_models, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
-def test_context_fmha_flag(tiny_models, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    convert_main(["--model_dir", str(tiny_models["qwen2"]), "--output_dir", str(ckpt)])
+def test_context_fmha_flag(tiny_models, engines, tmp_path):
+    ckpt = engines.checkpoint(tiny_models["qwen2"])
     common = ["--checkpoint_dir", str(ckpt), "--max_input_len", "32", "--max_seq_len", "64"]
     build_main([*common, "--output_dir", str(tmp_path / "on")])
     build_main([*common, "--output_dir", str(tmp_path / "off"), "--context_fmha", "disable"])

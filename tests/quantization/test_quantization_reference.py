@@ -5,9 +5,10 @@ import torch
 
 torch.set_num_threads(1)
 
-from trtbuild.quantization._testing import tiny_gpt2, tiny_llama  # noqa: E402
 from trtbuild.quantization.reference_model import ReferenceModel  # noqa: E402
 from trtbuild.checkpoint import linear_names  # noqa: E402
+
+from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402
 
 
 def _compare(model, weights, config, T=40):

@@ -285,8 +285,8 @@ def test_stack_no_adapters(models):
 
 
 @pytest.fixture(scope="module")
-def llama_adapter(models, tmp_path_factory) -> Path:
-    return make_peft_adapter(models["llama"], tmp_path_factory.mktemp("lora") / "llama", r=4)
+def llama_adapter(models, module_tmp) -> Path:
+    return make_peft_adapter(models["llama"], module_tmp / "llama", r=4)
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from trtbuild.runtime import SamplingConfig
 
-from conftest import engines_in_both_forms
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -20,19 +20,19 @@ TEXTS = ["The capital of France is", "Once upon a time, in a small village by th
 
 
 @pytest.fixture(scope="module")
-def setup(real_model_dir, tmp_path_factory):
+def setup(real_model_dir, engines):
     import transformers
 
     torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("real")
-    runners = engines_in_both_forms(real_model_dir, root, max_batch_size=4, max_input_len=256, max_seq_len=512)
+    runners = engines.runners_in_both_forms(real_model_dir, num_threads=2, max_batch_size=4, max_input_len=256,
+                                            max_seq_len=512)
     hf = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
     prompts = [runners["auto"].tokenizer.encode(t).ids for t in TEXTS]
-    return root, runners, hf, prompts
+    return runners, hf, prompts
 
 
 def test_logits_match_transformers(setup):
-    _, runners, hf, prompts = setup
+    runners, hf, prompts = setup
     for attention, runner in runners.items():
         scores = runner.score(prompts)
         for i, p in enumerate(prompts):
@@ -43,7 +43,7 @@ def test_logits_match_transformers(setup):
 
 
 def test_greedy_32_tokens_match_generate_batch_and_single(setup):
-    _, runners, hf, prompts = setup
+    runners, hf, prompts = setup
     sampling = SamplingConfig(max_new_tokens=32, end_id=2)  # <|im_end|>, where generate() stops too
     batch = {a: r.generate(prompts, sampling).output_ids for a, r in runners.items()}
     for i, p in enumerate(prompts):
@@ -57,9 +57,9 @@ def test_greedy_32_tokens_match_generate_batch_and_single(setup):
 
 
 def test_run_py_prints_tensorrt_llm_format(setup):
-    root, _, _, _ = setup
-    out = subprocess.run([sys.executable, "examples/run.py", "--engine_dir", str(root / "auto"), "--input_text",
-                          "The capital of France is", "--max_output_len", "8"],
-                         capture_output=True, text=True, check=True).stdout
+    runners, _, _ = setup
+    out = subprocess.run([sys.executable, "examples/run.py", "--engine_dir", str(runners["auto"].engine_dir),
+                          "--input_text", "The capital of France is", "--max_output_len", "8"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert 'Input [Text 0]: "The capital of France is"' in out
     assert 'Output [Text 0 Beam 0]: " Paris' in out

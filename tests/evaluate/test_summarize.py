@@ -13,17 +13,15 @@ import pytest
 import torch
 
 from trtbuild.builder import build_engine
-from trtbuild.convert.converter import convert_checkpoint
-from trtbuild.engine import BuildConfig
+from trtbuild.engine import BuildConfig, LoraConfig
 from trtbuild.evaluate.dataset import load_records, select
 from trtbuild.evaluate.sides import load_text_tokenizer
 from trtbuild.evaluate.summarize import TLDR, main, make_samples
 
-from conftest import SHARED, make_tiny_model
+from conftest import REPO, SHARED
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
 SUMMARIZE_DATA = SHARED / "data" / "summarize.jsonl"
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -62,15 +60,14 @@ def records(n=len(ARTICLES)):
     return [{"id": i, "article": a, "highlights": h} for i, a, h in ARTICLES[:n]]
 
 
+LIMITS = dict(max_batch_size=4, max_input_len=128, max_seq_len=160)
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_models, engines, module_tmp):
     """(hf model dir, engine dir, dataset file) for a tiny Llama."""
-    root = tmp_path_factory.mktemp("summarize")
-    model = make_tiny_model("llama", root / "hf")
-    convert_checkpoint(model, root / "ckpt", progress=False)
-    build_engine(root / "ckpt", root / "engine", BuildConfig(max_batch_size=4, max_input_len=128, max_seq_len=160),
-                 progress=False)
-    return model, root / "engine", write_jsonl(root / "data.jsonl", records())
+    model = tiny_models["llama"]
+    return model, engines.engine(model, BuildConfig(**LIMITS)), write_jsonl(module_tmp / "data.jsonl", records())
 
 
 def run_summarize(args) -> int:
@@ -138,7 +135,7 @@ def test_check_accuracy_perplexity_threshold(tiny, tmp_path, capsys):
 README_CHECK = ["--eval_ppl", "--check_accuracy", "--tensorrt_llm_rouge1_threshold", 0]  # a random model's rouge is ~0
 
 
-def test_readme_check_passes_on_a_correct_engine_and_fails_on_a_broken_one(tiny, tmp_path, capsys):
+def test_readme_check_passes_on_a_correct_engine_and_fails_on_a_broken_one(tiny, engines, tmp_path, capsys):
     """The README's command (--eval_ppl --check_accuracy, perplexity thresholds left at their defaults) judges the
     engine's perplexity against the transformers model's: the correct engine passes, a broken one fails."""
     from safetensors.numpy import load_file, save_file
@@ -150,12 +147,11 @@ def test_readme_check_passes_on_a_correct_engine_and_fails_on_a_broken_one(tiny,
         pytest.approx(1.0, abs=1e-4)
 
     model, _, data = tiny  # broken: the final norm's weights x4, so every logit is 4x too large
-    convert_checkpoint(model, tmp_path / "ckpt", progress=False)
+    shutil.copytree(engines.checkpoint(model), tmp_path / "ckpt")
     tensors = load_file(tmp_path / "ckpt" / "rank0.safetensors")
     tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"] * 4
     save_file(tensors, tmp_path / "ckpt" / "rank0.safetensors")
-    build_engine(tmp_path / "ckpt", tmp_path / "broken", BuildConfig(max_batch_size=4, max_input_len=128,
-                                                                     max_seq_len=160), progress=False)
+    build_engine(tmp_path / "ckpt", tmp_path / "broken", BuildConfig(**LIMITS), progress=False)
     code = run_summarize(base_args((model, tmp_path / "broken", data), tmp_path / "bad", *README_CHECK))
     err = capsys.readouterr().err
     assert code == 1, err
@@ -320,17 +316,15 @@ def test_example_script_is_the_same_command():
 
 
 @pytest.mark.slow
-def test_real_model_engine_agrees_with_transformers(real_model_dir, tmp_path, capsys):
+def test_real_model_engine_agrees_with_transformers(real_model_dir, engines, tmp_path, capsys):
     """SmolLM2 fp32 engine vs transformers on 20 papers of summarize.jsonl: rouge1 within 1 point, and the
     README's command (its flags and default perplexity thresholds) passes --check_accuracy.
 
     One thread per side: on the 2 shared cores of CI, 2 threads spin against other jobs and run 2-3x slower.
     """
-    convert_checkpoint(real_model_dir, tmp_path / "ckpt", progress=False)
-    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=4, max_input_len=1024,
-                                                                     max_seq_len=1024), progress=False)
+    engine = engines.engine(real_model_dir, BuildConfig(max_batch_size=4, max_input_len=1024, max_seq_len=1024))
     out = tmp_path / "out"
-    code = run_summarize(["--engine_dir", tmp_path / "engine", "--hf_model_dir", real_model_dir,
+    code = run_summarize(["--engine_dir", engine, "--hf_model_dir", real_model_dir,
                           "--dataset_file", SUMMARIZE_DATA, "--batch_size", 4, "--max_ite", 5,
                           "--max_input_length", 512, "--output_len", 64, "--eval_ppl", "--num_threads", 1,
                           "--no_progress", "--output_dir", out, "--check_accuracy",
@@ -346,7 +340,7 @@ def test_real_model_engine_agrees_with_transformers(real_model_dir, tmp_path, ca
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_lora_adapter_reaches_both_sides(tiny, tmp_path):
+def test_lora_adapter_reaches_both_sides(tiny, engines, tmp_path):
     """--lora_dir B --lora_task_uids 0: the engine loads B with add_lora (after its built-in adapter A, so
     B's engine task id is 1), transformers merges B with peft; both sides then agree, and differ from the
     base model."""
@@ -355,10 +349,8 @@ def test_lora_adapter_reaches_both_sides(tiny, tmp_path):
     model, _, data = tiny
     a = make_peft_adapter(model, tmp_path / "adapter_a", r=4, seed=1)
     b = make_peft_adapter(model, tmp_path / "adapter_b", r=4, seed=2)
-    convert_checkpoint(model, tmp_path / "ckpt", progress=False)
-    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=4, max_input_len=128,
-                                                                     max_seq_len=160), progress=False,
-                 lora_dirs=[str(a)])
+    build_engine(engines.checkpoint(model), tmp_path / "engine",
+                 BuildConfig(**LIMITS, lora_config=LoraConfig(lora_dir=(str(a),))), progress=False)
     common = ["--engine_dir", tmp_path / "engine", "--hf_model_dir", model, "--dataset_file", data,
               "--batch_size", 2, "--max_ite", 2, "--max_input_length", 32, "--output_len", 6, "--eval_ppl",
               "--num_threads", 1, "--no_progress"]

@@ -11,11 +11,10 @@ blocks of 32); and every recipe generates fluent greedy text.
 from __future__ import annotations
 
 import collections
-import json
+import shutil
 
 import pytest
 
-from trtbuild.convert.converter import convert_checkpoint
 from trtbuild.evaluate.recipes import CALIB_CHARS, RECIPES, eval_texts, evaluate_recipe, markdown_table
 from trtbuild.runtime import ModelRunner, SamplingConfig
 from trtbuild.runtime.chat import apply_chat_template
@@ -38,21 +37,36 @@ QUESTIONS = ["What is the capital of France?", "Give me three tips for staying h
 MAX_COLLAPSED_QUESTIONS = {"fp32": 0, "8-bit": 3, "int4": 5}
 
 
-def measure(real_model_dir, tmp_path_factory, names):
-    root = tmp_path_factory.mktemp("quant")
-    convert_checkpoint(real_model_dir, root / "ckpt", progress=False)
+def answers(engine_dir) -> dict:
+    """The eight questions' greedy answers (token ids and text), in batches and each alone."""
+    runner = ModelRunner.from_dir(engine_dir)
+    prompts = [runner.tokenizer.encode(apply_chat_template(engine_dir / "tokenizer",
+                                                           [{"role": "user", "content": q}])).ids
+               for q in QUESTIONS]
+    sampling = SamplingConfig(max_new_tokens=48, end_id=2)
+    batch = runner.config.build_config.max_batch_size
+    batched = [ids for i in range(0, len(prompts), batch)
+               for ids in runner.generate(prompts[i:i + batch], sampling).output_ids]
+    alone = [runner.generate([p], sampling).output_ids[0] for p in prompts]
+    return {where: [(ids, runner.tokenizer.decode(ids)) for ids in got]
+            for where, got in (("in a batch", batched), ("alone", alone))}
+
+
+def measure(ckpt, root, names):
+    """Each recipe's engine is built, measured, asked the questions and deleted (one at a time on disk)."""
     calib = root / "calib.txt"
     calib.write_text(PPL_TEXT.read_text()[:CALIB_CHARS])
-    out = {}
+    out, answered = {}, {}
     for name in names:
-        out[name] = evaluate_recipe(name, root / "ckpt", root, TEXTS, calib, EVAL_TOKENS)
+        out[name] = evaluate_recipe(name, ckpt, root, TEXTS, calib, EVAL_TOKENS)
+        answered[name] = answers(root / name)
+        shutil.rmtree(root / name)
     print("\n" + markdown_table(list(out.values())))
-    (root / "results.json").write_text(json.dumps({k: vars(v) for k, v in out.items()}, indent=2))
-    return root, out
+    return answered, out
 
 
 @pytest.fixture(scope="module")
-def results(real_model_dir, tmp_path_factory):
+def results(real_model_dir, engines, module_tmp):
     """Every recipe measured once (GPTQ calibrates ~3 min, AWQ ~8 min on one thread). Calibration
     runs on one torch thread whatever the other test modules set: per-channel int4 is so close to
     the edge that float summation order decides GPTQ's fluency (calibrated on 2 threads, ppl 34.06,
@@ -62,7 +76,7 @@ def results(real_model_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return measure(real_model_dir, tmp_path_factory, list(RECIPES))
+        return measure(engines.checkpoint(real_model_dir), module_tmp, list(RECIPES))
     finally:
         torch.set_num_threads(threads)
 
@@ -121,24 +135,15 @@ def test_every_recipe_generates_fluent_text(results, name):
     token for France is "L" 0.16 above "The" (its float reference model agrees), then it loops. A
     question collapses if either of its answers does; a recipe fails if more than
     MAX_COLLAPSED_QUESTIONS of its kind do."""
-    root, _ = results
-    runner = ModelRunner.from_dir(root / name)
-    prompts = [runner.tokenizer.encode(apply_chat_template(root / name / "tokenizer",
-                                                           [{"role": "user", "content": q}])).ids
-               for q in QUESTIONS]
-    sampling = SamplingConfig(max_new_tokens=48, end_id=2)
-    batch = runner.config.build_config.max_batch_size
-    batched = [ids for i in range(0, len(prompts), batch)
-               for ids in runner.generate(prompts[i:i + batch], sampling).output_ids]
-    alone = [runner.generate([p], sampling).output_ids[0] for p in prompts]
+    got = results[0][name]  # answers(): asked while the engine was there
     collapsed = {}
-    for q, in_batch, by_itself in zip(QUESTIONS, batched, alone):
-        whys = [f"{where}: {why}: {runner.tokenizer.decode(ids)!r}"
-                for where, ids in (("in a batch", in_batch), ("alone", by_itself)) if (why := collapse(ids))]
+    for i, q in enumerate(QUESTIONS):
+        whys = [f"{where}: {why}: {text!r}" for where in ("in a batch", "alone")
+                for ids, text in [got[where][i]] if (why := collapse(ids))]
         if whys:
             collapsed[q] = whys
     report = f"{name}: " + "\n".join(f"{q!r} {w}" for q, whys in collapsed.items() for w in whys)
     kind = "fp32" if name == "fp32" else "int4" if "int4" in name else "8-bit"
     assert len(collapsed) <= MAX_COLLAPSED_QUESTIONS[kind], report
     if name == "fp32":
-        assert "Paris" in runner.tokenizer.decode(batched[0])
+        assert "Paris" in got["in a batch"][0][1]

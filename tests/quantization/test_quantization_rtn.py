@@ -9,9 +9,10 @@ torch.set_num_threads(1)
 
 from trtbuild.checkpoint import QuantConfig  # noqa: E402
 from trtbuild.errors import TrtbuildError  # noqa: E402
-from trtbuild.quantization._testing import tiny_llama  # noqa: E402
 from trtbuild.quantization.layout import (  # noqa: E402
     dequantize_linear, pack_int4, quantize_rtn, rtn_linear, unpack_int4)
+
+from tiny_models import tiny_llama  # noqa: E402
 
 
 def _w(out_f=48, in_f=256, seed=0):

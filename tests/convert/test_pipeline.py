@@ -11,7 +11,7 @@ import torch
 
 from trtbuild.builder import build_engine
 from trtbuild.convert.converter import convert_checkpoint
-from trtbuild.engine import BuildConfig, PluginConfig
+from trtbuild.engine import BuildConfig
 from trtbuild.runtime import ModelRunner, SamplingConfig
 from trtbuild.tensor_file import read_tensors
 
@@ -21,28 +21,19 @@ torch.set_num_threads(1)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [100], [300, 301, 302, 303, 304]]
 NEW_TOKENS = 32
-
-
-def build(ckpt, out, attention="auto", max_batch_size=4):
-    plugins = PluginConfig(gpt_attention_plugin=attention, norm_plugin=attention)
-    cfg = BuildConfig(max_batch_size=max_batch_size, max_input_len=64, max_seq_len=128, plugin_config=plugins)
-    build_engine(ckpt, out, cfg, progress=False)
-    return ModelRunner.from_dir(out, num_threads=1)
+LIMITS = dict(max_batch_size=4, max_input_len=64, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_models, tmp_path_factory):
+def models(tiny_models, engines):
     """arch → (hf model, fused runner, standard runner)."""
     import transformers
 
-    root = tmp_path_factory.mktemp("engines")
     out = {}
     for arch in TINY_ARCHS:
-        convert_checkpoint(tiny_models[arch], root / arch / "ckpt", progress=False)
-        fused = build(root / arch / "ckpt", root / arch / "fused", "auto")
-        standard = build(root / arch / "ckpt", root / arch / "standard", "disable")
+        runners = engines.runners_in_both_forms(tiny_models[arch], **LIMITS)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
-        out[arch] = (hf, fused, standard)
+        out[arch] = (hf, runners["auto"], runners["disable"])
     return out
 
 
@@ -52,8 +43,8 @@ def hf_logits(hf, prompt):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_logits_match_transformers(engines, arch):
-    hf, fused, standard = engines[arch]
+def test_logits_match_transformers(models, arch):
+    hf, fused, standard = models[arch]
     fused_scores, standard_scores = fused.score(PROMPTS), standard.score(PROMPTS)
     for i, p in enumerate(PROMPTS):
         ref = hf_logits(hf, p)
@@ -65,8 +56,8 @@ def test_logits_match_transformers(engines, arch):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_greedy_matches_generate_and_batch_matches_singles(engines, arch):
-    hf, fused, standard = engines[arch]
+def test_greedy_matches_generate_and_batch_matches_singles(models, arch):
+    hf, fused, standard = models[arch]
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
     batch_fused = fused.generate(PROMPTS, sampling).output_ids
     batch_standard = standard.generate(PROMPTS, sampling).output_ids
@@ -80,8 +71,8 @@ def test_greedy_matches_generate_and_batch_matches_singles(engines, arch):
         assert batch_standard[i] == ref, f"{arch} prompt {i}: attention plugin off != on"
 
 
-def test_end_id_and_stop_words_end_rows_independently(engines):
-    _, fused, _ = engines["llama"]
+def test_end_id_and_stop_words_end_rows_independently(models):
+    _, fused, _ = models["llama"]
     free = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=12)).output_ids
     end_id = free[0][3]  # the 4th token of row 0 becomes the end id
     out = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=12, end_id=end_id))
@@ -96,8 +87,8 @@ def test_end_id_and_stop_words_end_rows_independently(engines):
             assert out.output_ids[i] == free[i]
 
 
-def test_sampling_is_reproducible_and_varies_with_seed(engines):
-    _, fused, _ = engines["llama"]
+def test_sampling_is_reproducible_and_varies_with_seed(models):
+    _, fused, _ = models["llama"]
 
     def run(seed):
         s = SamplingConfig(max_new_tokens=16, temperature=1.5, top_k=50, top_p=0.95, random_seed=seed,
@@ -108,20 +99,20 @@ def test_sampling_is_reproducible_and_varies_with_seed(engines):
     assert run(1) != run(2)
 
 
-def test_streaming_callback_sees_every_token(engines):
-    _, fused, _ = engines["qwen2"]
+def test_streaming_callback_sees_every_token(models):
+    _, fused, _ = models["qwen2"]
     seen: dict[int, list[int]] = {}
     out = fused.generate(PROMPTS, SamplingConfig(max_new_tokens=8),
                          streaming_callback=lambda i, ids: seen.setdefault(i, []).extend(ids))
     assert [seen[i] for i in range(len(PROMPTS))] == out.output_ids
 
 
-def test_plugin_forms_have_the_expected_ops(engines, tmp_path):
+def test_plugin_forms_have_the_expected_ops(models):
     import onnx
 
     from conftest import op_types
 
-    _, fused, standard = engines["llama"]
+    _, fused, standard = models["llama"]
     fused_ops = op_types(onnx.load(str(fused.engine_dir / "rank0.engine"), load_external_data=False).graph)
     standard_ops = op_types(onnx.load(str(standard.engine_dir / "rank0.engine"), load_external_data=False).graph)
     assert "GroupQueryAttention" in fused_ops and "Attention" not in fused_ops
@@ -167,7 +158,7 @@ def test_sharded_safetensors_and_bin_convert_to_the_same_checkpoint(tmp_path):
             np.testing.assert_array_equal(tensors[k], ref[k], err_msg=f"{name}: {k}")
 
 
-def test_transformers4_config_fields_give_the_same_checkpoint_config(tiny_models, tmp_path):
+def test_transformers4_config_fields_give_the_same_checkpoint_config(tiny_models, engines, tmp_path):
     d = tmp_path / "v4"
     shutil.copytree(tiny_models["llama3"], d)
     cfg = json.loads((d / "config.json").read_text())
@@ -176,9 +167,8 @@ def test_transformers4_config_fields_give_the_same_checkpoint_config(tiny_models
     cfg["rope_scaling"] = {**rope, "type": rope["rope_type"]}
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     (d / "config.json").write_text(json.dumps(cfg))
-    convert_checkpoint(tiny_models["llama3"], tmp_path / "c5", progress=False)
     convert_checkpoint(d, tmp_path / "c4", progress=False)
-    c5 = json.loads((tmp_path / "c5" / "config.json").read_text())
+    c5 = json.loads((engines.checkpoint(tiny_models["llama3"]) / "config.json").read_text())
     c4 = json.loads((tmp_path / "c4" / "config.json").read_text())
     for c in (c4, c5):
         c.pop("producer")
@@ -186,12 +176,11 @@ def test_transformers4_config_fields_give_the_same_checkpoint_config(tiny_models
     assert c4["rotary_scaling"]["type"] == "llama3" and c4["rotary_base"] == 500000.0
 
 
-def test_half_precision_checkpoints_build_and_run(tiny_models, tmp_path):
+def test_half_precision_checkpoints_build_and_run(tiny_models, engines):
     for dtype in ("float16", "bfloat16"):
-        convert_checkpoint(tiny_models["llama"], tmp_path / dtype, dtype=dtype, progress=False)
-        cfg = json.loads((tmp_path / dtype / "config.json").read_text())
+        cfg = json.loads((engines.checkpoint(tiny_models["llama"], dtype) / "config.json").read_text())
         assert cfg["dtype"] == dtype
-        runner = build(tmp_path / dtype, tmp_path / f"e_{dtype}")
+        runner = engines.runner(tiny_models["llama"], BuildConfig(**LIMITS), dtype)
         out = runner.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=4)).output_ids
         assert all(len(o) == 4 for o in out)
 

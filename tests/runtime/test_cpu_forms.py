@@ -11,16 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from trtbuild.builder import build_engine
-from trtbuild.convert.cli import main as convert_main
 from trtbuild.cpu_forms import write_u8s8_probe
 from trtbuild.engine import BuildConfig, PluginConfig
 from trtbuild.engine_io import PROBE_DIR, PROMPT_ATTENTION_PROBES, U8S8_GEMM_PROBE, USE_PROMPT_KERNEL, u8u8_engine_path
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner
 from trtbuild.runtime.cpu_forms import u8s8_gemm_is_exact
-
-from conftest import PPL_TEXT
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310]]
 W8A8 = {"sq_per_token": ["--smoothquant", "0.5", "--per_channel", "--per_token"],
@@ -38,23 +34,15 @@ def int8_gemms(graph: onnx.GraphProto):
             yield node
 
 
-def build(ckpt, out, max_input_len=32, **plugins):
-    build_engine(ckpt, out, BuildConfig(max_batch_size=4, max_input_len=max_input_len, max_seq_len=64,
-                                        plugin_config=PluginConfig(**plugins)), progress=False)
-    return out
+def limits(max_input_len=32, **plugins) -> BuildConfig:
+    return BuildConfig(max_batch_size=4, max_input_len=max_input_len, max_seq_len=64,
+                       plugin_config=PluginConfig(**plugins))
 
 
 @pytest.fixture(scope="module")
-def w8a8_engines(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("w8a8")
-    calib = root / "calib.txt"
-    calib.write_text(PPL_TEXT.read_text()[:100_000])
-    engines = {}
-    for name, flags in W8A8.items():
-        convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(root / name / "ckpt"), *flags,
-                      "--calib_dataset", str(calib), "--calib_size", "4", "--calib_max_seq_length", "64"])
-        engines[name] = build(root / name / "ckpt", root / name / "engine")
-    return engines
+def w8a8_engines(tiny_models, engines):
+    """Calibrated on conftest's calib_file, 4 samples of 64 tokens (the factory's)."""
+    return {name: engines.engine(tiny_models["llama"], limits(), quant=flags) for name, flags in W8A8.items()}
 
 
 def test_the_u8s8_probe_sees_saturation(tmp_path):
@@ -106,10 +94,9 @@ def test_static_w8a8_quantizes_activations_as_u8(w8a8_engines):
     assert {weights.get(n.input[4]) for n in int8_gemms(graph)} == {onnx.TensorProto.UINT8}
 
 
-def test_forms_are_only_where_there_is_a_choice(tiny_models, tmp_path):
+def test_forms_are_only_where_there_is_a_choice(tiny_models, engines):
     """An fp32 engine without the prompt kernel has no probes, no u8u8 form and no choice input."""
-    convert_main(["--model_dir", str(tiny_models["llama"]), "--output_dir", str(tmp_path / "ckpt")])
-    engine = build(tmp_path / "ckpt", tmp_path / "engine", context_fmha=False)
+    engine = engines.engine(tiny_models["llama"], limits(context_fmha=False))
     assert not (engine / PROBE_DIR).exists() and not u8u8_engine_path(engine / "rank0.engine").exists()
     runner = ModelRunner.from_dir(engine, num_threads=1)
     assert USE_PROMPT_KERNEL not in {i.name for i in runner.session.get_inputs()}
@@ -118,12 +105,11 @@ def test_forms_are_only_where_there_is_a_choice(tiny_models, tmp_path):
         ModelRunner.from_dir(engine, int8_gemm="s8s8")
 
 
-def test_prompt_attention_forms_agree_and_the_choice_is_kept(tiny_models, tmp_path, monkeypatch):
+def test_prompt_attention_forms_agree_and_the_choice_is_kept(tiny_models, engines, tmp_path, monkeypatch):
     """Forcing either prompt attention gives the same logits and text; "auto" times the probes once
     and remembers the result in the kernel dir, keyed by this CPU."""
     monkeypatch.setenv("TRTBUILD_KERNEL_DIR", str(tmp_path / "kernels"))
-    convert_main(["--model_dir", str(tiny_models["qwen2"]), "--output_dir", str(tmp_path / "ckpt")])
-    engine = build(tmp_path / "ckpt", tmp_path / "engine", max_input_len=48)
+    engine = engines.engine(tiny_models["qwen2"], limits(max_input_len=48))
     assert all((engine / PROBE_DIR / f).is_file() for f in PROMPT_ATTENTION_PROBES.values())
     runners = {form: ModelRunner.from_dir(engine, num_threads=1, prompt_attention=form) for form in ("kernel", "gqa")}
     assert runners["kernel"].forms.prompt_kernel is True and runners["gqa"].forms.prompt_kernel is False
