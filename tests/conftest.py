@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from trtbuild.fsutil import dir_size
+
 from tiny_models import (PPL_TEXT, REPO, SHARED, TINY_ARCHS, TinyModels,  # noqa: F401 (for the tests)
                          make_tiny_model, make_tokenizer)
 
@@ -56,10 +58,6 @@ def module_tmp(request, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 @dataclasses.dataclass
@@ -189,25 +187,19 @@ class Engines:
         return sum(m.size for m in self._made.values())
 
 
-_SESSION_ENGINES: list[Engines] = []
-
-
 @pytest.fixture(scope="session")
 def engines(tmp_path_factory, calib_file) -> Engines:
     """The session's engine factory (see Engines); everything it made is deleted at the end."""
     factory = Engines(tmp_path_factory.mktemp("engines"), calib_file)
-    _SESSION_ENGINES.append(factory)
     yield factory
-    _SESSION_ENGINES.remove(factory)
     shutil.rmtree(factory.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _trim_engines_after_each_module():
+def _trim_engines_after_each_module(engines):
     """What one module made beyond the factory's budget goes when the module is done."""
     yield
-    for factory in _SESSION_ENGINES:
-        factory.trim()
+    engines.trim()
 
 
 def op_types(graph) -> set[str]:

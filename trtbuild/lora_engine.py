@@ -15,13 +15,14 @@ from pathlib import Path
 
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.engine import EXTRA_LORA_SLOTS, BuildConfig
+from trtbuild.engine_io import LORA_DIR, LORA_FORMS, LORA_MANIFEST
 from trtbuild.errors import TrtbuildError
 from trtbuild.lora_adapter import (LoraAdapter, adapter_fingerprint, check_adapter_fits, check_target_modules,
                                    read_lora_adapter, union_target_modules)
-from trtbuild.engine_io import LORA_DIR, LORA_FORMS, LORA_MANIFEST
 from trtbuild.plugins.lora import LoraNetworkOptions
 
 log = logging.getLogger(__name__)
+
 
 def wants_lora(build: BuildConfig) -> bool:
     """The build asks for the lora plugin (adapters given, or --lora_plugin set)."""

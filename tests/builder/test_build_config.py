@@ -3,6 +3,7 @@ library share one source of defaults, and the lora plugin's options are build fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -31,8 +32,8 @@ def test_build_does_not_change_the_callers_config(ckpt, tmp_path):
     assert built.max_seq_len == min(2048, pos) and built.max_input_len == min(1024, built.max_seq_len)
     assert built.max_num_tokens == 2 * built.max_input_len and built.compute_dtype == "float32"
     assert built.plugin_config.gemm_plugin == "float32" and built.plugin_config.gpt_attention_plugin == "float32"
-    with pytest.raises(Exception):
-        built.max_batch_size = 4  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.max_batch_size = 4
 
 
 def test_cli_and_library_defaults_are_the_same(ckpt, tmp_path):
