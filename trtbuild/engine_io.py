@@ -28,8 +28,8 @@ def kv_io_names(layer: int) -> tuple[str, str, str, str]:
 # ---- the attention plugin's shared KV buffer (kv_cache_layout "shared_buffer") ----------------
 SEQLENS_K = "seqlens_k"                          # [batch] int32: each row's cached tokens after the step, - 1
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # [] int32: the longest row's cached tokens after the step
-# Prompt attention engines (an If around the layer stack): the runtime's choice of the branch for a
-# prompt into an empty cache: trtbuild's CausalPromptAttention kernel (True) or GroupQueryAttention,
+# Prompt attention engines (an If around each layer's attention): the runtime's choice of the
+# branch for a prompt into an empty cache: trtbuild's CausalPromptAttention kernel (True) or GroupQueryAttention,
 # whichever the probes found faster on the CPU it runs on (trtbuild.runtime.cpu_forms). [] bool.
 USE_PROMPT_KERNEL = "use_context_fmha"
 

@@ -9,7 +9,7 @@ Output: logits [B, K, vocab] float32 and present KV.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,9 +107,9 @@ class LayerOps:
     shared: AttentionInputs
     cache_type: int
     lora_inputs: object = None
-    prompt: str | None = None  # the prompt attention form of this branch (see plugins.attention)
-    in_branch: bool = False  # inside the prompt If: present KV get fresh names
-    presents: list[str] = field(default_factory=list)
+    # True for steps that are prompts the prompt attention form serves (plugins.attention); None:
+    # every step takes the decode form
+    prompt_condition: str | None = None
 
     def w(self, name: str) -> str:
         return self.g.weight(name, np.asarray(self.tensors[name], dtype=self.dtype))
@@ -156,16 +156,33 @@ class LayerOps:
 
     def self_attention(self, x: str, i: int) -> str:
         """qkv → (q / k norms) → attention over the layer's KV cache → dense."""
-        c, p = self.config, f"transformer.layers.{i}."
+        c, p, g = self.config, f"transformer.layers.{i}.", self.g
         qkv = self.linear(x, p + "attention.qkv")
         present = kv_io_names(i)[2:]
-        if self.in_branch:
-            present = (self.g.fresh(present[0]), self.g.fresh(present[1]))
-        self.presents += present
         qk_norm = (QKNorm(self.w(p + "attention.q_norm.weight"), self.w(p + "attention.k_norm.weight"),
                           c.norm_epsilon, self.options.fused_norm) if c.qk_norm else None)
-        attn = attention(self.g, qkv, i, c, self.shared, self.cache_type,
-                         self.tensors.get(p + "attention.kv_cache_scaling_factor"), present, self.prompt, qk_norm)
+        kv_scales = self.tensors.get(p + "attention.kv_cache_scaling_factor")
+        prompt = self.options.prompt_attention if self.prompt_condition is not None else None
+        if prompt == "fmha" and c.window(i):
+            prompt = None  # the kernel has no window: both branches would be the decode form
+        if prompt is None:
+            attn = attention(g, qkv, i, c, self.shared, self.cache_type, kv_scales, present, None, qk_norm)
+        else:
+            # An If around the attention alone, not around the layers: weights read in two branches
+            # stay resident beside their prepacked copies while onnxruntime loads the engine
+            # (SmolLM2 fp32: peak 1115 MB against 685), and an If costs ~1 us a step.
+            branches = []
+            for form in (prompt, None):
+                with g.subgraph() as nodes:
+                    outputs = [g.fresh(present[0]), g.fresh(present[1])]
+                    y = attention(g, qkv, i, c, self.shared, self.cache_type, kv_scales, tuple(outputs), form, qk_norm)
+                branches.append((nodes, [y, *outputs]))
+            kv_shape = ["batch_size", c.num_key_value_heads, "max_sequence_length", c.head_size]
+            attn = g.if_op(self.prompt_condition, branches, [
+                (g.fresh(p + "attention/out"), NP_TO_ONNX[self.dtype],
+                 ["batch_size", "sequence_length", c.num_attention_heads * c.head_size]),
+                (present[0], self.cache_type, kv_shape), (present[1], self.cache_type, kv_shape)],
+                name=p + "attention/prompt_attention")[0]
         return self.linear(attn, p + "attention.dense")
 
     def mlp(self, x: str, i: int) -> str:
@@ -231,34 +248,18 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         for i in range(config.num_hidden_layers):
             declare_kv_io(g, i, config, options.fused_attention, cache_type)
 
-        def decoder(h: str, prompt: str | None, in_branch: bool) -> tuple[str, list[str]]:
-            """The layer stack over embeddings h → (hidden states, present KV names in layer order)."""
-            branch = dataclasses.replace(ops, prompt=prompt, in_branch=in_branch, presents=[])
-            pending, residual = None, h  # the last block's output, still to be added to the residual
-            for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer",
-                          disable=not progress or prompt is not None):
-                pending, residual = family.onnx_layer(branch, i, pending, residual)
-            return (g.op("Add", [pending, residual]) if pending is not None else h), branch.presents
         if options.fused_attention and options.prompt_attention is not None:
-            # One If around the whole stack: one per layer would cost every decode step 30 If dispatches.
             fmha = options.prompt_attention == "fmha"
             window = (1, None) if fmha else options.context_split
             cond = prompt_condition(g, input_ids, shared, *window, single=not fmha)
             if fmha:  # the runtime says whether the kernel is the faster form on its CPU
                 cond = g.op("And", [cond, g.input(USE_PROMPT_KERNEL, TensorProto.BOOL, [])], name="use_prompt_kernel")
-            branches = []
-            for prompt in (options.prompt_attention, None):
-                with g.subgraph() as nodes:
-                    hidden, presents = decoder(h, prompt, in_branch=True)
-                branches.append((nodes, [hidden, *presents]))
-            KV, D = config.num_key_value_heads, config.head_size
-            kv_shape = ["batch_size", KV, "max_sequence_length", D]
-            h = g.if_op(cond, branches, [("decoder_hidden", float_type, ["batch_size", "sequence_length",
-                                                                         config.hidden_size])]
-                        + [(name, cache_type, kv_shape) for i in range(config.num_hidden_layers)
-                           for name in kv_io_names(i)[2:]], name="prompt_attention")[0]
-        else:
-            h, _ = decoder(h, prompt=None, in_branch=False)
+            ops = dataclasses.replace(ops, prompt_condition=cond)
+        pending, residual = None, h  # the last block's output, still to be added to the residual
+        for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer", disable=not progress):
+            pending, residual = family.onnx_layer(ops, i, pending, residual)
+        if pending is not None:
+            h = g.op("Add", [pending, residual])
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = ops.norm(picked, "transformer.ln_f")
