@@ -71,6 +71,9 @@ class SharedKVCache:
         self._dtype = dtype
         self.capacity = 0
         self.buffers: list[tuple[np.ndarray, np.ndarray]] = []
+        # positions each row holds that a later step reads: growing the buffers copies only those
+        # (a row no request uses is free: copying it would make the zeros of both buffers resident)
+        self.filled = np.zeros(max_batch, np.int64)
         # per row range: the IOBinding and the OrtValues (numpy views of the buffers) bound in it
         self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
         self.reserve(min(self.MIN_CAPACITY, max_seq_len))
@@ -87,11 +90,13 @@ class SharedKVCache:
         batch, heads, head_size = self._row_shape
         shape = (batch, heads, capacity, head_size)
         grown = []
+        live = [(row, int(n)) for row, n in enumerate(self.filled) if n > 0]
         for old in self.buffers or [None] * self.num_layers:
             pair = (np.zeros(shape, self._dtype), np.zeros(shape, self._dtype))
             if old is not None:
                 for new, cached in zip(pair, old):
-                    new[:, :, :self.capacity] = cached
+                    for row, n in live:
+                        new[row, :, :n] = cached[row, :, :n]
             grown.append(pair)
         self.buffers, self.capacity = grown, capacity
         self._bindings.clear()  # they point into the old buffers
@@ -124,6 +129,7 @@ class SharedKVCache:
              step_len: int) -> ort.IOBinding:
         longest = int(lengths_after.max())
         io = self.binding(session, slot_start, len(lengths_after), longest)
+        self.filled[slot_start:slot_start + len(lengths_after)] = lengths_after
         io.bind_cpu_input(SEQLENS_K, (lengths_after - 1).astype(np.int32))
         io.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(longest, np.int32))
         return io
@@ -136,6 +142,11 @@ class SharedKVCache:
         for k, v in self.buffers:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
+        self.filled[dst] = length
+
+    def release(self, first_free: int) -> None:
+        """Rows from first_free on hold nothing a later step reads (their requests left)."""
+        self.filled[first_free:] = 0
 
 
 class ConcatKVCache:

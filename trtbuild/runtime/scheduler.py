@@ -75,6 +75,7 @@ class Scheduler:
                 self.runner.kv_cache.move(len(self.active), slot, last.num_tokens - 1)
                 self.active[slot] = last
             self._finish(r)
+        self.runner.kv_cache.release(len(self.active))
 
     def _finish(self, r: Request) -> None:
         if r.on_done is not None:
