@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trtbuild.cli.helpformat import HelpFormatter
 from trtbuild.convert.converter import convert_checkpoint
-from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
+from trtbuild.errors import cli_entry, setup_logging
 from trtbuild.quantization.api import quantize_checkpoint
 from trtbuild.quantization.recipe import add_quant_args, recipe_from_args
 
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--hf_lora_dir", nargs="+", default=None,
                    help="PEFT adapter dirs (.safetensors or .bin) merged into the weights")
-    p.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks (only 1 today)")
-    p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel ranks (only 1 today)")
+    p.add_argument("--tp_size", type=int, default=1,
+                   help="tensor-parallel ranks: rank{r}.safetensors split as TensorRT-LLM splits them")
+    p.add_argument("--pp_size", type=int, default=1, help="pipeline-parallel ranks (only 1 today)")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info")
     add_quant_args(p)
@@ -54,11 +55,9 @@ def make_transform(args: argparse.Namespace, model_dir: Path):
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.tp_size != 1 or args.pp_size != 1:
-        raise TrtbuildError("--tp_size/--pp_size above 1 are not supported yet; the checkpoint layout is per-rank, "
-                            "so they will be an addition")
     transform = make_transform(args, Path(args.model_dir))
-    summary = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, force=args.force, transform=transform)
+    summary = convert_checkpoint(args.model_dir, args.output_dir, args.dtype, force=args.force, transform=transform,
+                                 tp_size=args.tp_size, pp_size=args.pp_size)
     print(summary)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -19,6 +20,7 @@ from trtbuild.convert.hf_reader import HFWeightReader
 from trtbuild.convert.weight_map import IGNORED_SUFFIXES, rows_for
 from trtbuild.errors import TrtbuildError
 from trtbuild.fsutil import atomic_output_dir, check_output_dir, dir_size, human_bytes
+from trtbuild.ranks import check_mapping, split_tensors
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +106,13 @@ def copy_tokenizer(model_dir: Path, out_dir: Path) -> None:
 
 
 def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, dtype: str = "float32",
-                       force: bool = False, progress: bool = True, transform=None) -> ConversionSummary:
+                       force: bool = False, progress: bool = True, transform=None, tp_size: int = 1,
+                       pp_size: int = 1) -> ConversionSummary:
     """Convert an HF model dir into a checkpoint dir, atomically.
 
     `transform(weights, config) -> (weights, config)` runs between reading and writing; LoRA merging
-    and quantization plug in there.
+    and quantization plug in there. tp_size > 1 writes rank{r}.safetensors split over the ranks
+    (trtbuild.ranks).
     """
     start = time.time()
     if dtype not in SUPPORTED_DTYPES:
@@ -116,12 +120,16 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, dtype: str
     model_dir = Path(model_dir)
     out = check_output_dir(output_dir, force)
     config = pretrained_config_from_hf(model_dir, dtype)
+    check_mapping(config, tp_size, pp_size)  # before the reading: a tp_size that does not divide is one line
     weights = read_hf_weights(model_dir, config, progress)
     num_parameters = sum(t.numel() for t in weights.values())
     if transform is not None:
         weights, config = transform(weights, config)
+    config = dataclasses.replace(config, mapping=check_mapping(config, tp_size, pp_size))
     with atomic_output_dir(out) as tmp:
-        save_file(weights, str(tmp / rank_file(0)), metadata={"format": "pt"})
+        for rank in range(config.mapping.world_size):
+            save_file(split_tensors(config, weights, config.mapping, rank), str(tmp / rank_file(rank)),
+                      metadata={"format": "pt"})
         copy_tokenizer(model_dir, tmp)
         save_config(config, tmp)
     return ConversionSummary(out, config.architecture, num_parameters, dtype, dir_size(out), time.time() - start)

@@ -61,6 +61,9 @@ TINY_VARIANTS = {
     # 4k positions (long streams for the serving tests), weights scaled up so that greedy text is not
     # one repeated token
     "llama_4k": ("llama", dict(max_position_embeddings=4096, initializer_range=0.2), False),
+    # SmolLM2's head layout scaled down (6 heads, 3 KV heads: tp 3), a vocabulary 3 does not divide
+    "llama_tp3": ("llama", dict(hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=3),
+                  True),
 }
 
 

@@ -6,6 +6,7 @@ import logging
 import platform
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,8 @@ import onnx
 import onnxruntime
 
 from trtbuild.checkpoint import TOKENIZER_DIR, PretrainedConfig, expected_shapes, load_config, rank_file
-from trtbuild.engine import BuildConfig, EngineConfig, save_engine_config
+from trtbuild.ranks import check_mapping, rank_config, rank_shapes, split_tensors
+from trtbuild.engine import BUILD_ID_KEY, BuildConfig, EngineConfig, save_engine_config
 from trtbuild.errors import TrtbuildError
 from trtbuild.fsutil import atomic_output_dir, check_output_dir, dir_size, human_bytes
 from trtbuild.lora_engine import prepare_lora, wants_lora
@@ -50,10 +52,12 @@ class BuildSummary:
                 f"{human_bytes(self.size_bytes)} on disk, built in {self.seconds:.1f} s")
 
 
-def check_tensors(config: PretrainedConfig, tensors: dict[str, np.ndarray], source: Path) -> None:
-    """Every tensor the network reads must be present, with the shape the config implies."""
+def check_tensors(config: PretrainedConfig, tensors: dict[str, np.ndarray], source: Path,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every tensor the network reads must be present, with the shape the config implies (or
+    `shapes`: a rank's share of them)."""
     quantized = config.quantization.quant_algo is not None
-    for name, shape in expected_shapes(config).items():
+    for name, shape in (shapes if shapes is not None else expected_shapes(config)).items():
         if name not in tensors:
             raise TrtbuildError(f"{source}: tensor {name} is missing; re-run convert_checkpoint.py")
         is_linear_weight = name.endswith(".weight") and (".attention." in name or ".mlp." in name)
@@ -77,26 +81,46 @@ def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], 
 
 
 def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: BuildConfig, force: bool = False,
-                 progress: bool = True, keep_onnx: bool = False, recipe: QuantRecipe | None = None) -> BuildSummary:
+                 progress: bool = True, keep_onnx: bool = False, recipe: QuantRecipe | None = None,
+                 tp_size: int | None = None) -> BuildSummary:
     """Build an engine dir from a checkpoint dir, atomically; `recipe` quantizes on the way, and
     build.lora_config.lora_dir names the adapters the lora plugin stores. `build` is not changed:
-    the engine's config.json records the resolved one (trtbuild.resolve)."""
+    the engine's config.json records the resolved one (trtbuild.resolve). `tp_size` splits an
+    unsplit checkpoint over that many ranks (default: the checkpoint's own mapping)."""
     start = time.time()
     ckpt = Path(checkpoint_dir)
     out = check_output_dir(output_dir, force)
     config = load_config(ckpt)
+    split_here = tp_size is not None and tp_size != config.mapping.tp_size
+    if split_here:
+        if config.mapping.world_size != 1:
+            raise TrtbuildError(f"--tp_size {tp_size}: {ckpt} is already split over {config.mapping.world_size} "
+                                "ranks; convert the model again with --tp_size, or build it as it is")
+        config = replace(config, mapping=check_mapping(config, tp_size, 1))
     quantizes = recipe is not None and not recipe.is_noop
     if quantizes and config.quantization.is_quantized:
         raise TrtbuildError(f"{ckpt} is already quantized ({config.quantization.quant_algo or 'INT8 KV'}); "
                             "pass quantization flags only with a floating-point checkpoint")
     build = resolve_build(config, build, recipe.algo if quantizes else config.quantization.algo)
-    if config.mapping.world_size != 1:
-        raise TrtbuildError(f"{ckpt}: world_size {config.mapping.world_size} checkpoints are not supported yet")
+    ranks = config.mapping.world_size
+    if ranks > 1:
+        check_mapping(config, config.mapping.tp_size, config.mapping.pp_size, str(ckpt / "config.json"))
+        missing = [rank_file(r) for r in range(1 if split_here else ranks) if not (ckpt / rank_file(r)).is_file()]
+        if missing:
+            raise TrtbuildError(f"{ckpt} is split over {ranks} ranks (its config.json) but lacks {', '.join(missing)}; "
+                                "re-run convert_checkpoint.py")
+        if quantizes:
+            raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: quantization flags need an unsplit checkpoint "
+                                "(quantized checkpoints cannot be split over ranks yet)")
+        if build.backend != "onnxruntime" or wants_lora(build):
+            raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: multi-rank engines are built for the "
+                                "onnxruntime backend without --lora_plugin (for now)")
     if build.backend == "tensorrt":  # TensorRT missing, bad targets, a recipe it cannot compile: before any work
         from trtbuild.backends.tensorrt import check_tensorrt_build
 
         check_tensorrt_build(config, build, recipe)
     tensorrt_builds: dict[str, dict] = {}
+    build_id = uuid.uuid4().hex  # in config.json and in every rank's engine: ranks of one build run together
     kv_scales = None
     u8u8_form = False
     with atomic_output_dir(out) as tmp:
@@ -104,19 +128,26 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
         if wants_lora(build):
             build, lora_options = prepare_lora(config, build, tmp)
         options = replace(network_options(build), lora=lora_options)
-        for rank in range(config.mapping.world_size):
-            tensors = read_tensors(ckpt / rank_file(rank))
-            check_tensors(config, tensors, ckpt / rank_file(rank))
+        whole = read_tensors(ckpt / rank_file(0)) if split_here else None
+        if whole is not None:
+            check_tensors(config, whole, ckpt / rank_file(0))
+        for rank in range(ranks):
+            if whole is not None:
+                tensors = split_tensors(config, whole, config.mapping, rank)
+            else:
+                tensors = read_tensors(ckpt / rank_file(rank))
+                check_tensors(config, tensors, ckpt / rank_file(rank), rank_shapes(config, rank))
             if quantizes:
                 config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
             onnx_path = tmp / f"rank{rank}.onnx"
-            build_network(config, tensors, options, onnx_path, progress)
+            build_network(rank_config(config, rank), tensors, options, onnx_path, progress,
+                          metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)})
             engine_path = tmp / f"rank{rank}.engine"
             if build.backend == "onnxruntime":
                 from trtbuild.backends.onnxruntime_backend import compile_engine
                 from trtbuild.cpu_forms import write_u8u8_form
 
-                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels,
+                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels or ranks > 1,
                                matmulnbits_accuracy_level=accuracy_level(build.weight_only_activations))
                 u8u8_form = write_u8u8_form(engine_path) is not None
                 kv_scales = tensors.get("transformer.layers.0.attention.kv_cache_scaling_factor")
@@ -136,11 +167,11 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             from trtbuild.cpu_forms import write_probes
 
             build = replace(build, u8u8_form=u8u8_form)
-            write_probes(tmp, config, build.max_seq_len, build.plugin_config.context_fmha, u8u8_form, kv_scales)
+            write_probes(tmp, rank_config(config, 0), build.max_seq_len, build.plugin_config.context_fmha, u8u8_form, kv_scales)
         if (ckpt / TOKENIZER_DIR).is_dir():
             shutil.copytree(ckpt / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         built_by = {"trtbuild": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                    "python": platform.python_version(), "checkpoint_dir": str(ckpt.resolve())}
+                    "python": platform.python_version(), "checkpoint_dir": str(ckpt.resolve()), "build_id": build_id}
         if tensorrt_builds:
             built_by["tensorrt"] = tensorrt_builds
         save_engine_config(EngineConfig(pretrained_config=config, build_config=build, built_by=built_by), tmp)

@@ -15,6 +15,11 @@ from trtbuild.version import ENGINE_FORMAT_VERSION, __version__
 PLUGIN_CHOICES = ("auto", "disable", "float32", "float16", "bfloat16")
 
 
+# The metadata key of a rank's engine holding its build's id (config.json's built_by["build_id"]):
+# the ranks of a multi-rank engine must come from one build.
+BUILD_ID_KEY = "trtbuild_build_id"
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """TensorRT-LLM's plugin flags; in a built engine each holds a dtype or None (disabled)."""

@@ -78,3 +78,9 @@ U8S8_PROBE_EXACT = (255 - 128) * 127 * U8S8_PROBE_K
 def u8u8_engine_path(engine_path: Path) -> Path:
     """The engine's u8 x u8 form beside rank{N}.engine (W8A8 engines; trtbuild.cpu_forms)."""
     return engine_path.with_name(engine_path.name.removesuffix(".engine") + ".u8u8.engine")
+
+
+# ---- a tensor-parallel rank's engine (trtbuild.ranks) --------------------------------------------
+# [3] int64: the MPI handles of the ranks' communicator, MPI_FLOAT and MPI_SUM (mpi4py's `handle`),
+# fed by the runtime with every call: the engine's AllReduce and AllGather kernels call MPI with them.
+MPI_HANDLES = "mpi_handles"

@@ -18,8 +18,10 @@ from onnx import TensorProto
 from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine_io import INPUT_IDS, LOGITS, LOGITS_POSITIONS, POSITION_IDS, USE_PROMPT_KERNEL, kv_io_names
+from trtbuild.engine_io import (INPUT_IDS, LOGITS, LOGITS_POSITIONS, MPI_HANDLES, POSITION_IDS, USE_PROMPT_KERNEL,
+                                kv_io_names)
 from trtbuild.models import family_of
+from trtbuild.models.base import linear_spec
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
 from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_inputs, attention, declare_kv_io,
                                         prompt_condition)
@@ -81,6 +83,15 @@ def int8_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     return q.reshape(w.shape), scale.astype(np.float32)
 
 
+def all_reduce(g: GraphBuilder, x: str, mpi: str, dtype: np.dtype, name: str) -> str:
+    """x summed over the tensor-parallel ranks (trtbuild's AllReduce kernel, float32: a float16
+    graph sums in float32)."""
+    if dtype == np.float32:
+        return g.op("AllReduce", [x, mpi], domain="trtbuild", name=name + "/AllReduce")
+    y = g.op("AllReduce", [g.op("Cast", [x], to=TensorProto.FLOAT), mpi], domain="trtbuild", name=name + "/AllReduce")
+    return g.op("Cast", [y], to=NP_TO_ONNX[dtype])
+
+
 def _activation(g: GraphBuilder, x: str, act: str) -> str:
     if act == "silu":
         return g.op("Mul", [x, g.op("Sigmoid", [x])])
@@ -110,6 +121,7 @@ class LayerOps:
     # True for steps that are prompts the prompt attention form serves (plugins.attention); None:
     # every step takes the decode form
     prompt_condition: str | None = None
+    mpi: str | None = None  # a tensor-parallel rank's MPI handles input (trtbuild.ranks)
 
     def w(self, name: str) -> str:
         return self.g.weight(name, np.asarray(self.tensors[name], dtype=self.dtype))
@@ -132,11 +144,22 @@ class LayerOps:
                         c.norm_type, c.norm_epsilon, self.options.fused_norm)
 
     def linear(self, x: str, prefix: str) -> str:
-        o = self.options
-        y = linear(self.g, x, self.tensors, prefix, self.dtype, o.fused_gemm, self.config.quantization,
+        """The linear `prefix` on x; on a tensor-parallel rank a row-parallel one sums its partial
+        output over the ranks (AllReduce) and adds its bias once, after the sum."""
+        o, g = self.options, self.g
+        tensors, bias = self.tensors, None
+        reduce = self.mpi is not None and linear_spec(self.config, prefix).parallel == "row"
+        if reduce and prefix + ".bias" in tensors:
+            bias = tensors[prefix + ".bias"]
+            tensors = {k: v for k, v in tensors.items() if k != prefix + ".bias"}
+        y = linear(g, x, tensors, prefix, self.dtype, o.fused_gemm, self.config.quantization,
                    o.smooth_quant_kernels, o.weight_only_activations)
         if self.lora_inputs is not None:
-            y = o.lora.apply(self.g, x, y, prefix, self.lora_inputs)
+            y = o.lora.apply(g, x, y, prefix, self.lora_inputs)
+        if reduce:
+            y = all_reduce(g, y, self.mpi, self.dtype, prefix)
+            if bias is not None:
+                y = g.op("Add", [y, g.weight(prefix + ".bias", np.asarray(bias, dtype=self.dtype))], name=prefix + "/Add")
         return y
 
     def linears(self, x: str, prefixes: list[str]) -> list[str]:
@@ -203,13 +226,14 @@ class LayerOps:
 
 
 def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], options: NetworkOptions,
-                  onnx_path: Path, progress: bool = True) -> Path:
-    """Write the decoder for `config` with weights `tensors` to onnx_path (+ onnx_path.data)."""
+                  onnx_path: Path, progress: bool = True, metadata: dict[str, str] | None = None) -> Path:
+    """Write the decoder for `config` with weights `tensors` to onnx_path (+ onnx_path.data);
+    `metadata`: the model's metadata_props (what build the engine belongs to)."""
     dtype = np.dtype(options.dtype) if options.dtype != "bfloat16" else np.dtype("float32")
     float_type = NP_TO_ONNX[dtype]
     quant = config.quantization
     family = family_of(config)
-    g = GraphBuilder(onnx_path)
+    g = GraphBuilder(onnx_path, metadata=metadata)
     try:
         input_ids = g.input(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
         position_ids = g.input(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
@@ -218,7 +242,9 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                                   dtype)
         lora_inputs = options.lora.add_graph_inputs(g) if options.lora else None
         cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
-        ops = LayerOps(g, config, tensors, options, dtype, shared, cache_type, lora_inputs)
+        tp = config.mapping.tp_size
+        mpi = g.input(MPI_HANDLES, TensorProto.INT64, [3]) if tp > 1 else None
+        ops = LayerOps(g, config, tensors, options, dtype, shared, cache_type, lora_inputs, mpi=mpi)
 
         embedding = table = None
         int8_table = (int8_blocks(tensors["transformer.vocab_embedding.weight"], EMBEDDING_BLOCK)
@@ -280,9 +306,15 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         else:
             lm_head = embedding if config.tie_word_embeddings else ops.w("lm_head.weight")
             logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")
+        if tp > 1:  # every rank's vocabulary block, then the padding dropped
+            if dtype != np.float32:
+                logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+            logits = g.op("AllGather", [logits, mpi], domain="trtbuild", name="lm_head/AllGather")
+            logits = g.op("Slice", [logits, g.const([0]), g.const([config.vocab_size]), g.const([1])],
+                          name="lm_head/unpad")
         shape = g.op("Concat", [g.op("Shape", [logits_positions]), g.const([config.vocab_size])], axis=0)
         logits = g.op("Reshape", [logits, shape])
-        if dtype != np.float32:
+        if dtype != np.float32 and tp == 1:
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
         g.op("Identity", [logits], outputs=[LOGITS])
         g.output(LOGITS, TensorProto.FLOAT, ["batch_size", "num_logits", config.vocab_size])

@@ -50,8 +50,10 @@ def append_external_data(tensor: TensorProto, raw: bytes, data_file: BinaryIO, l
 class GraphBuilder:
     """Collects nodes, graph inputs/outputs and initializers; `save()` writes the model."""
 
-    def __init__(self, model_path: str | os.PathLike, name: str = "trtbuild_decoder"):
+    def __init__(self, model_path: str | os.PathLike, name: str = "trtbuild_decoder",
+                 metadata: dict[str, str] | None = None):
         self.model_path = Path(model_path)
+        self.metadata = dict(metadata or {})  # the model's metadata_props
         self.data_name = self.model_path.name + ".data"
         self._data = open(self.model_path.parent / self.data_name, "wb")
         self.name = name
@@ -166,6 +168,8 @@ class GraphBuilder:
         opset_imports = [helper.make_opsetid(d, v) for d, v in self.opsets.items()]
         model = helper.make_model(graph, opset_imports=opset_imports, producer_name="trtbuild")
         model.ir_version = 10
+        if self.metadata:
+            helper.set_model_props(model, self.metadata)
         onnx.save_model(model, str(self.model_path))
         return self.model_path
 

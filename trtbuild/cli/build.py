@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrix (0: never)")
     p.add_argument("--context_split_max_len", type=int, default=d.context_split_max_len,
                    help="the end of --context_split_min_len's window (exclusive)")
+    p.add_argument("--tp_size", type=int, default=None,
+                   help="split an unsplit checkpoint over this many tensor-parallel ranks (an engine per rank; "
+                        "run them with mpiexec -n N); default: the checkpoint's own split")
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info", help="internal_error, error, warning, info, verbose or debug")
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = recipe_from_args(args)
     summary = build_engine(args.checkpoint_dir, args.output_dir, build, force=args.force, keep_onnx=args.keep_onnx,
-                           recipe=recipe)
+                           recipe=recipe, tp_size=args.tp_size)
     print(summary)
 
 

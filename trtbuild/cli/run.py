@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     tok = runner.tokenizer
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.engine_dir) / "tokenizer"
     prompts = read_prompts(args, tok, tokenizer_dir)
+    leader = runner.world is None or runner.world.is_leader  # a multi-rank engine: rank 0 prints
+    if runner.world is not None:  # every rank runs the same steps over rank 0's prompts
+        prompts = runner.world.broadcast(prompts if leader else None)
     end_id = args.end_id if args.end_id is not None else default_end_id(runner)
 
     def words(items):
@@ -139,13 +142,15 @@ def main(argv: list[str] | None = None) -> None:
         if len(task_ids) == 1:
             task_ids *= len(prompts)
     callback = None
-    if args.streaming:
+    if args.streaming and leader:
         def callback(i: int, new_ids: list[int]) -> None:
             text = tok.decode(new_ids, skip_special_tokens=True) if tok else str(new_ids)
             prefix = f"[Text {i}] " if len(prompts) > 1 else ""
             sys.stdout.write(prefix + text + ("\n" if prefix else ""))
             sys.stdout.flush()
     out = runner.generate(prompts, sampling, lora_task_ids=task_ids, streaming_callback=callback)
+    if not leader:
+        return
     if args.streaming:
         print()
     for i, (p, ids) in enumerate(zip(prompts, out.output_ids)):

@@ -22,6 +22,7 @@ import numpy as np
 
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.evaluate.nll import token_nll
+from trtbuild.runtime.world import launched_rank
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     text = read_text(args.text_file, args.start_char, args.num_chars)
+    leader = launched_rank() == 0  # a multi-rank engine: every rank scores, rank 0 reports
     common = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                  tokenizer_dir=args.tokenizer_dir, num_threads=args.num_threads, progress=not args.no_progress)
+                  tokenizer_dir=args.tokenizer_dir, num_threads=args.num_threads,
+                  progress=not args.no_progress and leader)
     if args.engine_dir:
         result = engine_perplexity(args.engine_dir, text, **common)
         what = f"engine {args.engine_dir}"
     else:
         result = hf_perplexity(args.hf_model_dir, text, data_type=args.data_type, **common)
         what = f"transformers {args.hf_model_dir} ({args.data_type})"
+    if not leader:
+        return
     end = args.start_char + len(text)
     print(f"{what}: {args.text_file} characters [{args.start_char}, {end}), {result.num_windows} windows of "
           f"{result.seq_len} tokens ({result.num_scored_tokens} scored), mean NLL {result.mean_nll:.6f}, "

@@ -5,7 +5,8 @@ cached by source, compiler and CPU in `$TRTBUILD_KERNEL_DIR` (default ~/.cache/t
 
 Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the attention plugin's
 context_fmha; PerTokenQuantize and SwiGLUQuantize (per_token_quant.cc), the gemm plugin's
-smooth_quant_plugins for W8A8 per token. An engine that uses them records those plugin flags
+smooth_quant_plugins for W8A8 per token; AllReduce and AllGather (collectives.cc), the
+collectives of a tensor-parallel rank's engine. An engine that uses them records those plugin flags
 (`PluginConfig.uses_kernels`); the runtime then registers the library with its session (`register`).
 """
 
@@ -27,7 +28,7 @@ from trtbuild.errors import TrtbuildError
 
 DOMAIN = "trtbuild"
 KERNEL_DIR_ENV = "TRTBUILD_KERNEL_DIR"
-SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc")
+SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc", "collectives.cc")
 # head sizes CausalPromptAttention is compiled for (attend_for in causal_attention.cc)
 FMHA_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 _HERE = Path(__file__).resolve().parent
@@ -159,7 +160,7 @@ def library_path(kernel_dir: Path | None = None, isa: str | None = None) -> Path
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".so", dir=kernel_dir)
     os.close(fd)
     try:
-        cmd = [compiler, *flags, f"-I{_HERE / 'include'}", *[str(_HERE / s) for s in SOURCES], "-o", tmp]
+        cmd = [compiler, *flags, f"-I{_HERE / 'include'}", *[str(_HERE / s) for s in SOURCES], "-ldl", "-o", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise KernelUnavailable(f"compiling trtbuild's kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")

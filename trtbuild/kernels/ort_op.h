@@ -142,5 +142,7 @@ const OrtCustomOp* causal_prompt_attention_op();
 const OrtCustomOp* causal_prompt_attention_int8_kv_op();
 const OrtCustomOp* per_token_quantize_op();
 const OrtCustomOp* swiglu_quantize_op();
+const OrtCustomOp* all_reduce_op();
+const OrtCustomOp* all_gather_op();
 
 }  // namespace trtbuild

@@ -10,7 +10,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   // The domain must outlive every session that uses it: it lives as long as the process.
   TRTBUILD_RETURN_IF_ERROR(api->CreateCustomOpDomain("trtbuild", &domain));
   for (const OrtCustomOp* op : {trtbuild::causal_prompt_attention_op(), trtbuild::causal_prompt_attention_int8_kv_op(),
-                                trtbuild::per_token_quantize_op(), trtbuild::swiglu_quantize_op()})
+                                trtbuild::per_token_quantize_op(), trtbuild::swiglu_quantize_op(),
+                                trtbuild::all_reduce_op(), trtbuild::all_gather_op()})
     TRTBUILD_RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, op));
   return api->AddCustomOpDomain(options, domain);
 }

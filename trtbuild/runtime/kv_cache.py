@@ -43,10 +43,12 @@ class KVCache(Protocol):
         """After session.run_with_iobinding(io): what the step wrote becomes the cache."""
 
 
-def kv_cache_for(config: EngineConfig) -> "SharedKVCache | ConcatKVCache":
-    """The KV cache of an engine: the shared buffer (kv_cache_layout "shared_buffer"), or an empty
-    concatenated cache, whose for_call gives each call its own."""
-    pc, bc = config.pretrained_config, config.build_config
+def kv_cache_for(config: EngineConfig, rank: int = 0) -> "SharedKVCache | ConcatKVCache":
+    """The KV cache of an engine's rank: the shared buffer (kv_cache_layout "shared_buffer"), or an
+    empty concatenated cache, whose for_call gives each call its own."""
+    from trtbuild.ranks import rank_config
+
+    pc, bc = rank_config(config.pretrained_config, rank), config.build_config
     dtype = np.int8 if pc.quantization.kv_cache_quant_algo == "INT8" else np.dtype(bc.compute_dtype)
     if config.kv_cache_layout == "shared_buffer":
         return SharedKVCache(pc.num_hidden_layers, bc.max_batch_size, pc.num_key_value_heads, bc.max_seq_len,

@@ -15,13 +15,14 @@ import numpy as np
 import onnxruntime as ort
 
 from trtbuild.checkpoint import TOKENIZER_DIR
-from trtbuild.engine import EngineConfig, load_engine_config
-from trtbuild.engine_io import INPUT_IDS, LOGITS, LOGITS_POSITIONS, POSITION_IDS, USE_PROMPT_KERNEL
+from trtbuild.engine import BUILD_ID_KEY, EngineConfig, load_engine_config
+from trtbuild.engine_io import INPUT_IDS, LOGITS, LOGITS_POSITIONS, MPI_HANDLES, POSITION_IDS, USE_PROMPT_KERNEL
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime.cpu_forms import CpuForms
 from trtbuild.runtime.kv_cache import KVCache, kv_cache_for
 from trtbuild.runtime.request import Request
 from trtbuild.runtime.sampling import SamplingConfig
+from trtbuild.runtime.world import RankWorld
 from trtbuild.tokenizer import TOKENIZER_FILE, load_tokenizer  # load_tokenizer: importable from here too
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,13 @@ class ModelRunner:
     """Runs one engine (rank 0) with a preallocated KV cache."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, session: ort.InferenceSession, tokenizer=None,
-                 forms: CpuForms | None = None):
+                 forms: CpuForms | None = None, world: RankWorld | None = None):
         self.engine_dir = engine_dir
         self.config = config
         self.session = session
         self.tokenizer = tokenizer
         self.forms = forms  # what the engine runs as on this CPU (trtbuild.runtime.cpu_forms)
+        self.world = world  # a multi-rank engine: this process's rank among them (trtbuild.runtime.world)
         # prompt attention engines: which branch prompts into an empty cache take (default: the kernel's)
         inputs = {i.name for i in session.get_inputs()} if hasattr(session, "get_inputs") else set()
         self.prompt_kernel = None if USE_PROMPT_KERNEL not in inputs else \
@@ -57,7 +59,7 @@ class ModelRunner:
         # shared buffer (attention plugin): requests join and leave a running batch (trtbuild.runtime.scheduler);
         # concatenated (standard attention): a batch runs from prefill to its last token together
         self.shared_cache = config.kv_cache_layout == "shared_buffer"
-        self.kv_cache = kv_cache_for(config)  # the shared buffer, or an empty cache each call copies (for_call)
+        self.kv_cache = kv_cache_for(config, world.rank if world else 0)  # the shared buffer, or an empty cache each call copies (for_call)
         self.vocab_size = config.pretrained_config.vocab_size
         self.lora = None  # LoraManager, attached when the engine has a lora plugin
 
@@ -72,6 +74,27 @@ class ModelRunner:
         ("kernel" / "gqa") force one instead of "auto"."""
         engine_dir = Path(engine_dir)
         config = load_engine_config(engine_dir)
+        if config.pretrained_config.mapping.world_size == 1:
+            return cls._open(engine_dir, config, rank, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
+        # one process per rank, under mpiexec: every rank opens its engine, then all learn whether
+        # every rank could, so that none waits in a collective for a rank that failed
+        from trtbuild.runtime.world import agree, join_world, threads_per_rank
+
+        world = join_world(engine_dir, config.pretrained_config.mapping.world_size)
+        try:
+            runner = cls._open(engine_dir, config, world.rank, num_threads or threads_per_rank(world), tokenizer_dir,
+                               int8_gemm, prompt_attention, world)
+            runner.check_build_id()
+        except TrtbuildError as e:
+            agree(world, e)
+            raise
+        agree(world, None)
+        return runner
+
+    @classmethod
+    def _open(cls, engine_dir: Path, config: EngineConfig, rank: int, num_threads: int | None,
+              tokenizer_dir: str | Path | None, int8_gemm: str, prompt_attention: str,
+              world: RankWorld | None = None) -> "ModelRunner":
         backend = config.build_config.backend
         engine_path = engine_dir / f"rank{rank}.engine"
         if not engine_path.is_file():
@@ -89,7 +112,8 @@ class ModelRunner:
         try:
             forms = choose_forms(engine_dir, engine_path, bc.u8u8_form, bc.plugin_config.context_fmha,
                                  num_threads or default_num_threads(), bc.max_input_len, bc.max_seq_len, int8_gemm, prompt_attention)
-            session = open_session(forms.engine_path, num_threads, kernels=bc.plugin_config.uses_kernels)
+            session = open_session(forms.engine_path, num_threads,
+                                   kernels=bc.plugin_config.uses_kernels or world is not None)
         except KernelUnavailable as e:
             raise TrtbuildError(f"{engine_path} runs trtbuild's own kernels (built with --context_fmha / "
                                 f"--smooth_quant_plugins), which cannot be built on this machine: {e}. Rebuild the "
@@ -101,12 +125,22 @@ class ModelRunner:
         log.info("%s runs as %s (int8 GEMMs: %s, prompt attention: %s)", engine_path, forms.engine_path.name,
                  forms.int8_gemm or "none", {True: "trtbuild's kernel", False: "GroupQueryAttention",
                                              None: "as decode"}[forms.prompt_kernel])
-        runner = cls(engine_dir, config, session, _engine_tokenizer(engine_dir, tokenizer_dir), forms)
+        runner = cls(engine_dir, config, session, _engine_tokenizer(engine_dir, tokenizer_dir), forms, world)
         if config.build_config.plugin_config.lora_plugin:
             from trtbuild.runtime.lora import LoraManager
 
             runner.lora = LoraManager.from_engine_dir(engine_dir, config)
         return runner
+
+    def check_build_id(self) -> None:
+        """This rank's engine comes from the build config.json describes (engines whose build wrote
+        no id are not checked)."""
+        want = self.config.built_by.get("build_id")
+        got = self.session.get_modelmeta().custom_metadata_map.get(BUILD_ID_KEY)
+        if want and got and want != got:
+            path = self.forms.engine_path if self.forms else self.engine_dir
+            raise TrtbuildError(f"{path} comes from another build than {self.engine_dir / 'config.json'} "
+                                f"(build id {got}, expected {want}): copy the whole engine dir of one trt-build")
 
     def add_lora(self, lora_dir: str | Path) -> int:
         """Load a PEFT adapter dir into a free LoRA slot of this engine (no rebuild); returns its task id."""
@@ -161,6 +195,8 @@ class ModelRunner:
             self.lora.bind(io, lora_task_ids if lora_task_ids is not None else np.full(batch, -1, np.int64))
         if self.prompt_kernel is not None:
             io.bind_cpu_input(USE_PROMPT_KERNEL, self.prompt_kernel)
+        if self.world is not None:
+            io.bind_cpu_input(MPI_HANDLES, self.world.handles)
         self.session.run_with_iobinding(io)
         cache.after_run(io)
         return logits
@@ -177,6 +213,17 @@ class ModelRunner:
         positions = np.broadcast_to(np.arange(seq, dtype=np.int64), ids.shape)
         picks = positions if all_logits else (lengths - 1)[:, None]
         return self.step(ids, positions, picks, lengths, slot_start, cache, lora_task_ids)
+
+    def accept(self, requests: list[Request], logits: np.ndarray) -> None:
+        """Each request's next token from its row of logits [B, 1, V]; on a multi-rank engine rank 0
+        samples and every rank takes its tokens."""
+        if self.world is None:
+            for r, row in zip(requests, logits):
+                r.accept(row[0])
+            return
+        tokens = [r.sample(row[0]) for r, row in zip(requests, logits)] if self.world.is_leader else None
+        for r, token in zip(requests, self.world.broadcast(tokens)):
+            r.take(token)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, batch_input_ids: list[list[int]], sampling: SamplingConfig | list[SamplingConfig],
@@ -221,8 +268,7 @@ class ModelRunner:
         logits = self.prefill(prompts, cache=cache, lora_task_ids=task_ids)
         lengths = np.array([len(p) for p in prompts], np.int64)
         while True:
-            for r, row in zip(requests, logits):
-                r.accept(row[0])
+            self.accept(requests, logits)
             if all(r.done for r in requests):
                 return
             last = [r.output_ids[-1] if r.output_ids else 0 for r in requests]

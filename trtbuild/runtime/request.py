@@ -35,9 +35,16 @@ class Request:
 
     def accept(self, logits: np.ndarray) -> None:
         """Sample the next token from this request's logits row and update its state."""
-        if self.done:
+        self.take(self.sample(logits))
+
+    def sample(self, logits: np.ndarray) -> int | None:
+        """The next token from this request's logits row (None once it is done)."""
+        return None if self.done else self.sampler.next_token(logits, self.prompt_ids + self.output_ids)
+
+    def take(self, token: int | None) -> None:
+        """Append a sampled token (None: the request is done) and update the request's state."""
+        if self.done or token is None:
             return
-        token = self.sampler.next_token(logits, self.prompt_ids + self.output_ids)
         c = self.sampling
         if c.end_id is not None and token == c.end_id:
             self.finish("end_id")

@@ -47,8 +47,7 @@ class Scheduler:
         task_ids = np.array([r.lora_task_id for r in new], np.int64)
         logits = self.runner.prefill([r.prompt_ids for r in new], slot_start=start, lora_task_ids=task_ids)
         self.active.extend(new)
-        for r, row in zip(new, logits):
-            r.accept(row[0])
+        self.runner.accept(new, logits)
 
     def _decode(self) -> None:
         active = self.active
@@ -59,8 +58,7 @@ class Scheduler:
         task_ids = np.array([r.lora_task_id for r in active], np.int64)
         logits = self.runner.step(ids, (lengths - 1)[:, None], np.zeros((len(active), 1), np.int64), lengths,
                                   slot_start=0, lora_task_ids=task_ids)
-        for r, row in zip(active, logits):
-            r.accept(row[0])
+        self.runner.accept(active, logits)
 
     def _retire(self) -> None:
         slot = 0

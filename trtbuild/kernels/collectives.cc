@@ -1,0 +1,153 @@
+// Tensor-parallel collectives of a rank's engine (TensorRT-LLM's AllReduce plugin and the gather of
+// vocab-parallel logits), calling the MPI library the process loaded (mpi4py: MPICH or Open MPI).
+//
+// trtbuild::AllReduce(x [...] float, mpi [3] int64) -> y [...] float: the sum of x over the ranks.
+// trtbuild::AllGather(x [R, N] float, mpi [3] int64) -> y [R, ranks * N] float: rank r's x in
+//   columns r * N .. (r + 1) * N - 1 of every row.
+//
+// `mpi` holds the handles of the ranks' communicator, of MPI_FLOAT and of MPI_SUM as the runtime's
+// mpi4py reads them (`handle`): an engine stores no handle (they differ per process and per MPI
+// library), so the runtime feeds them with every call. The kernel takes MPI_Allreduce and
+// MPI_Allgather from the libmpi already loaded (mpi4py loads it RTLD_LOCAL, hence dlopen with
+// RTLD_NOLOAD); a handle is an int (MPICH) or a pointer (Open MPI), passed as a 64-bit integer,
+// of which an int parameter reads the low half (x86-64 and AArch64 calling conventions).
+
+#include <dlfcn.h>
+
+#include "ort_op.h"
+
+namespace trtbuild {
+namespace {
+
+using AllreduceFn = int (*)(const void*, void*, int, intptr_t, intptr_t, intptr_t);
+using AllgatherFn = int (*)(const void*, int, intptr_t, void*, int, intptr_t, intptr_t);
+using CommSizeFn = int (*)(intptr_t, int*);
+
+struct Mpi {
+  AllreduceFn allreduce = nullptr;
+  AllgatherFn allgather = nullptr;
+  CommSizeFn comm_size = nullptr;
+};
+
+// The loaded MPI library's functions, or an error saying how multi-rank engines are run.
+OrtStatus* find_mpi(const OrtApi* api, const char* op, Mpi& mpi) {
+  for (const char* name : {"libmpi.so.12", "libmpi.so.40", "libmpi.so"}) {
+    void* lib = dlopen(name, RTLD_NOLOAD | RTLD_LAZY);
+    if (!lib) continue;
+    mpi.allreduce = reinterpret_cast<AllreduceFn>(dlsym(lib, "MPI_Allreduce"));
+    mpi.allgather = reinterpret_cast<AllgatherFn>(dlsym(lib, "MPI_Allgather"));
+    mpi.comm_size = reinterpret_cast<CommSizeFn>(dlsym(lib, "MPI_Comm_size"));
+    if (mpi.allreduce && mpi.allgather && mpi.comm_size) return nullptr;
+  }
+  return op_error(api, op, "no MPI library is loaded in this process: a multi-rank engine runs under mpiexec "
+                           "through trtbuild's runtime (mpiexec -n N trtbuild-run --engine_dir ...)");
+}
+
+struct Handles {
+  intptr_t comm, float_type, sum;
+};
+
+OrtStatus* read_handles(const OrtApi* api, const char* op, OrtKernelContext* context, Handles& h) {
+  const OrtValue* value;
+  TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 1, &value));
+  std::vector<int64_t> dims;
+  TRTBUILD_RETURN_IF_ERROR(shape_of(api, value, dims));
+  if (dims.size() != 1 || dims[0] != 3) return op_error(api, op, "mpi must be [3] int64: comm, MPI_FLOAT, MPI_SUM");
+  const int64_t* data;
+  TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(value, reinterpret_cast<const void**>(&data)));
+  h = {(intptr_t)data[0], (intptr_t)data[1], (intptr_t)data[2]};
+  return nullptr;
+}
+
+template <class K>
+struct CollectiveOp {
+  static ONNXTensorElementDataType input_type(size_t i) {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static constexpr size_t inputs = 2, outputs = 1, required_inputs = 2;
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, K** out) {
+    *out = new K{{api}};
+    return nullptr;
+  }
+  // MPI is looked up on the first call, not when the session is created: the build creates one
+  // (to optimize the graph) in a process without MPI.
+  OrtStatus* mpi_functions() const {
+    return mpi.allreduce ? nullptr : find_mpi(api, K::name, mpi);
+  }
+  const OrtApi* api;
+  mutable Mpi mpi;
+};
+
+struct AllReduce : CollectiveOp<AllReduce> {
+  static constexpr const char* name = "AllReduce";
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    const OrtValue* x;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
+    Handles h;
+    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
+    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
+    std::vector<int64_t> dims;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    OrtValue* y;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, dims.data(), dims.size(), &y));
+    const float* in;
+    float* out;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&in)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&out)));
+    const int64_t n = element_count(dims);
+    if (n > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    if (n && mpi.allreduce(in, out, (int)n, h.float_type, h.sum, h.comm) != 0)
+      return op_error(api, name, "MPI_Allreduce failed");
+    return nullptr;
+  }
+};
+
+struct AllGather : CollectiveOp<AllGather> {
+  static constexpr const char* name = "AllGather";
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    const OrtValue* x;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
+    Handles h;
+    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
+    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
+    std::vector<int64_t> dims;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    if (dims.size() != 2) return op_error(api, name, "x must be [rows, N]");
+    int ranks = 0;
+    if (mpi.comm_size(h.comm, &ranks) != 0 || ranks < 1) return op_error(api, name, "MPI_Comm_size failed");
+    const int64_t rows = dims[0], n = dims[1];
+    if (rows * n * ranks > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    std::vector<int64_t> out_dims{rows, n * ranks};
+    OrtValue* y;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, out_dims.data(), 2, &y));
+    const float* in;
+    float* out;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&in)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&out)));
+    if (rows * n == 0) return nullptr;
+    std::vector<float> blocks((size_t)(rows * n * ranks));  // [ranks, rows, n] as MPI gathers them
+    if (mpi.allgather(in, (int)(rows * n), h.float_type, blocks.data(), (int)(rows * n), h.float_type, h.comm) != 0)
+      return op_error(api, name, "MPI_Allgather failed");
+    for (int r = 0; r < ranks; ++r)
+      for (int64_t i = 0; i < rows; ++i)
+        std::memcpy(out + i * n * ranks + r * n, blocks.data() + (r * rows + i) * n, n * sizeof(float));
+    return nullptr;
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* all_reduce_op() {
+  static const OpTable<AllReduce> op;
+  return &op;
+}
+
+const OrtCustomOp* all_gather_op() {
+  static const OpTable<AllGather> op;
+  return &op;
+}
+
+}  // namespace trtbuild
