@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from trtbuild.checkpoint import TOKENIZER_DIR, PretrainedConfig, expected_shapes, load_config, rank_file
+from trtbuild.checkpoint import TOKENIZER_DIR, Mapping, PretrainedConfig, expected_shapes, load_config, rank_file
 from trtbuild.ranks import check_mapping, rank_config, rank_shapes, split_tensors
 from trtbuild.engine import BUILD_ID_KEY, BuildConfig, EngineConfig, save_engine_config
 from trtbuild.errors import TrtbuildError
@@ -109,9 +109,10 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
         if missing:
             raise TrtbuildError(f"{ckpt} is split over {ranks} ranks (its config.json) but lacks {', '.join(missing)}; "
                                 "re-run convert_checkpoint.py")
-        if quantizes:
-            raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: quantization flags need an unsplit checkpoint "
-                                "(quantized checkpoints cannot be split over ranks yet)")
+        if quantizes and not split_here:
+            raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: quantize with the split (convert_checkpoint.py "
+                                "--tp_size with the quantization flags), or build the one-rank checkpoint with "
+                                "--tp_size and the quantization flags")
         if build.backend != "onnxruntime" or wants_lora(build):
             raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: multi-rank engines are built for the "
                                 "onnxruntime backend without --lora_plugin (for now)")
@@ -129,16 +130,21 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             build, lora_options = prepare_lora(config, build, tmp)
         options = replace(network_options(build), lora=lora_options)
         whole = read_tensors(ckpt / rank_file(0)) if split_here else None
-        if whole is not None:
+        if whole is not None:  # quantized whole (calibrated on the whole model), then split with its scales
             check_tensors(config, whole, ckpt / rank_file(0))
+            if quantizes:
+                whole_config, whole = quantize_at_build(replace(config, mapping=Mapping()), whole, recipe, ckpt,
+                                                        progress)
+                config = replace(whole_config, mapping=check_mapping(whole_config, config.mapping.tp_size, 1,
+                                                                     "--tp_size"))
         for rank in range(ranks):
             if whole is not None:
                 tensors = split_tensors(config, whole, config.mapping, rank)
             else:
                 tensors = read_tensors(ckpt / rank_file(rank))
                 check_tensors(config, tensors, ckpt / rank_file(rank), rank_shapes(config, rank))
-            if quantizes:
-                config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
+                if quantizes:
+                    config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
             onnx_path = tmp / f"rank{rank}.onnx"
             build_network(rank_config(config, rank), tensors, options, onnx_path, progress,
                           metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)})

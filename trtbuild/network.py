@@ -147,19 +147,29 @@ class LayerOps:
         """The linear `prefix` on x; on a tensor-parallel rank a row-parallel one sums its partial
         output over the ranks (AllReduce) and adds its bias once, after the sum."""
         o, g = self.options, self.g
-        tensors, bias = self.tensors, None
-        reduce = self.mpi is not None and linear_spec(self.config, prefix).parallel == "row"
-        if reduce and prefix + ".bias" in tensors:
-            bias = tensors[prefix + ".bias"]
-            tensors = {k: v for k, v in tensors.items() if k != prefix + ".bias"}
+        tensors, bias = self._bias_apart(prefix)
         y = linear(g, x, tensors, prefix, self.dtype, o.fused_gemm, self.config.quantization,
                    o.smooth_quant_kernels, o.weight_only_activations)
         if self.lora_inputs is not None:
             y = o.lora.apply(g, x, y, prefix, self.lora_inputs)
-        if reduce:
-            y = all_reduce(g, y, self.mpi, self.dtype, prefix)
-            if bias is not None:
-                y = g.op("Add", [y, g.weight(prefix + ".bias", np.asarray(bias, dtype=self.dtype))], name=prefix + "/Add")
+        return self._reduced(y, prefix, bias)
+
+    def _bias_apart(self, prefix: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """(tensors, None), or for a row-parallel linear of a tensor-parallel rank (tensors without
+        its bias, the bias): the bias is added once, after the ranks' sum."""
+        reduce = self.mpi is not None and linear_spec(self.config, prefix).parallel == "row"
+        if not reduce or prefix + ".bias" not in self.tensors:
+            return self.tensors, None
+        return {k: v for k, v in self.tensors.items() if k != prefix + ".bias"}, self.tensors[prefix + ".bias"]
+
+    def _reduced(self, y: str, prefix: str, bias: np.ndarray | None) -> str:
+        """A row-parallel linear's output summed over the ranks, then its bias (see _bias_apart)."""
+        if self.mpi is None or linear_spec(self.config, prefix).parallel != "row":
+            return y
+        g = self.g
+        y = all_reduce(g, y, self.mpi, self.dtype, prefix)
+        if bias is not None:
+            y = g.op("Add", [y, g.weight(prefix + ".bias", np.asarray(bias, dtype=self.dtype))], name=prefix + "/Add")
         return y
 
     def linears(self, x: str, prefixes: list[str]) -> list[str]:
@@ -216,7 +226,10 @@ class LayerOps:
                 and self.lora_inputs is None):
             merged = merge_linears(self.tensors, [p + "mlp.fc", p + "mlp.gate"], p + "mlp.fc+gate")
             if merged is not None:
-                return smoothquant_swiglu_mlp(g, x, merged, p + "mlp.fc+gate", self.tensors, p + "mlp.proj")
+                tensors, bias = self._bias_apart(p + "mlp.proj")
+                y = smoothquant_swiglu_mlp(g, x, merged, p + "mlp.fc+gate", tensors, p + "mlp.proj")
+                if y is not None:  # None: biases or a proj smoothing scale need the unfused form below
+                    return self._reduced(y, p + "mlp.proj", bias)
         if c.gated_mlp:
             fc, gate = self.linears(x, [p + "mlp.fc", p + "mlp.gate"])
             hidden = g.op("Mul", [_activation(g, fc, c.hidden_act), gate])

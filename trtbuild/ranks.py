@@ -21,7 +21,7 @@ import numpy as np
 
 from trtbuild.checkpoint import Mapping, PretrainedConfig
 from trtbuild.errors import TrtbuildError
-from trtbuild.models.base import expected_shapes, layer_linears
+from trtbuild.models.base import Linear, expected_shapes, layer_linears
 
 
 def check_mapping(config: PretrainedConfig, tp_size: int, pp_size: int, source: str = "--tp_size") -> Mapping:
@@ -38,9 +38,19 @@ def check_mapping(config: PretrainedConfig, tp_size: int, pp_size: int, source: 
         raise TrtbuildError(f"{source}: tp_size {tp_size} and the model's {KV} KV heads: one must divide the other")
     if I % tp_size:
         raise TrtbuildError(f"{source}: tp_size {tp_size} does not divide the model's MLP width {I}")
-    if config.quantization.is_quantized and tp_size > 1:
-        raise TrtbuildError(f"{source}: quantized checkpoints ({config.quantization.quant_algo or 'INT8 KV'}) "
-                            "cannot be split over ranks yet; split a floating-point checkpoint")
+    quant = config.quantization
+    if quant.algo is not None and tp_size > 1:  # a row-parallel rank's inputs must hold whole groups / bytes
+        group = quant.group_size if quant.per_group else 0
+        for lin in layer_linears(config):
+            if lin.parallel != "row":
+                continue
+            share = lin.in_features // tp_size
+            if group and share % group:
+                raise TrtbuildError(f"{source}: tp_size {tp_size} gives each rank {share} of {lin.name}'s "
+                                    f"{lin.in_features} inputs, not a multiple of --group_size {group}; use a "
+                                    "smaller group or another tp_size")
+            if quant.algo.weight_bits == 4 and share % 2:
+                raise TrtbuildError(f"{source}: tp_size {tp_size} splits {lin.name}'s 4-bit weight bytes")
     return Mapping(world_size=tp_size * pp_size, tp_size=tp_size, pp_size=pp_size)
 
 
@@ -91,29 +101,42 @@ def qkv_rows(config: PretrainedConfig, tp: int, rank: int) -> np.ndarray:
     return np.concatenate([q, k, k + KV * D])
 
 
+def _block(x, axis: int, tp: int, rank: int):
+    n = x.shape[axis] // tp
+    return x[rank * n:(rank + 1) * n] if axis == 0 else x[:, rank * n:(rank + 1) * n]
+
+
+def _split_linear_tensor(config: PretrainedConfig, lin: Linear, kind: str, x, tp: int, rank: int):
+    """Rank `rank`'s part of tensor `kind` of linear `lin` (docs/CONTRACTS.md names them): a
+    column-parallel linear keeps its rows of whatever is per output channel; a row-parallel one its
+    columns of the weight, of per-group scales and zero points and of per-input scales."""
+    per_output = kind in ("weight", "bias", "weights_scaling_factor", "zero", "per_channel_scale") \
+        and x.ndim >= 1 and x.shape[0] == lin.out_features
+    if lin.parallel == "column":
+        if not per_output:
+            return x  # per-input smoothing scales, per-tensor scales
+        return _rows_of(x, qkv_rows(config, tp, rank)) if lin.name == "attention.qkv" else _block(x, 0, tp, rank)
+    if kind == "weight" or (kind in ("weights_scaling_factor", "zero") and x.ndim == 2 and x.shape[1] > 1):
+        return _block(x, 1, tp, rank)  # inputs (int4: bytes of two), or their groups
+    if kind == "prequant_scaling_factor":
+        return _block(x, 0, tp, rank)
+    return x  # per output channel or per tensor: every rank's partial sum uses them whole; bias: once, after
+
+
 def split_tensors(config: PretrainedConfig, tensors: dict, mapping: Mapping, rank: int) -> dict:
-    """Rank `rank`'s tensors of a whole (unsplit) floating-point checkpoint (numpy arrays or torch
-    tensors, returned as the same kind)."""
+    """Rank `rank`'s tensors of a whole (unsplit) checkpoint, floating-point or quantized (numpy
+    arrays or torch tensors, returned as the same kind)."""
     tp = mapping.tp_size
     if tp == 1:
         return dict(tensors)
-    parallel = {lin.name: lin.parallel for lin in layer_linears(config)}
+    linears = {lin.name: lin for lin in layer_linears(config)}
     out = {}
     for name, x in tensors.items():
-        linear, kind = None, ""
+        lin, kind = None, ""
         if name.startswith("transformer.layers."):
-            linear, _, kind = name.split(".", 3)[3].rpartition(".")
-        style = parallel.get(linear)
-        if style == "column" and linear == "attention.qkv":
-            out[name] = _rows_of(x, qkv_rows(config, tp, rank))
-        elif style == "column":
-            n = x.shape[0] // tp
-            out[name] = x[rank * n:(rank + 1) * n]
-        elif style == "row" and kind == "weight":
-            n = x.shape[1] // tp
-            out[name] = x[:, rank * n:(rank + 1) * n]
-        else:  # norms, embeddings, a row-parallel bias (added once, after the reduce)
-            out[name] = x
+            linear_name, _, kind = name.split(".", 3)[3].rpartition(".")
+            lin = linears.get(linear_name)
+        out[name] = x if lin is None else _split_linear_tensor(config, lin, kind, x, tp, rank)
     lm_head = tensors["transformer.vocab_embedding.weight"] if config.tie_word_embeddings else tensors["lm_head.weight"]
     rows = vocab_per_rank(config, tp)
     # rows past the vocabulary (padding) repeat row 0: the engine drops their logits
