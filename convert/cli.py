@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEFT adapter dirs (.safetensors or .bin) merged into the weights")
     p.add_argument("--tp_size", type=int, default=1,
                    help="tensor-parallel ranks: rank{r}.safetensors split as TensorRT-LLM splits them")
-    p.add_argument("--pp_size", type=int, default=1, help="pipeline-parallel ranks (only 1 today)")
+    p.add_argument("--pp_size", type=int, default=1, help="pipeline stages: the layers divided over them (ranks = tp_size x pp_size)")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info")
     add_quant_args(p)

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime
 
 from trtbuild.checkpoint import TOKENIZER_DIR, Mapping, PretrainedConfig, expected_shapes, load_config, rank_file
-from trtbuild.ranks import check_mapping, rank_config, rank_shapes, split_tensors
+from trtbuild.ranks import check_mapping, rank_config, rank_place, rank_shapes, split_tensors
 from trtbuild.engine import BUILD_ID_KEY, BuildConfig, EngineConfig, save_engine_config
 from trtbuild.errors import TrtbuildError
 from trtbuild.fsutil import atomic_output_dir, check_output_dir, dir_size, human_bytes
@@ -82,21 +82,24 @@ def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], 
 
 def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: BuildConfig, force: bool = False,
                  progress: bool = True, keep_onnx: bool = False, recipe: QuantRecipe | None = None,
-                 tp_size: int | None = None) -> BuildSummary:
+                 tp_size: int | None = None, pp_size: int | None = None) -> BuildSummary:
     """Build an engine dir from a checkpoint dir, atomically; `recipe` quantizes on the way, and
     build.lora_config.lora_dir names the adapters the lora plugin stores. `build` is not changed:
-    the engine's config.json records the resolved one (trtbuild.resolve). `tp_size` splits an
-    unsplit checkpoint over that many ranks (default: the checkpoint's own mapping)."""
+    the engine's config.json records the resolved one (trtbuild.resolve). `tp_size` / `pp_size`
+    split a one-rank checkpoint over tensor-parallel ranks and pipeline stages (default: the
+    checkpoint's own mapping)."""
     start = time.time()
     ckpt = Path(checkpoint_dir)
     out = check_output_dir(output_dir, force)
     config = load_config(ckpt)
-    split_here = tp_size is not None and tp_size != config.mapping.tp_size
+    split = (tp_size or config.mapping.tp_size, pp_size or config.mapping.pp_size)
+    split_here = split != (config.mapping.tp_size, config.mapping.pp_size)
     if split_here:
         if config.mapping.world_size != 1:
-            raise TrtbuildError(f"--tp_size {tp_size}: {ckpt} is already split over {config.mapping.world_size} "
-                                "ranks; convert the model again with --tp_size, or build it as it is")
-        config = replace(config, mapping=check_mapping(config, tp_size, 1))
+            raise TrtbuildError(f"--tp_size {split[0]} --pp_size {split[1]}: {ckpt} is already split over "
+                                f"{config.mapping.world_size} ranks; convert the model again with --tp_size / "
+                                "--pp_size, or build it as it is")
+        config = replace(config, mapping=check_mapping(config, *split))
     quantizes = recipe is not None and not recipe.is_noop
     if quantizes and config.quantization.is_quantized:
         raise TrtbuildError(f"{ckpt} is already quantized ({config.quantization.quant_algo or 'INT8 KV'}); "
@@ -135,8 +138,7 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             if quantizes:
                 whole_config, whole = quantize_at_build(replace(config, mapping=Mapping()), whole, recipe, ckpt,
                                                         progress)
-                config = replace(whole_config, mapping=check_mapping(whole_config, config.mapping.tp_size, 1,
-                                                                     "--tp_size"))
+                config = replace(whole_config, mapping=check_mapping(whole_config, *split))
         for rank in range(ranks):
             if whole is not None:
                 tensors = split_tensors(config, whole, config.mapping, rank)
@@ -147,7 +149,8 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
                     config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
             onnx_path = tmp / f"rank{rank}.onnx"
             build_network(rank_config(config, rank), tensors, options, onnx_path, progress,
-                          metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)})
+                          metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)},
+                          place=rank_place(config, rank) if ranks > 1 else None)
             engine_path = tmp / f"rank{rank}.engine"
             if build.backend == "onnxruntime":
                 from trtbuild.backends.onnxruntime_backend import compile_engine

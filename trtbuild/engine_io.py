@@ -81,6 +81,10 @@ def u8u8_engine_path(engine_path: Path) -> Path:
 
 
 # ---- a tensor-parallel rank's engine (trtbuild.ranks) --------------------------------------------
-# [3] int64: the MPI handles of the ranks' communicator, MPI_FLOAT and MPI_SUM (mpi4py's `handle`),
-# fed by the runtime with every call: the engine's AllReduce and AllGather kernels call MPI with them.
+# [4] int64: the MPI handles of the stage's tensor-parallel communicator, MPI_FLOAT, MPI_SUM and the
+# world's communicator (mpi4py's `handle`), fed by the runtime with every call: the engine's
+# collectives (AllReduce, AllGather, PipelineSend / PipelineRecv) call MPI with them.
 MPI_HANDLES = "mpi_handles"
+# [1] float: a pipeline stage before the last sends its hidden states on and returns this (0) in
+# place of logits
+PIPELINE_SENT = "pipeline_sent"

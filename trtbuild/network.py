@@ -18,8 +18,8 @@ from onnx import TensorProto
 from tqdm import tqdm
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine_io import (INPUT_IDS, LOGITS, LOGITS_POSITIONS, MPI_HANDLES, POSITION_IDS, USE_PROMPT_KERNEL,
-                                kv_io_names)
+from trtbuild.engine_io import (INPUT_IDS, LOGITS, LOGITS_POSITIONS, MPI_HANDLES, PIPELINE_SENT, POSITION_IDS,
+                                USE_PROMPT_KERNEL, kv_io_names)
 from trtbuild.models import family_of
 from trtbuild.models.base import linear_spec
 from trtbuild.onnx_graph import NP_TO_ONNX, GraphBuilder
@@ -28,6 +28,7 @@ from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_input
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
 from trtbuild.plugins.quant_gemm import accuracy_level, smoothquant_swiglu_mlp, weight_only_linear
+from trtbuild.ranks import RankPlace
 
 if TYPE_CHECKING:
     from trtbuild.plugins.lora import LoraNetworkOptions
@@ -143,6 +144,10 @@ class LayerOps:
         return add_norm(self.g, pending, residual, self.w(prefix + ".weight"), self.opt_w(prefix + ".bias"),
                         c.norm_type, c.norm_epsilon, self.options.fused_norm)
 
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.mpi is not None and self.config.mapping.tp_size > 1
+
     def linear(self, x: str, prefix: str) -> str:
         """The linear `prefix` on x; on a tensor-parallel rank a row-parallel one sums its partial
         output over the ranks (AllReduce) and adds its bias once, after the sum."""
@@ -157,14 +162,14 @@ class LayerOps:
     def _bias_apart(self, prefix: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """(tensors, None), or for a row-parallel linear of a tensor-parallel rank (tensors without
         its bias, the bias): the bias is added once, after the ranks' sum."""
-        reduce = self.mpi is not None and linear_spec(self.config, prefix).parallel == "row"
+        reduce = self.tensor_parallel and linear_spec(self.config, prefix).parallel == "row"
         if not reduce or prefix + ".bias" not in self.tensors:
             return self.tensors, None
         return {k: v for k, v in self.tensors.items() if k != prefix + ".bias"}, self.tensors[prefix + ".bias"]
 
     def _reduced(self, y: str, prefix: str, bias: np.ndarray | None) -> str:
         """A row-parallel linear's output summed over the ranks, then its bias (see _bias_apart)."""
-        if self.mpi is None or linear_spec(self.config, prefix).parallel != "row":
+        if not self.tensor_parallel or linear_spec(self.config, prefix).parallel != "row":
             return y
         g = self.g
         y = all_reduce(g, y, self.mpi, self.dtype, prefix)
@@ -238,10 +243,45 @@ class LayerOps:
         return self.linear(hidden, p + "mlp.proj")
 
 
+def embed_tokens(g: GraphBuilder, ops: LayerOps, config: PretrainedConfig, options: NetworkOptions,
+                 tensors: dict[str, np.ndarray], input_ids: str, position_ids: str,
+                 dtype: np.dtype) -> tuple[str, str | None, str | None, tuple | None]:
+    """The token (and learned position) embeddings → (hidden states, the float table, the int8
+    table's initializer, the int8 table's (values, scales)): what a tied lm_head reads again."""
+    embedding = table = None
+    int8_table = (int8_blocks(tensors["transformer.vocab_embedding.weight"], EMBEDDING_BLOCK)
+                  if quantize_embedding(config, options) else None)
+    if int8_table is not None and options.fused_gemm:
+        q, scales = int8_table
+        V, H = q.shape
+        table = g.weight("transformer.vocab_embedding.qweight", q.reshape(V, H // EMBEDDING_BLOCK, EMBEDDING_BLOCK))
+        rows = g.op("GatherBlockQuantized", [table, input_ids, g.weight(
+            "transformer.vocab_embedding.gather_scales", scales[:, :, None].astype(dtype))],
+            domain="com.microsoft", name="embedding/GatherBlockQuantized", gather_axis=0, quantize_axis=2,
+            block_size=EMBEDDING_BLOCK, bits=8)
+        h = g.op("Reshape", [rows, g.const([0, 0, H])], name="embedding")
+    else:
+        if int8_table is not None:  # the standard form gathers the same values, dequantized
+            q, scales = int8_table
+            dequantized = (q.astype(np.float32) - 128).reshape(q.shape[0], -1, EMBEDDING_BLOCK) * scales[:, :, None]
+            embedding = g.weight("transformer.vocab_embedding.weight", dequantized.reshape(q.shape).astype(dtype))
+        else:
+            embedding = ops.w("transformer.vocab_embedding.weight")
+        h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
+    if config.embedding_multiplier != 1.0:
+        h = g.op("Mul", [h, g.const(config.embedding_multiplier, dtype=dtype)], name="embedding_scale")
+    if config.position_embedding_type == "learned_absolute":
+        pos = g.op("Gather", [ops.w("transformer.position_embedding.weight"), position_ids], axis=0)
+        h = g.op("Add", [h, pos])
+    return h, embedding, table, int8_table
+
+
 def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], options: NetworkOptions,
-                  onnx_path: Path, progress: bool = True, metadata: dict[str, str] | None = None) -> Path:
+                  onnx_path: Path, progress: bool = True, metadata: dict[str, str] | None = None,
+                  place: RankPlace | None = None) -> Path:
     """Write the decoder for `config` with weights `tensors` to onnx_path (+ onnx_path.data);
-    `metadata`: the model's metadata_props (what build the engine belongs to)."""
+    `metadata`: the model's metadata_props (what build the engine belongs to); `place`: a rank's
+    place among several (trtbuild.ranks; `config` is then that rank's share)."""
     dtype = np.dtype(options.dtype) if options.dtype != "bfloat16" else np.dtype("float32")
     float_type = NP_TO_ONNX[dtype]
     quant = config.quantization
@@ -256,34 +296,18 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         lora_inputs = options.lora.add_graph_inputs(g) if options.lora else None
         cache_type = TensorProto.INT8 if quant.kv_cache_quant_algo == "INT8" else float_type
         tp = config.mapping.tp_size
-        mpi = g.input(MPI_HANDLES, TensorProto.INT64, [3]) if tp > 1 else None
+        mpi = g.input(MPI_HANDLES, TensorProto.INT64, [4]) if place is not None else None
         ops = LayerOps(g, config, tensors, options, dtype, shared, cache_type, lora_inputs, mpi=mpi)
 
-        embedding = table = None
-        int8_table = (int8_blocks(tensors["transformer.vocab_embedding.weight"], EMBEDDING_BLOCK)
-                      if quantize_embedding(config, options) else None)
-        if int8_table is not None and options.fused_gemm:
-            q, scales = int8_table
-            V, H = q.shape
-            table = g.weight("transformer.vocab_embedding.qweight", q.reshape(V, H // EMBEDDING_BLOCK, EMBEDDING_BLOCK))
-            rows = g.op("GatherBlockQuantized", [table, input_ids, g.weight(
-                "transformer.vocab_embedding.gather_scales", scales[:, :, None].astype(dtype))],
-                domain="com.microsoft", name="embedding/GatherBlockQuantized", gather_axis=0, quantize_axis=2,
-                block_size=EMBEDDING_BLOCK, bits=8)
-            h = g.op("Reshape", [rows, g.const([0, 0, H])], name="embedding")
-        else:
-            if int8_table is not None:  # the standard form gathers the same values, dequantized
-                q, scales = int8_table
-                dequantized = (q.astype(np.float32) - 128).reshape(q.shape[0], -1, EMBEDDING_BLOCK) * scales[:, :, None]
-                embedding = g.weight("transformer.vocab_embedding.weight", dequantized.reshape(q.shape).astype(dtype))
-            else:
-                embedding = ops.w("transformer.vocab_embedding.weight")
-            h = g.op("Gather", [embedding, input_ids], axis=0, name="embedding")
-        if config.embedding_multiplier != 1.0:
-            h = g.op("Mul", [h, g.const(config.embedding_multiplier, dtype=dtype)], name="embedding_scale")
-        if config.position_embedding_type == "learned_absolute":
-            pos = g.op("Gather", [ops.w("transformer.position_embedding.weight"), position_ids], axis=0)
-            h = g.op("Add", [h, pos])
+        if place is None or place.first_stage:
+            h, embedding, table, int8_table = embed_tokens(g, ops, config, options, tensors, input_ids, position_ids,
+                                                           dtype)
+        else:  # the previous stage's hidden states
+            embedding = table = int8_table = None
+            h = g.op("PipelineRecv", [input_ids, mpi], domain="trtbuild", name="pipeline/recv",
+                     peer=place.rank - tp, hidden_size=config.hidden_size)
+            if dtype != np.float32:
+                h = g.op("Cast", [h], to=float_type)
         for i in range(config.num_hidden_layers):
             declare_kv_io(g, i, config, options.fused_attention, cache_type)
 
@@ -299,6 +323,13 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             pending, residual = family.onnx_layer(ops, i, pending, residual)
         if pending is not None:
             h = g.op("Add", [pending, residual])
+        if place is not None and not place.last_stage:  # on to the next stage, which the last follows
+            if dtype != np.float32:
+                h = g.op("Cast", [h], to=TensorProto.FLOAT)
+            g.op("PipelineSend", [h, mpi], domain="trtbuild", name="pipeline/send", outputs=[PIPELINE_SENT],
+                 peer=place.rank + tp)
+            g.output(PIPELINE_SENT, TensorProto.FLOAT, [1])
+            return g.save()
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = ops.norm(picked, "transformer.ln_f")

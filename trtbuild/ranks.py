@@ -1,4 +1,10 @@
-"""Tensor-parallel ranks: how a checkpoint splits over them, as TensorRT-LLM splits it.
+"""Ranks: how a checkpoint splits over tensor-parallel ranks and pipeline stages, as TensorRT-LLM
+splits it. World rank = pp_rank * tp_size + tp_rank.
+
+Pipeline stages take consecutive layers (numbered from 0 in each stage's file; as evenly as they
+divide, the first stages one more); the first stage also holds the embeddings, the last the final
+norm and lm_head. A stage's engine receives the previous stage's hidden states and sends its own
+to the next (trtbuild.kernels' PipelineRecv / PipelineSend).
 
 Column-parallel linears (the layer spec's `parallel = "column"`: qkv, mlp.fc, mlp.gate) keep a
 slice of their outputs: qkv a slice of the query heads and of the KV heads (a KV head is repeated
@@ -7,15 +13,16 @@ Row-parallel linears (attention.dense, mlp.proj) keep the matching slice of thei
 partial outputs are summed over the ranks by the engine's AllReduce, and their bias is added once,
 after it. Norms and the embedding stay whole on every rank. lm_head is vocab-parallel: padded to a
 multiple of tp_size rows and cut in tp_size row blocks; the engine gathers the blocks and
-drops the padding, so every rank's engine returns the whole vocabulary's logits.
+drops the padding, so every rank of the last stage returns the whole vocabulary's logits.
 
 The checkpoint's config.json describes the whole model and its `mapping`; `rank_config` is the
-model one rank's engine computes (its heads, KV heads and MLP width).
+model one rank's engine computes (its heads, KV heads, MLP width and layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,9 +35,8 @@ def check_mapping(config: PretrainedConfig, tp_size: int, pp_size: int, source: 
     """The mapping for tp_size x pp_size ranks, or an error naming what does not divide."""
     if tp_size < 1 or pp_size < 1:
         raise TrtbuildError(f"{source}: tp_size {tp_size} and pp_size {pp_size} must be at least 1")
-    if pp_size != 1:
-        raise TrtbuildError(f"{source}: pipeline parallelism (pp_size {pp_size}) is not supported yet; "
-                            "use --pp_size 1 (tensor parallelism works)")
+    if pp_size > config.num_hidden_layers:
+        raise TrtbuildError(f"{source}: pp_size {pp_size} exceeds the model's {config.num_hidden_layers} layers")
     H, KV, I = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     if H % tp_size:
         raise TrtbuildError(f"{source}: tp_size {tp_size} does not divide the model's {H} attention heads")
@@ -63,22 +69,58 @@ def vocab_per_rank(config: PretrainedConfig, tp_size: int) -> int:
     return -(-config.vocab_size // tp_size)
 
 
+@dataclass(frozen=True)
+class RankPlace:
+    """Where world rank `rank` sits: its tensor-parallel rank within its pipeline stage."""
+
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    first_stage: bool  # it embeds the tokens (else it receives the previous stage's hidden states)
+    last_stage: bool  # it computes the logits (else it sends its hidden states on)
+    layers: range  # the model's layers its stage runs
+
+
+def rank_place(config: PretrainedConfig, rank: int) -> RankPlace:
+    """TensorRT-LLM's order: rank = pp_rank * tp_size + tp_rank; the layers divided over the stages
+    as evenly as they go (the first stages take one more)."""
+    m, L = config.mapping, config.num_hidden_layers
+    pp_rank, tp_rank = divmod(rank, m.tp_size)
+    base, extra = divmod(L, m.pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return RankPlace(rank, tp_rank, pp_rank, pp_rank == 0, pp_rank == m.pp_size - 1,
+                     range(start, start + base + (pp_rank < extra)))
+
+
 def rank_config(config: PretrainedConfig, rank: int) -> PretrainedConfig:
-    """What one rank's engine computes: its share of query heads, KV heads and MLP width; an
-    lm_head of its own (its vocabulary block) even when the model ties it to the embedding."""
-    tp = config.mapping.tp_size
-    if tp == 1:
+    """What one rank's engine computes: its share of query heads, KV heads and MLP width, its
+    stage's layers (numbered from 0); an lm_head of its own (its vocabulary block) even when the
+    model ties it to the embedding."""
+    m = config.mapping
+    if m.world_size == 1:
         return config
+    place, tp = rank_place(config, rank), m.tp_size
+    layer_types = config.layer_types[place.layers.start:place.layers.stop] if config.layer_types else None
     return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp,
                                num_key_value_heads=kv_heads_per_rank(config, tp),
-                               intermediate_size=config.intermediate_size // tp, tie_word_embeddings=False)
+                               intermediate_size=config.intermediate_size // tp, tie_word_embeddings=False,
+                               num_hidden_layers=len(place.layers), layer_types=layer_types)
+
+
+# what only the first stage (it embeds the tokens) and the last (it makes the logits) hold
+FIRST_STAGE_TENSORS = ("transformer.vocab_embedding.weight", "transformer.position_embedding.weight")
+LAST_STAGE_TENSORS = ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight")
 
 
 def rank_shapes(config: PretrainedConfig, rank: int) -> dict[str, tuple[int, ...]]:
     """Name → shape of every tensor rank `rank`'s file holds."""
     shapes = expected_shapes(rank_config(config, rank))
-    if config.mapping.tp_size > 1:
-        shapes["lm_head.weight"] = (vocab_per_rank(config, config.mapping.tp_size), config.hidden_size)
+    if config.mapping.world_size == 1:
+        return shapes
+    place = rank_place(config, rank)
+    shapes["lm_head.weight"] = (vocab_per_rank(config, config.mapping.tp_size), config.hidden_size)
+    for name in (() if place.first_stage else FIRST_STAGE_TENSORS) + (() if place.last_stage else LAST_STAGE_TENSORS):
+        shapes.pop(name, None)
     return shapes
 
 
@@ -126,20 +168,31 @@ def _split_linear_tensor(config: PretrainedConfig, lin: Linear, kind: str, x, tp
 def split_tensors(config: PretrainedConfig, tensors: dict, mapping: Mapping, rank: int) -> dict:
     """Rank `rank`'s tensors of a whole (unsplit) checkpoint, floating-point or quantized (numpy
     arrays or torch tensors, returned as the same kind)."""
-    tp = mapping.tp_size
-    if tp == 1:
+    if mapping.world_size == 1:
         return dict(tensors)
+    config = dataclasses.replace(config, mapping=mapping)
+    tp, place = mapping.tp_size, rank_place(config, rank)
     linears = {lin.name: lin for lin in layer_linears(config)}
     out = {}
     for name, x in tensors.items():
         lin, kind = None, ""
         if name.startswith("transformer.layers."):
-            linear_name, _, kind = name.split(".", 3)[3].rpartition(".")
+            _, _, layer, rest = name.split(".", 3)
+            if int(layer) not in place.layers:
+                continue
+            name = f"transformer.layers.{int(layer) - place.layers.start}.{rest}"  # numbered within the stage
+            linear_name, _, kind = rest.rpartition(".")
             lin = linears.get(linear_name)
-        out[name] = x if lin is None else _split_linear_tensor(config, lin, kind, x, tp, rank)
-    lm_head = tensors["transformer.vocab_embedding.weight"] if config.tie_word_embeddings else tensors["lm_head.weight"]
-    rows = vocab_per_rank(config, tp)
-    # rows past the vocabulary (padding) repeat row 0: the engine drops their logits
-    index = np.arange(rank * rows, (rank + 1) * rows)
-    out["lm_head.weight"] = _rows_of(lm_head, np.where(index < config.vocab_size, index, 0))
+        elif name in FIRST_STAGE_TENSORS and not place.first_stage or name in LAST_STAGE_TENSORS:
+            continue
+        out[name] = x if lin is None else _split_linear_tensor(config, lin, kind, x, tp, place.tp_rank)
+    if place.last_stage:
+        lm_head = tensors["transformer.vocab_embedding.weight"] if config.tie_word_embeddings else tensors["lm_head.weight"]
+        rows = vocab_per_rank(config, tp)
+        # rows past the vocabulary (padding) repeat row 0: the engine drops their logits
+        index = np.arange(place.tp_rank * rows, (place.tp_rank + 1) * rows)
+        out["lm_head.weight"] = _rows_of(lm_head, np.where(index < config.vocab_size, index, 0))
+        for name in LAST_STAGE_TENSORS[:2]:
+            if name in tensors:
+                out[name] = tensors[name]
     return {k: _contiguous(v) for k, v in out.items()}

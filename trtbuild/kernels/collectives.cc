@@ -1,13 +1,19 @@
 // Tensor-parallel collectives of a rank's engine (TensorRT-LLM's AllReduce plugin and the gather of
 // vocab-parallel logits), calling the MPI library the process loaded (mpi4py: MPICH or Open MPI).
 //
-// trtbuild::AllReduce(x [...] float, mpi [3] int64) -> y [...] float: the sum of x over the ranks.
-// trtbuild::AllGather(x [R, N] float, mpi [3] int64) -> y [R, ranks * N] float: rank r's x in
+// trtbuild::AllReduce(x [...] float, mpi [4] int64) -> y [...] float: the sum of x over the
+//   tensor-parallel ranks of the stage.
+// trtbuild::AllGather(x [R, N] float, mpi) -> y [R, ranks * N] float: tensor-parallel rank r's x in
 //   columns r * N .. (r + 1) * N - 1 of every row.
+// trtbuild::PipelineSend(x [...] float, mpi; peer) -> sent [1] float: x to world rank `peer` (the
+//   next pipeline stage), 0 once sent.
+// trtbuild::PipelineRecv(ids [B, S] int64, mpi; peer, hidden_size) -> y [B, S, hidden_size] float:
+//   what world rank `peer` (the previous stage) sent.
 //
-// `mpi` holds the handles of the ranks' communicator, of MPI_FLOAT and of MPI_SUM as the runtime's
-// mpi4py reads them (`handle`): an engine stores no handle (they differ per process and per MPI
-// library), so the runtime feeds them with every call. The kernel takes MPI_Allreduce and
+// `mpi` holds the handles of the stage's tensor-parallel communicator, of MPI_FLOAT, of MPI_SUM
+// and of the whole world's communicator as the runtime's mpi4py reads them (`handle`): an engine
+// stores no handle (they differ per process and per MPI library), only world ranks, so the
+// runtime feeds them with every call. The kernel takes MPI_Allreduce and
 // MPI_Allgather from the libmpi already loaded (mpi4py loads it RTLD_LOCAL, hence dlopen with
 // RTLD_NOLOAD); a handle is an int (MPICH) or a pointer (Open MPI), passed as a 64-bit integer,
 // of which an int parameter reads the low half (x86-64 and AArch64 calling conventions).
@@ -22,11 +28,15 @@ namespace {
 using AllreduceFn = int (*)(const void*, void*, int, intptr_t, intptr_t, intptr_t);
 using AllgatherFn = int (*)(const void*, int, intptr_t, void*, int, intptr_t, intptr_t);
 using CommSizeFn = int (*)(intptr_t, int*);
+using SendFn = int (*)(const void*, int, intptr_t, int, int, intptr_t);
+using RecvFn = int (*)(void*, int, intptr_t, int, int, intptr_t, void*);
 
 struct Mpi {
   AllreduceFn allreduce = nullptr;
   AllgatherFn allgather = nullptr;
   CommSizeFn comm_size = nullptr;
+  SendFn send = nullptr;
+  RecvFn recv = nullptr;
 };
 
 // The loaded MPI library's functions, or an error saying how multi-rank engines are run.
@@ -37,14 +47,16 @@ OrtStatus* find_mpi(const OrtApi* api, const char* op, Mpi& mpi) {
     mpi.allreduce = reinterpret_cast<AllreduceFn>(dlsym(lib, "MPI_Allreduce"));
     mpi.allgather = reinterpret_cast<AllgatherFn>(dlsym(lib, "MPI_Allgather"));
     mpi.comm_size = reinterpret_cast<CommSizeFn>(dlsym(lib, "MPI_Comm_size"));
-    if (mpi.allreduce && mpi.allgather && mpi.comm_size) return nullptr;
+    mpi.send = reinterpret_cast<SendFn>(dlsym(lib, "MPI_Send"));
+    mpi.recv = reinterpret_cast<RecvFn>(dlsym(lib, "MPI_Recv"));
+    if (mpi.allreduce && mpi.allgather && mpi.comm_size && mpi.send && mpi.recv) return nullptr;
   }
   return op_error(api, op, "no MPI library is loaded in this process: a multi-rank engine runs under mpiexec "
                            "through trtbuild's runtime (mpiexec -n N trtbuild-run --engine_dir ...)");
 }
 
 struct Handles {
-  intptr_t comm, float_type, sum;
+  intptr_t comm, float_type, sum, world;
 };
 
 OrtStatus* read_handles(const OrtApi* api, const char* op, OrtKernelContext* context, Handles& h) {
@@ -52,24 +64,27 @@ OrtStatus* read_handles(const OrtApi* api, const char* op, OrtKernelContext* con
   TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 1, &value));
   std::vector<int64_t> dims;
   TRTBUILD_RETURN_IF_ERROR(shape_of(api, value, dims));
-  if (dims.size() != 1 || dims[0] != 3) return op_error(api, op, "mpi must be [3] int64: comm, MPI_FLOAT, MPI_SUM");
+  if (dims.size() != 1 || dims[0] != 4)
+    return op_error(api, op, "mpi must be [4] int64: the stage's comm, MPI_FLOAT, MPI_SUM, the world's comm");
   const int64_t* data;
   TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(value, reinterpret_cast<const void**>(&data)));
-  h = {(intptr_t)data[0], (intptr_t)data[1], (intptr_t)data[2]};
+  h = {(intptr_t)data[0], (intptr_t)data[1], (intptr_t)data[2], (intptr_t)data[3]};
   return nullptr;
 }
 
 template <class K>
 struct CollectiveOp {
   static ONNXTensorElementDataType input_type(size_t i) {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    return i == 0 && !K::ids_input ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   }
   static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   static constexpr size_t inputs = 2, outputs = 1, required_inputs = 2;
-  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, K** out) {
+  static constexpr bool ids_input = false;
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, K** out) {
     *out = new K{{api}};
-    return nullptr;
+    return (*out)->read_attributes(info);
   }
+  OrtStatus* read_attributes(const OrtKernelInfo*) { return nullptr; }
   // MPI is looked up on the first call, not when the session is created: the build creates one
   // (to optimize the graph) in a process without MPI.
   OrtStatus* mpi_functions() const {
@@ -138,7 +153,88 @@ struct AllGather : CollectiveOp<AllGather> {
   }
 };
 
+// An int attribute of the node (peer, hidden_size).
+OrtStatus* int_attribute(const OrtApi* api, const OrtKernelInfo* info, const char* op, const char* name, int64_t& v) {
+  if (OrtStatus* s = api->KernelInfoGetAttribute_int64(info, name, &v)) {
+    api->ReleaseStatus(s);
+    return op_error(api, op, std::string("attribute ") + name + " is required");
+  }
+  return nullptr;
+}
+
+struct PipelineSend : CollectiveOp<PipelineSend> {
+  static constexpr const char* name = "PipelineSend";
+  int64_t peer = -1;
+
+  OrtStatus* read_attributes(const OrtKernelInfo* info) { return int_attribute(api, info, name, "peer", peer); }
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    const OrtValue* x;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
+    Handles h;
+    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
+    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
+    std::vector<int64_t> dims;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    const float* in;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&in)));
+    const int64_t n = element_count(dims);
+    if (n > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    if (mpi.send(in, (int)n, h.float_type, (int)peer, 0, h.world) != 0) return op_error(api, name, "MPI_Send failed");
+    const int64_t one = 1;
+    OrtValue* y;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, &one, 1, &y));
+    float* out;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&out)));
+    out[0] = 0.0f;
+    return nullptr;
+  }
+};
+
+struct PipelineRecv : CollectiveOp<PipelineRecv> {
+  static constexpr const char* name = "PipelineRecv";
+  static constexpr bool ids_input = true;
+  int64_t peer = -1, hidden_size = 0;
+
+  OrtStatus* read_attributes(const OrtKernelInfo* info) {
+    TRTBUILD_RETURN_IF_ERROR(int_attribute(api, info, name, "peer", peer));
+    return int_attribute(api, info, name, "hidden_size", hidden_size);
+  }
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    const OrtValue* ids;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &ids));
+    Handles h;
+    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
+    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
+    std::vector<int64_t> dims;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, ids, dims));
+    if (dims.size() != 2) return op_error(api, name, "ids must be [batch, sequence]");
+    dims.push_back(hidden_size);
+    OrtValue* y;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, dims.data(), dims.size(), &y));
+    float* out;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&out)));
+    const int64_t n = element_count(dims);
+    if (n > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    alignas(16) char status[64];  // MPI_Status: 20 bytes in MPICH, 24 in Open MPI
+    if (mpi.recv(out, (int)n, h.float_type, (int)peer, 0, h.world, status) != 0)
+      return op_error(api, name, "MPI_Recv failed");
+    return nullptr;
+  }
+};
+
 }  // namespace
+
+const OrtCustomOp* pipeline_send_op() {
+  static const OpTable<PipelineSend> op;
+  return &op;
+}
+
+const OrtCustomOp* pipeline_recv_op() {
+  static const OpTable<PipelineRecv> op;
+  return &op;
+}
 
 const OrtCustomOp* all_reduce_op() {
   static const OpTable<AllReduce> op;

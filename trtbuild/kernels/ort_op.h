@@ -144,5 +144,7 @@ const OrtCustomOp* per_token_quantize_op();
 const OrtCustomOp* swiglu_quantize_op();
 const OrtCustomOp* all_reduce_op();
 const OrtCustomOp* all_gather_op();
+const OrtCustomOp* pipeline_send_op();
+const OrtCustomOp* pipeline_recv_op();
 
 }  // namespace trtbuild

@@ -16,7 +16,8 @@ import onnxruntime as ort
 
 from trtbuild.checkpoint import TOKENIZER_DIR
 from trtbuild.engine import BUILD_ID_KEY, EngineConfig, load_engine_config
-from trtbuild.engine_io import INPUT_IDS, LOGITS, LOGITS_POSITIONS, MPI_HANDLES, POSITION_IDS, USE_PROMPT_KERNEL
+from trtbuild.engine_io import (INPUT_IDS, LOGITS, LOGITS_POSITIONS, MPI_HANDLES, PIPELINE_SENT, POSITION_IDS,
+                                USE_PROMPT_KERNEL)
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime.cpu_forms import CpuForms
 from trtbuild.runtime.kv_cache import KVCache, kv_cache_for
@@ -52,6 +53,7 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.forms = forms  # what the engine runs as on this CPU (trtbuild.runtime.cpu_forms)
         self.world = world  # a multi-rank engine: this process's rank among them (trtbuild.runtime.world)
+        self._sent = np.zeros(1, np.float32)  # a pipeline stage before the last: its output in place of logits
         # prompt attention engines: which branch prompts into an empty cache take (default: the kernel's)
         inputs = {i.name for i in session.get_inputs()} if hasattr(session, "get_inputs") else set()
         self.prompt_kernel = None if USE_PROMPT_KERNEL not in inputs else \
@@ -80,7 +82,8 @@ class ModelRunner:
         # every rank could, so that none waits in a collective for a rank that failed
         from trtbuild.runtime.world import agree, join_world, threads_per_rank
 
-        world = join_world(engine_dir, config.pretrained_config.mapping.world_size)
+        mapping = config.pretrained_config.mapping
+        world = join_world(engine_dir, mapping.world_size, mapping.tp_size)
         try:
             runner = cls._open(engine_dir, config, world.rank, num_threads or threads_per_rank(world), tokenizer_dir,
                                int8_gemm, prompt_attention, world)
@@ -181,7 +184,7 @@ class ModelRunner:
         cache: the KV cache the step reads and extends (default: the runner's, `kv_cache.for_call()`:
         the shared buffer, or a new concatenated cache, i.e. a step over an empty cache).
         lora_task_ids [B]: each row's adapter (-1, the default: the base model).
-        Returns logits [B, K, vocab] float32.
+        Returns logits [B, K, vocab] float32 (None on a pipeline stage before the last).
         """
         batch = input_ids.shape[0]
         cache = cache if cache is not None else self.kv_cache.for_call()
@@ -189,8 +192,12 @@ class ModelRunner:
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         io.bind_cpu_input(LOGITS_POSITIONS, np.ascontiguousarray(logits_positions, dtype=np.int64))
-        logits = np.empty((batch, logits_positions.shape[1], self.vocab_size), np.float32)
-        io.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        if self.world is not None and not self.world.has_logits:  # a pipeline stage before the last
+            logits = None
+            io.bind_output(PIPELINE_SENT, "cpu", 0, np.float32, [1], self._sent.ctypes.data)
+        else:
+            logits = np.empty((batch, logits_positions.shape[1], self.vocab_size), np.float32)
+            io.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if self.lora is not None:
             self.lora.bind(io, lora_task_ids if lora_task_ids is not None else np.full(batch, -1, np.int64))
         if self.prompt_kernel is not None:
@@ -215,14 +222,15 @@ class ModelRunner:
         return self.step(ids, positions, picks, lengths, slot_start, cache, lora_task_ids)
 
     def accept(self, requests: list[Request], logits: np.ndarray) -> None:
-        """Each request's next token from its row of logits [B, 1, V]; on a multi-rank engine rank 0
-        samples and every rank takes its tokens."""
+        """Each request's next token from its row of logits [B, 1, V]; on a multi-rank engine the
+        first rank of the last stage samples and every rank takes its tokens."""
         if self.world is None:
             for r, row in zip(requests, logits):
                 r.accept(row[0])
             return
-        tokens = [r.sample(row[0]) for r, row in zip(requests, logits)] if self.world.is_leader else None
-        for r, token in zip(requests, self.world.broadcast(tokens)):
+        sampler = self.world.sampler
+        tokens = [r.sample(row[0]) for r, row in zip(requests, logits)] if self.world.rank == sampler else None
+        for r, token in zip(requests, self.world.broadcast(tokens, root=sampler)):
             r.take(token)
 
     # ---- generation -------------------------------------------------------------------------
@@ -280,10 +288,15 @@ class ModelRunner:
 
     # ---- scoring ----------------------------------------------------------------------------
     def score(self, batch_input_ids: list[list[int]], lora_task_ids: list[int] | None = None) -> np.ndarray:
-        """Logits at every position [B, S, vocab] (rows right-padded to the longest), for perplexity."""
+        """Logits at every position [B, S, vocab] (rows right-padded to the longest), for perplexity
+        (on every rank of a multi-rank engine)."""
         if len(batch_input_ids) > self.max_batch_size:
             raise TrtbuildError(f"{len(batch_input_ids)} sequences exceed max_batch_size {self.max_batch_size}")
         for i, p in enumerate(batch_input_ids):
             self.check_request(list(p), 0, i)
         task_ids = np.array(lora_task_ids if lora_task_ids is not None else [-1] * len(batch_input_ids), np.int64)
-        return self.prefill([list(p) for p in batch_input_ids], all_logits=True, lora_task_ids=task_ids)
+        logits = self.prefill([list(p) for p in batch_input_ids], all_logits=True, lora_task_ids=task_ids)
+        if self.world is not None and self.world.sampler != 0:  # pipeline stages: the last one has them
+            shape = (len(batch_input_ids), max(len(p) for p in batch_input_ids), self.vocab_size)
+            logits = self.world.broadcast_array(logits, shape, self.world.sampler)
+        return logits

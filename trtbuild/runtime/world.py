@@ -22,19 +22,34 @@ from trtbuild.errors import TrtbuildError
 class RankWorld:
     """This process's place among the ranks of one engine."""
 
-    comm: Any  # the mpi4py communicator the engine's collectives use (a duplicate of COMM_WORLD)
+    comm: Any  # the mpi4py communicator of every rank (a duplicate of COMM_WORLD)
     rank: int
     size: int
     local_size: int  # ranks on this machine
-    handles: np.ndarray  # [3] int64: comm, MPI_FLOAT, MPI_SUM, fed as engine_io.MPI_HANDLES
+    # [4] int64: its stage's tensor-parallel communicator, MPI_FLOAT, MPI_SUM, `comm`: what the
+    # engine's collectives are fed (engine_io.MPI_HANDLES)
+    handles: np.ndarray
+    sampler: int  # the rank that samples: the first of the last pipeline stage, which has the logits
+    stage_comm: Any = None  # its stage's tensor-parallel communicator (kept alive while the engine runs)
 
     @property
     def is_leader(self) -> bool:
+        """Rank 0: it reads the inputs and prints."""
         return self.rank == 0
 
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's value on every rank (pickled; small values: tokens, prompts, settings)."""
-        return self.comm.bcast(value, root=0)
+    @property
+    def has_logits(self) -> bool:
+        return self.rank >= self.sampler  # the last stage's ranks
+
+    def broadcast(self, value: Any, root: int = 0) -> Any:
+        """`root`'s value on every rank (pickled; small values: tokens, prompts, settings)."""
+        return self.comm.bcast(value, root=root)
+
+    def broadcast_array(self, array: np.ndarray | None, shape: tuple[int, ...], root: int) -> np.ndarray:
+        """`root`'s float32 array of `shape` on every rank (no pickling: logits for scoring)."""
+        buffer = np.ascontiguousarray(array, np.float32) if self.rank == root else np.empty(shape, np.float32)
+        self.comm.Bcast(buffer, root=root)
+        return buffer
 
 
 def launched_rank() -> int:
@@ -50,9 +65,9 @@ def launch_hint(engine_dir: Path, world_size: int) -> str:
     return f"mpiexec -n {world_size} trtbuild-run --engine_dir {engine_dir} ..."
 
 
-def join_world(engine_dir: Path, world_size: int) -> RankWorld:
-    """The world of this process, which must have the engine's number of ranks; the error says how
-    to launch it (every rank raises the same one, so none waits for the others)."""
+def join_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
+    """The world of this process, which must have the engine's number of ranks (tp_size a stage);
+    the error says how to launch it (every rank raises the same one, so none waits for the others)."""
     try:
         from mpi4py import MPI
     except ImportError:
@@ -64,11 +79,14 @@ def join_world(engine_dir: Path, world_size: int) -> RankWorld:
         raise TrtbuildError(f"{engine_dir} is an engine of {world_size} ranks, started {how}: launch it as "
                             f"{launch_hint(engine_dir, world_size)}")
     comm = world.Dup()
+    rank = comm.Get_rank()
+    stage = comm.Split(color=rank // tp_size, key=rank % tp_size)  # rank = pp_rank * tp_size + tp_rank
     local = world.Split_type(MPI.COMM_TYPE_SHARED)
     local_size = local.Get_size()
     local.Free()
-    handles = np.array([comm.handle, MPI.FLOAT.handle, MPI.SUM.handle], dtype=np.uint64).astype(np.int64)
-    return RankWorld(comm, comm.Get_rank(), comm.Get_size(), local_size, handles)
+    handles = np.array([stage.handle, MPI.FLOAT.handle, MPI.SUM.handle, comm.handle],
+                       dtype=np.uint64).astype(np.int64)
+    return RankWorld(comm, rank, comm.Get_size(), local_size, handles, world_size - tp_size, stage)
 
 
 def agree(world: RankWorld, error: TrtbuildError | None) -> None:

@@ -1,6 +1,6 @@
-"""Tensor parallelism: convert --tp_size N → trt-build (an engine per rank) → mpiexec -n N: every
-rank's logits equal the single-rank engine's and the greedy text is the same; sampling takes rank
-0's tokens on every rank; a wrong launch or a bad split is one line."""
+"""Ranks: convert --tp_size N --pp_size M → trt-build (an engine per rank) → mpiexec -n N*M: every
+rank's logits equal the single-rank engine's and the greedy text is the same; every rank takes the
+sampling rank's tokens; a wrong launch or a bad split is one line."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ NEW_TOKENS = 8
 pytestmark = pytest.mark.skipif(not MPIEXEC.is_file(), reason="needs trtbuild[mpi] (mpiexec beside python)")
 
 
-def build(model_dir: Path, root: Path, tp: int) -> Path:
-    ckpt, engine = root / f"ckpt-tp{tp}", root / f"engine-tp{tp}"
-    convert_checkpoint(model_dir, ckpt, "float32", progress=False, tp_size=tp)
+def build(model_dir: Path, root: Path, tp: int, pp: int = 1) -> Path:
+    ckpt, engine = root / f"ckpt-tp{tp}-pp{pp}", root / (f"engine-tp{tp}" + (f"-pp{pp}" if pp > 1 else ""))
+    convert_checkpoint(model_dir, ckpt, "float32", progress=False, tp_size=tp, pp_size=pp)
     build_engine(ckpt, engine, BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64), progress=False)
     return engine
 
@@ -40,19 +40,25 @@ def run_ranks(engine: Path, ranks: int, out: Path) -> dict[str, np.ndarray]:
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("arch,tp", [("llama", 2), ("llama3", 2), ("qwen2", 2), ("mistral", 2), ("phi3", 2),
-                                     ("gpt2", 2), ("qwen3", 2), ("gemma3", 2), ("llama_tp3", 3)])
-def test_tp_engine_equals_one_rank(arch, tp, tiny_models, tmp_path):
-    """llama3 has one KV head (each rank repeats it), llama_tp3 a vocabulary 3 does not divide (padded
-    lm_head), gpt2 biases on its row-parallel linears (added once), phi3 fused qkv and gate_up."""
+@pytest.mark.parametrize("arch,tp,pp", [
+    ("llama", 2, 1), ("llama3", 2, 1), ("qwen2", 2, 1), ("mistral", 2, 1), ("phi3", 2, 1), ("gpt2", 2, 1),
+    ("qwen3", 2, 1), ("gemma3", 2, 1), ("llama_tp3", 3, 1),
+    ("llama", 1, 2), ("gpt2", 1, 2), ("phi3", 1, 2), ("gemma3", 1, 2), ("qwen3", 1, 2), ("gemma3", 1, 3),
+    ("llama", 2, 2), ("gemma3", 2, 2)])
+def test_multi_rank_engine_equals_one_rank(arch, tp, pp, tiny_models, tmp_path):
+    """tp: llama3 has one KV head (each rank repeats it), llama_tp3 a vocabulary 3 does not divide
+    (padded lm_head), gpt2 biases on its row-parallel linears (added once), phi3 fused qkv and
+    gate_up. pp: the layers over stages (gemma3's 4 over 3: 2, 1, 1, its sliding layers among them),
+    gpt2's learned positions on the first stage only; tp x pp: 4 ranks."""
     model = tiny_models[arch]
     one = ModelRunner.from_dir(build(model, tmp_path, 1), num_threads=1)
     want_scores = one.score(PROMPTS)
     want_tokens = one.generate(PROMPTS, SamplingConfig(max_new_tokens=NEW_TOKENS, end_id=-1)).output_ids
-    engine = build(model, tmp_path, tp)
-    assert sorted(p.name for p in engine.glob("rank*.engine")) == [f"rank{r}.engine" for r in range(tp)]
-    got = run_ranks(engine, tp, tmp_path / "out.npz")
-    for rank in range(tp):
+    engine = build(model, tmp_path, tp, pp)
+    ranks = tp * pp
+    assert sorted(p.name for p in engine.glob("rank*.engine")) == [f"rank{r}.engine" for r in range(ranks)]
+    got = run_ranks(engine, ranks, tmp_path / "out.npz")
+    for rank in range(ranks):
         scores = got[f"scores_{rank}"]
         for b, prompt in enumerate(PROMPTS):  # rows are right-padded to the longest prompt
             np.testing.assert_allclose(scores[b, :len(prompt)], want_scores[b, :len(prompt)], atol=1e-4, rtol=0)
@@ -74,6 +80,31 @@ def test_tp_split_shapes_and_config(tiny_models, tmp_path):
     assert rank1["transformer.layers.0.mlp.proj.weight"].shape == (96, 64)
     assert rank1["lm_head.weight"].shape == (171, 96)
     assert rank1["transformer.vocab_embedding.weight"].shape == (512, 96)
+
+
+def test_pp_split_gives_each_stage_its_layers(tiny_models, tmp_path):
+    """gemma3's 4 layers over 3 stages: 2, 1, 1, numbered from 0 in each stage's file; the embedding
+    on the first stage only, the final norm and lm_head (untied) on the last only."""
+    from safetensors.numpy import load_file
+
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(tiny_models["gemma3"], ckpt, "float32", progress=False, pp_size=3)
+    assert json.loads((ckpt / "config.json").read_text())["mapping"] == {"world_size": 3, "tp_size": 1, "pp_size": 3}
+    files = [load_file(str(ckpt / f"rank{r}.safetensors")) for r in range(3)]
+    layers = [sorted({int(k.split(".")[2]) for k in f if k.startswith("transformer.layers.")}) for f in files]
+    assert layers == [[0, 1], [0], [0]]
+    assert ["transformer.vocab_embedding.weight" in f for f in files] == [True, False, False]
+    assert ["lm_head.weight" in f and "transformer.ln_f.weight" in f for f in files] == [False, False, True]
+    whole = load_file(str(build_dir_one_rank_ckpt(tiny_models["gemma3"], tmp_path) / "rank0.safetensors"))
+    np.testing.assert_array_equal(files[2]["transformer.layers.0.mlp.proj.weight"],
+                                  whole["transformer.layers.3.mlp.proj.weight"])
+    np.testing.assert_array_equal(files[2]["lm_head.weight"], whole["transformer.vocab_embedding.weight"])
+
+
+def build_dir_one_rank_ckpt(model_dir: Path, root: Path) -> Path:
+    ckpt = root / "one-rank-ckpt"
+    convert_checkpoint(model_dir, ckpt, "float32", progress=False)
+    return ckpt
 
 
 def test_wrong_launch_is_one_line(tiny_models, tmp_path):
@@ -106,6 +137,14 @@ def test_tp_run_py_prints_once(tiny_models, tmp_path):
 def test_bad_splits_are_one_line(tiny_models, tmp_path):
     with pytest.raises(TrtbuildError, match="tp_size 3 does not divide the model's 4 attention heads"):
         convert_checkpoint(tiny_models["llama"], tmp_path / "c3", "float32", progress=False, tp_size=3)
+    with pytest.raises(TrtbuildError, match="pp_size 3 exceeds the model's 2 layers"):
+        convert_checkpoint(tiny_models["llama"], tmp_path / "p3", "float32", progress=False, pp_size=3)
+    with pytest.raises(TrtbuildError, match="tp_size 2 gives each rank 32 of attention.dense's 64 inputs, not a "
+                                            "multiple of --group_size 64"):
+        build_engine(build_dir_one_rank_ckpt(tiny_models["llama"], tmp_path), tmp_path / "q", BuildConfig(
+            max_input_len=32, max_seq_len=64), progress=False, tp_size=2, recipe=_recipe(
+            ["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "64"]))
+    assert not (tmp_path / "q").exists()
     engine_ckpt = tmp_path / "c2"
     convert_checkpoint(tiny_models["llama"], engine_ckpt, "float32", progress=False, tp_size=2)
     (engine_ckpt / "rank1.safetensors").unlink()
@@ -140,14 +179,14 @@ def test_trt_build_splits_an_unsplit_checkpoint(tiny_models, tmp_path):
     a, b = (run_ranks(e, 2, tmp_path / f"{e.name}.npz") for e in (tmp_path / "split", converted))
     assert np.array_equal(a["scores_0"], b["scores_0"]) and a["greedy_0"].tolist() == b["greedy_0"].tolist()
     with pytest.raises(TrtbuildError, match="already split over 2 ranks"):
-        build_engine(tmp_path / "ckpt-tp2", tmp_path / "x", BuildConfig(max_input_len=32, max_seq_len=64), tp_size=3)
+        build_engine(tmp_path / "ckpt-tp2-pp1", tmp_path / "x", BuildConfig(max_input_len=32, max_seq_len=64), tp_size=3)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 3])
-def test_smollm2_tp(tp, real_model_dir, tmp_path):
-    """SmolLM2-135M (9 heads, 3 KV heads): tp 2 does not divide its heads (one line); tp 3 gives one
-    rank's logits and greedy tokens."""
+@pytest.mark.parametrize("tp,pp", [(2, 1), (3, 1), (1, 2)])
+def test_smollm2_ranks(tp, pp, real_model_dir, tmp_path):
+    """SmolLM2-135M (9 heads, 3 KV heads, 30 layers): tp 2 does not divide its heads (one line); tp 3
+    and pp 2 give one rank's logits and greedy tokens."""
     if tp == 2:
         with pytest.raises(TrtbuildError, match="tp_size 2 does not divide the model's 9 attention heads"):
             convert_checkpoint(real_model_dir, tmp_path / "c", "float32", progress=False, tp_size=2)
@@ -159,8 +198,8 @@ def test_smollm2_tp(tp, real_model_dir, tmp_path):
     one = ModelRunner.from_dir(build(real_model_dir, tmp_path, 1), num_threads=2)
     want_scores = one.score(prompts)
     want_tokens = one.generate(prompts, SamplingConfig(max_new_tokens=NEW_TOKENS, end_id=-1)).output_ids
-    engine = build(real_model_dir, tmp_path, tp)
-    proc = subprocess.run([str(MPIEXEC), "-n", str(tp), sys.executable, str(WORKER), str(engine),
+    engine = build(real_model_dir, tmp_path, tp, pp)
+    proc = subprocess.run([str(MPIEXEC), "-n", str(tp * pp), sys.executable, str(WORKER), str(engine),
                            str(tmp_path / "out.npz"), json.dumps(prompts), str(NEW_TOKENS)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -217,3 +256,52 @@ def test_every_quantization_recipe_at_tp2(recipe, tiny_models, engines, tmp_path
     tolerance = {"sq_per_token": 0.05, "w4a16": 1e-2}.get(recipe, 1e-4)
     for b, prompt in enumerate(PROMPTS):
         np.testing.assert_allclose(got["scores_0"][b, :len(prompt)], want[b, :len(prompt)], atol=tolerance, rtol=0)
+
+
+def _recipe(flags: list[str]):
+    import argparse
+
+    from trtbuild.quantization.recipe import add_quant_args, recipe_from_args
+
+    return recipe_from_args(add_quant_args(argparse.ArgumentParser()).parse_args(flags))
+
+
+LONG_RUN = """
+import os, sys
+from pathlib import Path
+from trtbuild.runtime import ModelRunner, SamplingConfig
+runner = ModelRunner.from_dir(sys.argv[1])
+Path(sys.argv[2], f"rank{runner.world.rank}.pid").write_text(str(os.getpid()))
+while True:  # until a rank is ended
+    runner.generate([[5, 6, 7]], SamplingConfig(max_new_tokens=40, end_id=-1))
+"""
+
+
+@pytest.mark.parametrize("how", ["kill one rank", "ctrl-c"])
+def test_one_rank_ending_ends_every_rank(how, tiny_models, tmp_path):
+    """A rank that dies (or Ctrl-C to mpiexec) ends the whole run: no rank waits forever in a
+    collective for it."""
+    import os
+    import signal
+    import time
+
+    engine = build(tiny_models["llama"], tmp_path, 2)
+    proc = subprocess.Popen([str(MPIEXEC), "-n", "2", sys.executable, "-c", LONG_RUN, str(engine), str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"rank{r}.pid").is_file() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        time.sleep(1)  # mid-generation
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
+        for r in range(2):  # and no rank is left behind (a zombie has ended)
+            stat = Path(f"/proc/{(tmp_path / f'rank{r}.pid').read_text()}/stat")
+            assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
