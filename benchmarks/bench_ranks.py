@@ -37,9 +37,10 @@ def timings(engine_dir: Path, threads: int | None, new_tokens: int, prefill_len:
 
     runner = ModelRunner.from_dir(engine_dir, num_threads=threads)
     sampling = SamplingConfig(max_new_tokens=new_tokens, end_id=-1)
-    one = [[(1000 + 7 * j) % 30000 for j in range(32)]]
-    many = [[(1000 + 37 * i + 7 * j) % 30000 for j in range(32)] for i in range(batch)]
-    long = [[(500 + 13 * j) % 30000 for j in range(prefill_len)]]
+    vocab = min(runner.vocab_size, 30000)  # the same ids for every engine of a model
+    one = [[(1000 + 7 * j) % vocab for j in range(32)]]
+    many = [[(1000 + 37 * i + 7 * j) % vocab for j in range(32)] for i in range(batch)]
+    long = [[(500 + 13 * j) % vocab for j in range(prefill_len)]]
     runner.generate(one, SamplingConfig(max_new_tokens=4, end_id=-1))  # warm-up
 
     def timed(fn) -> float:
@@ -95,12 +96,12 @@ def worker(a: argparse.Namespace) -> None:
         Path(a.out).write_text(json.dumps(result))
 
 
-def ensure_engines(model_dir: Path, tp: int, max_input_len: int) -> tuple[Path, Path]:
+def ensure_engines(model_dir: Path, tp: int, max_input_len: int, cache_dir: Path) -> tuple[Path, Path]:
     from trtbuild.builder import build_engine
     from trtbuild.convert.converter import convert_checkpoint
     from trtbuild.engine import BuildConfig
 
-    root = Path.home() / ".cache" / "trtbuild" / "bench"
+    root = cache_dir / "bench"
     ckpt = root / f"{model_dir.name}-fp32-ckpt"
     if not (ckpt / "config.json").is_file():
         convert_checkpoint(model_dir, ckpt, "float32", force=True)
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cache_dir", type=Path, default=Path.home() / ".cache" / "trtbuild",
+                   help="where the engines are built and kept (bench/)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine_dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (a.model_dir / "config.json").is_file():
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_model.py"), "qwen2-0.5b"], check=True)
-    one, split = ensure_engines(a.model_dir, a.tp, max(a.prefill_len, 64))
+    one, split = ensure_engines(a.model_dir, a.tp, max(a.prefill_len, 64), a.cache_dir)
     mpiexec = Path(sys.executable).parent / "mpiexec"
     cores = len(os.sched_getaffinity(0))
     rows: dict[str, list[dict]] = {"tp1": [], f"tp{a.tp}": []}

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trtbuild.engine import BuildConfig
 
 from conftest import REPO
@@ -72,3 +74,17 @@ def test_profile_runtime_on_tiny_engine(tiny_models, engines) -> None:
                      "## trtbuild onnxruntime profile, decode: 7 decode runs",
                      "## trtbuild onnxruntime profile, one 48-token prefill: 1 prefill runs", "| MatMul |"):
         assert expected in r.stdout, r.stdout
+
+
+def test_bench_ranks_on_tiny_model(tiny_models, tmp_path: Path) -> None:
+    """bench_ranks.py: a tp2 engine under mpiexec beside tp1, one short round, on the tiny llama."""
+    if not (Path(sys.executable).parent / "mpiexec").is_file():
+        pytest.skip("needs trtbuild[mpi]")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_ranks.py"), "--model_dir",
+                        str(tiny_models["llama"]), "--tp", "2", "--rounds", "1", "--new_tokens", "4", "--batch", "2",
+                        "--prefill_len", "16", "--cache_dir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| tp2 |" in r.stdout and "collectives at tp2" in r.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["median"]["tp2"]["b1"] > 0 and result["rows"]["tp2"][0]["threads"] == 1
