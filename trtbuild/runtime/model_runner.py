@@ -73,7 +73,8 @@ class ModelRunner:
 
         The forms of its ops that are exact and fastest on this CPU are picked by probe
         (trtbuild.runtime.cpu_forms); `int8_gemm` ("u8s8" / "u8u8") and `prompt_attention`
-        ("kernel" / "gqa") force one instead of "auto"."""
+        ("kernel" / "gqa") force one instead of "auto". An engine of several ranks opens this
+        process's rank among those mpiexec started (trtbuild.runtime.world; `rank` is ignored)."""
         engine_dir = Path(engine_dir)
         config = load_engine_config(engine_dir)
         if config.pretrained_config.mapping.world_size == 1:
@@ -98,6 +99,7 @@ class ModelRunner:
     def _open(cls, engine_dir: Path, config: EngineConfig, rank: int, num_threads: int | None,
               tokenizer_dir: str | Path | None, int8_gemm: str, prompt_attention: str,
               world: RankWorld | None = None) -> "ModelRunner":
+        """rank{rank}.engine of engine_dir with its forms for this CPU, its tokenizer and adapters."""
         backend = config.build_config.backend
         engine_path = engine_dir / f"rank{rank}.engine"
         if not engine_path.is_file():

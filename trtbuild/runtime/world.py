@@ -1,9 +1,10 @@
 """The MPI world a multi-rank engine runs in: one process per rank, launched by mpiexec.
 
 Every rank opens its own rank{r}.engine and runs every step with the same inputs; the engines'
-collectives (trtbuild.kernels' AllReduce and AllGather) join their partial results, so each rank
-gets the whole vocabulary's logits. Rank 0 samples and broadcasts its tokens, so sampling with a
-random seed (or none) gives every rank the same sequence; only rank 0 prints.
+collectives (trtbuild.kernels' AllReduce and AllGather within a pipeline stage, PipelineSend /
+PipelineRecv between stages) join their partial results, so each rank of the last stage gets the
+whole vocabulary's logits. Its first rank samples and broadcasts the tokens, so sampling with a
+random seed (or none) gives every rank the same sequence; rank 0 reads the inputs and prints.
 """
 
 from __future__ import annotations
