@@ -305,3 +305,44 @@ def test_one_rank_ending_ends_every_rank(how, tiny_models, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+BATCHER_RUN = """
+import json, sys, time
+from trtbuild.runtime import ModelRunner, SamplingConfig
+from trtbuild.runtime.batcher import InflightBatcher, follow
+runner = ModelRunner.from_dir(sys.argv[1])
+prompts = json.loads(sys.argv[3])
+if runner.world.is_leader:
+    batcher = InflightBatcher(runner)
+    handles = []
+    for p in prompts:  # requests arriving while others decode
+        handles.append(batcher.submit(p, SamplingConfig(max_new_tokens=12, end_id=-1)))
+        time.sleep(0.02)
+    doomed = batcher.submit(prompts[0], SamplingConfig(max_new_tokens=50, end_id=-1))
+    next(doomed.stream())
+    doomed.cancel()
+    results = [h.result(timeout=120) for h in handles]
+    late = batcher.submit(prompts[1], SamplingConfig(max_new_tokens=12, end_id=-1)).result(timeout=120)
+    batcher.shutdown()
+    with open(sys.argv[2], "w") as f:
+        json.dump({"results": results, "late": late, "doomed": doomed.finish_reason}, f)
+else:
+    follow(runner)
+"""
+
+
+def test_inflight_batcher_over_ranks(tiny_models, tmp_path):
+    """Rank 0 runs the in-flight batcher, the other rank follows it step for step: requests that join
+    a running batch, one cancelled mid-stream and one after the batch emptied give the one-rank
+    engine's greedy tokens, and shutdown ends the follower."""
+    model = tiny_models["llama"]
+    one = ModelRunner.from_dir(build(model, tmp_path, 1), num_threads=1)
+    want = [one.generate([p], SamplingConfig(max_new_tokens=12, end_id=-1)).output_ids[0] for p in PROMPTS]
+    engine = build(model, tmp_path, 2)
+    out = tmp_path / "batcher.json"
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-c", BATCHER_RUN, str(engine), str(out),
+                           json.dumps(PROMPTS)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["results"] == want and got["late"] == want[1] and got["doomed"] == "cancelled"

@@ -1,4 +1,9 @@
-"""InflightBatcher: a background thread that runs the Scheduler; the Triton model hosts it."""
+"""InflightBatcher: a background thread that runs the Scheduler; the Triton model hosts it.
+
+On a multi-rank engine rank 0 runs the batcher and every other rank `follow`s it: before each step
+rank 0 broadcasts the requests that joined and the ones cancelled since the last, so every rank's
+scheduler holds the same batch and steps with it (the tokens come from the sampling rank).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,11 @@ log = logging.getLogger(__name__)
 class RequestHandle:
     """A submitted request: stream its tokens, wait for its result, or cancel it."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, cancel=None):
         self.request = request
         self._events: queue.Queue = queue.Queue()
         self._finished = threading.Event()
+        self._cancel = cancel or (lambda: request.finish("cancelled"))
 
     def stream(self) -> Iterator[list[int]]:
         """New token ids of each step, until the request is finished."""
@@ -42,7 +48,7 @@ class RequestHandle:
         return list(self.request.output_ids)
 
     def cancel(self) -> None:
-        self.request.finish("cancelled")
+        self._cancel()
 
     @property
     def finish_reason(self) -> str | None:
@@ -54,9 +60,15 @@ class InflightBatcher:
         if not runner.shared_cache:
             raise TrtbuildError(f"{runner.engine_dir}: in-flight batching needs the attention plugin's shared KV "
                                 "buffer; rebuild with --gpt_attention_plugin auto")
+        if runner.world is not None and not runner.world.is_leader:
+            raise TrtbuildError("on a multi-rank engine rank 0 runs the batcher; the other ranks call follow(runner)")
         self.runner = runner
         self._scheduler = Scheduler(runner)
         self._incoming: queue.Queue = queue.Queue()
+        # multi-rank: requests by id, cancellations applied between steps on every rank alike
+        self._ids: dict[int, Request] = {}
+        self._next_id = 0
+        self._cancels: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="trtbuild-batcher", daemon=True)
@@ -70,7 +82,12 @@ class InflightBatcher:
         elif lora_task_id != -1:
             raise TrtbuildError(f"lora task id {lora_task_id} given, but the engine has no lora plugin")
         request = Request(list(input_ids), sampling, lora_task_id)
-        handle = RequestHandle(request)
+        cancel = None
+        if self.runner.world is not None:  # cancelled on every rank at the same step
+            request_id, self._next_id = self._next_id, self._next_id + 1
+            request.request_id = request_id
+            cancel = lambda: (self._cancels.put(request_id), self._wake.set())  # noqa: E731
+        handle = RequestHandle(request, cancel)
         request.on_tokens = lambda r, toks: handle._events.put(list(toks))
 
         def done(r: Request) -> None:
@@ -83,24 +100,69 @@ class InflightBatcher:
         return handle
 
     def _loop(self) -> None:
+        world = self.runner.world
         while not self._stop:
+            added = []
             while not self._incoming.empty():
-                self._scheduler.add(self._incoming.get())
+                added.append(self._incoming.get())
+            cancelled = []
+            while not self._cancels.empty():
+                cancelled.append(self._cancels.get())
+            if world is not None and (added or cancelled or self._scheduler.has_work()):
+                world.broadcast(([(r.request_id, r.prompt_ids, r.sampling, r.lora_task_id) for r in added], cancelled))
+            for r in added:
+                self._scheduler.add(r)
+                if world is not None:
+                    self._ids[r.request_id] = r
+            for request_id in cancelled:
+                if request_id in self._ids:
+                    self._ids[request_id].finish("cancelled")
             if not self._scheduler.has_work():
+                self._ids.clear()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            try:
-                self._scheduler.step()
-            except Exception:  # fail every request in flight, keep serving
-                log.exception("engine step failed; the requests in flight are ended with an error")
-                for r in list(self._scheduler.active) + list(self._scheduler.waiting):
-                    r.finish("error")
-                    if r.on_done:
-                        r.on_done(r)
-                self._scheduler = Scheduler(self.runner)
+            self._scheduler = _step(self._scheduler, self.runner)
 
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if self.runner.world is not None:
+            self.runner.world.broadcast(None)  # the followers return
+
+
+def _step(scheduler: Scheduler, runner) -> Scheduler:
+    """One scheduler step; when it fails, every request in flight ends with an error and a new
+    scheduler keeps serving (every rank alike: they ran the same step)."""
+    try:
+        scheduler.step()
+        return scheduler
+    except Exception:
+        log.exception("engine step failed; the requests in flight are ended with an error")
+        for r in list(scheduler.active) + list(scheduler.waiting):
+            r.finish("error")
+            if r.on_done:
+                r.on_done(r)
+        return Scheduler(runner)
+
+
+def follow(runner) -> None:
+    """A rank other than 0 of a multi-rank engine: mirror rank 0's InflightBatcher step for step
+    (the same requests join and are cancelled before the same step) until it shuts down."""
+    scheduler, requests = Scheduler(runner), {}
+    while True:
+        events = runner.world.broadcast(None)
+        if events is None:
+            return
+        added, cancelled = events
+        for request_id, prompt_ids, sampling, lora_task_id in added:
+            requests[request_id] = Request(prompt_ids, sampling, lora_task_id)
+            scheduler.add(requests[request_id])
+        for request_id in cancelled:
+            if request_id in requests:
+                requests[request_id].finish("cancelled")
+        if scheduler.has_work():
+            scheduler = _step(scheduler, runner)
+        if not scheduler.has_work():
+            requests.clear()

@@ -20,6 +20,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "end_id" | "stop_words" | "length" | "cancelled"
     sampler: Sampler | None = None
+    request_id: int = -1  # a multi-rank engine's batcher: the same request on every rank
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.sampling)
