@@ -346,3 +346,29 @@ def test_inflight_batcher_over_ranks(tiny_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["results"] == want and got["late"] == want[1] and got["doomed"] == "cancelled"
+
+
+def test_summarize_on_ranks_reports_once(tiny_models, tmp_path):
+    """summarize.py under mpiexec: every rank runs the engine side, rank 0 alone reports and writes;
+    its ROUGE, outputs and perplexity equal the one-rank engine's."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "article": f"The council met on day {i} to discuss the park. "
+                                        "Residents asked for more trees.", "highlights": "Council met."}) + "\n"
+                            for i in range(4)))
+
+    def summarize(engine: Path, ranks: int, out: Path) -> subprocess.CompletedProcess:
+        cmd = [str(Path(sys.executable).parent / "trtbuild-summarize"), "--engine_dir", str(engine), "--dataset_file",
+               str(data), "--max_ite", "2", "--batch_size", "2", "--max_input_length", "24", "--output_len", "6",
+               "--eval_ppl", "--no_progress", "--output_dir", str(out)]
+        proc = subprocess.run([str(MPIEXEC), "-n", str(ranks), *cmd] if ranks > 1 else cmd, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    tp2 = summarize(build(tiny_models["llama"], tmp_path, 2), 2, tmp_path / "tp2")
+    summarize(build(tiny_models["llama"], tmp_path, 1), 1, tmp_path / "tp1")
+    assert tp2.stdout.count("(total latency:") == 1 and tp2.stdout.count("samples (seed") == 1  # rank 0 alone
+    got, want = (json.loads((tmp_path / d / "metrics.json").read_text())["engine"] for d in ("tp2", "tp1"))
+    assert got["rouge1"] == want["rouge1"] and abs(got["perplexity"] - want["perplexity"]) < 1e-3
+    outputs = [(tmp_path / d / "engine_outputs.jsonl").read_text() for d in ("tp2", "tp1")]
+    assert outputs[0] == outputs[1]

@@ -13,6 +13,7 @@ the model and the data, so the engine is judged against its own source model) or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from trtbuild.cli.helpformat import HelpFormatter
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.evaluate.dataset import Record, load_records, select
 from trtbuild.runtime.sampling import SamplingConfig
+from trtbuild.runtime.world import launched_rank
 
 log = logging.getLogger(__name__)
 
@@ -491,10 +493,21 @@ def run(args) -> int:
     return 0
 
 
+def follower_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A rank other than 0 of a multi-rank engine (under mpiexec): the engine side only, in the same
+    calls as rank 0 (its steps need every rank), silent, writing nothing; rank 0 reports."""
+    return argparse.Namespace(**{**vars(args), "test_trt_llm": True, "test_hf": False, "hf_model_dir": None,
+                                 "output_dir": None, "check_accuracy": False, "no_progress": True})
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if launched_rank() != 0:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            run(follower_args(args))
+        return
     code = run(args)
     if code:
         sys.exit(code)
