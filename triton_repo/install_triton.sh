@@ -63,6 +63,8 @@ done
 PYTRITON="nvidia-pytriton==0.7.0"
 REQUIREMENTS=(
   "numpy<2"
+  "mpi4py==4.1.2"  # multi-rank engines: the model starts their ranks (MPICH's mpiexec runs them)
+  "mpich==5.0.2"
   "onnxruntime==1.32.0"
   "onnx==1.23.2"
   "tokenizers"

@@ -194,7 +194,8 @@ class Served:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-ENGINES = [pytest.param("tiny", id="tiny"), pytest.param("real", id="real", marks=pytest.mark.slow)]
+ENGINES = [pytest.param("tiny", id="tiny"), pytest.param("tiny_tp2", id="tiny_tp2"),
+           pytest.param("real", id="real", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -202,8 +203,17 @@ def served(request, tiny_models, engines, tmp_path_factory, triton_venv):
     from trtbuild.runtime import ModelRunner
 
     kind = request.param
+    served_engine = None
     if kind == "tiny":
         engine = engines.engine(tiny_models[TINY_MODEL], TINY_BUILD)
+        threads = 1
+    elif kind == "tiny_tp2":  # the model starts the other rank itself (orchestrator mode)
+        from trtbuild.builder import build_engine
+
+        engine = engines.engine(tiny_models[TINY_MODEL], TINY_BUILD)  # the reference: one rank
+        served_engine = tmp_path_factory.mktemp("tp2") / "engine"
+        build_engine(engines.checkpoint(tiny_models[TINY_MODEL]), served_engine, TINY_BUILD, progress=False,
+                     tp_size=2)
         threads = 1
     else:
         model_dir = request.getfixturevalue("real_model_dir")
@@ -214,11 +224,13 @@ def served(request, tiny_models, engines, tmp_path_factory, triton_venv):
     eos = eos[0] if isinstance(eos, list) else eos
     root = tmp_path_factory.mktemp(f"served-{kind}")
     try:
-        repo = make_model_repo(engine, root / "repo", decoupled=True, num_threads=threads)
+        repo = make_model_repo(served_engine or engine, root / "repo", decoupled=True, num_threads=threads)
         with TritonServer(repo, timeout=300) as server:
             yield Served(kind, engine, runner, server, eos)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if served_engine is not None:
+            shutil.rmtree(served_engine.parent, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -68,23 +68,33 @@ class ModelRunner:
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
                  tokenizer_dir: str | Path | None = None, rank: int = 0, int8_gemm: str = "auto",
-                 prompt_attention: str = "auto") -> "ModelRunner":
+                 prompt_attention: str = "auto", spawn_ranks: bool = False) -> "ModelRunner":
         """Load an engine dir: checks its version, opens rank{rank}.engine and its tokenizer.
 
         The forms of its ops that are exact and fastest on this CPU are picked by probe
         (trtbuild.runtime.cpu_forms); `int8_gemm` ("u8s8" / "u8u8") and `prompt_attention`
         ("kernel" / "gqa") force one instead of "auto". An engine of several ranks opens this
-        process's rank among those mpiexec started (trtbuild.runtime.world; `rank` is ignored)."""
+        process's rank among those mpiexec started (trtbuild.runtime.world; `rank` is ignored), or
+        with `spawn_ranks` (a server) starts the other ranks itself as followers of its batcher."""
         engine_dir = Path(engine_dir)
         config = load_engine_config(engine_dir)
         if config.pretrained_config.mapping.world_size == 1:
             return cls._open(engine_dir, config, rank, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
-        # one process per rank, under mpiexec: every rank opens its engine, then all learn whether
-        # every rank could, so that none waits in a collective for a rank that failed
-        from trtbuild.runtime.world import agree, join_world, threads_per_rank
+        from trtbuild.runtime.world import join_world, launched_by_mpiexec, spawn_world
 
         mapping = config.pretrained_config.mapping
-        world = join_world(engine_dir, mapping.world_size, mapping.tp_size)
+        make_world = spawn_world if spawn_ranks and not launched_by_mpiexec() else join_world
+        world = make_world(engine_dir, mapping.world_size, mapping.tp_size)
+        return cls.open_in_world(engine_dir, config, world, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
+
+    @classmethod
+    def open_in_world(cls, engine_dir: Path, config: EngineConfig, world: RankWorld, num_threads: int | None = None,
+                      tokenizer_dir: str | Path | None = None, int8_gemm: str = "auto",
+                      prompt_attention: str = "auto") -> "ModelRunner":
+        """This rank's engine of a multi-rank engine dir: every rank opens its own, then all learn
+        whether every rank could, so that none waits in a collective for a rank that failed."""
+        from trtbuild.runtime.world import agree, threads_per_rank
+
         try:
             runner = cls._open(engine_dir, config, world.rank, num_threads or threads_per_rank(world), tokenizer_dir,
                                int8_gemm, prompt_attention, world)

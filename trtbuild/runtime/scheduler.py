@@ -44,9 +44,9 @@ class Scheduler:
         if not new:
             return
         start = len(self.active)
+        self.active.extend(new)  # before the prefill: a step that fails ends them with the others
         task_ids = np.array([r.lora_task_id for r in new], np.int64)
         logits = self.runner.prefill([r.prompt_ids for r in new], slot_start=start, lora_task_ids=task_ids)
-        self.active.extend(new)
         self.runner.accept(new, logits)
 
     def _decode(self) -> None:

@@ -10,6 +10,8 @@ random seed (or none) gives every rank the same sequence; rank 0 reads the input
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ class RankWorld:
     handles: np.ndarray
     sampler: int  # the rank that samples: the first of the last pipeline stage, which has the logits
     stage_comm: Any = None  # its stage's tensor-parallel communicator (kept alive while the engine runs)
+    spawned: Any = None  # the intercommunicator to the ranks this process spawned (or was spawned by)
 
     @property
     def is_leader(self) -> bool:
@@ -46,6 +49,12 @@ class RankWorld:
         """`root`'s value on every rank (pickled; small values: tokens, prompts, settings)."""
         return self.comm.bcast(value, root=root)
 
+    def close(self) -> None:
+        """Leave a spawned world (the other side disconnects too: call it once every rank is done)."""
+        if self.spawned is not None:
+            self.spawned.Disconnect()
+            self.spawned = None
+
     def broadcast_array(self, array: np.ndarray | None, shape: tuple[int, ...], root: int) -> np.ndarray:
         """`root`'s float32 array of `shape` on every rank (no pickling: logits for scoring)."""
         buffer = np.ascontiguousarray(array, np.float32) if self.rank == root else np.empty(shape, np.float32)
@@ -53,10 +62,17 @@ class RankWorld:
         return buffer
 
 
+_LAUNCHED_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def launched_by_mpiexec() -> bool:
+    return any(name in os.environ for name in _LAUNCHED_VARS)
+
+
 def launched_rank() -> int:
     """This process's rank as mpiexec set it in the environment (MPICH's PMI_RANK, Open MPI's
     OMPI_COMM_WORLD_RANK), 0 when not launched by mpiexec: which process of a multi-rank command prints."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+    for name in _LAUNCHED_VARS:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 0
@@ -79,15 +95,52 @@ def join_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
         how = "without mpiexec" if world.Get_size() == 1 else f"in a world of {world.Get_size()} ranks"
         raise TrtbuildError(f"{engine_dir} is an engine of {world_size} ranks, started {how}: launch it as "
                             f"{launch_hint(engine_dir, world_size)}")
-    comm = world.Dup()
+    return _rank_world(MPI, world.Dup(), world_size, tp_size)
+
+
+def _rank_world(MPI, comm, world_size: int, tp_size: int, spawned=None) -> RankWorld:
     rank = comm.Get_rank()
     stage = comm.Split(color=rank // tp_size, key=rank % tp_size)  # rank = pp_rank * tp_size + tp_rank
-    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_size = local.Get_size()
     local.Free()
     handles = np.array([stage.handle, MPI.FLOAT.handle, MPI.SUM.handle, comm.handle],
                        dtype=np.uint64).astype(np.int64)
-    return RankWorld(comm, rank, comm.Get_size(), local_size, handles, world_size - tp_size, stage)
+    return RankWorld(comm, rank, comm.Get_size(), local_size, handles, world_size - tp_size, stage, spawned)
+
+
+FOLLOWER_MODULE = "trtbuild.runtime.follower"
+
+
+def spawn_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
+    """Rank 0 of a world this process makes by starting the other ranks itself (a server hosting
+    the engine, TensorRT-LLM's orchestrator mode): `python -m trtbuild.runtime.follower ENGINE_DIR`
+    on this machine, each following rank 0's in-flight batcher. MPI starts them through MPICH's
+    process manager, which it finds as `mpiexec` beside this Python; they end when this process does."""
+    scripts = Path(sys.executable).parent
+    python = sys.executable if Path(sys.executable).name.startswith("python") else shutil.which("python3")
+    if (scripts / "mpiexec").is_file() and str(scripts) not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise TrtbuildError(f"{engine_dir} is an engine of {world_size} ranks, which run under MPI: install it "
+                            "(pip install 'trtbuild[mpi]') where this server runs") from None
+    if shutil.which("mpiexec") is None:
+        raise TrtbuildError(f"{engine_dir} is an engine of {world_size} ranks: starting them needs MPICH's "
+                            "mpiexec on PATH (pip install 'trtbuild[mpi]' into this Python's environment)")
+    intercomm = MPI.COMM_SELF.Spawn(python, args=["-m", FOLLOWER_MODULE, str(engine_dir)], maxprocs=world_size - 1)
+    return _rank_world(MPI, intercomm.Merge(high=False), world_size, tp_size, intercomm)
+
+
+def spawned_world(world_size: int, tp_size: int) -> RankWorld:
+    """A rank spawn_world started: its place in its parent's world."""
+    from mpi4py import MPI
+
+    parent = MPI.Comm.Get_parent()
+    if parent == MPI.COMM_NULL:
+        raise TrtbuildError(f"{FOLLOWER_MODULE} is started by a server hosting a multi-rank engine, not by hand")
+    return _rank_world(MPI, parent.Merge(high=True), world_size, tp_size, parent)
 
 
 def agree(world: RankWorld, error: TrtbuildError | None) -> None:

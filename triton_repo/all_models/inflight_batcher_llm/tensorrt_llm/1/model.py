@@ -83,7 +83,10 @@ class TritonPythonModel:
         pad = pc.get("pad_token_id")
         self.default_pad_id = pad if isinstance(pad, int) else self.default_end_id
         t0 = time.monotonic()
-        self.runner = ModelRunner.from_dir(engine_dir, num_threads=int(num_threads) if num_threads else None)
+        # a multi-rank engine: this model is its rank 0 and starts the other ranks itself, each following
+        # its in-flight batcher (TensorRT-LLM's orchestrator mode; trtbuild.runtime.world.spawn_world)
+        self.runner = ModelRunner.from_dir(engine_dir, num_threads=int(num_threads) if num_threads else None,
+                                           spawn_ranks=True)
         self.batcher = InflightBatcher(self.runner)
         pb_utils.Logger.log_info(f"tensorrt_llm: loaded {engine_dir} in {time.monotonic() - t0:.1f} s "
                                  f"(decoupled={self.decoupled})")
@@ -326,3 +329,5 @@ class TritonPythonModel:
             for h in job.handles:
                 h.cancel()
         self.batcher.shutdown()
+        if self.runner.world is not None:
+            self.runner.world.close()
