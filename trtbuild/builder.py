@@ -116,9 +116,9 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
             raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: quantize with the split (convert_checkpoint.py "
                                 "--tp_size with the quantization flags), or build the one-rank checkpoint with "
                                 "--tp_size and the quantization flags")
-        if build.backend != "onnxruntime" or wants_lora(build):
+        if build.backend != "onnxruntime":
             raise TrtbuildError(f"{ckpt} is split over {ranks} ranks: multi-rank engines are built for the "
-                                "onnxruntime backend without --lora_plugin (for now)")
+                                "onnxruntime backend (--backend onnxruntime)")
     if build.backend == "tensorrt":  # TensorRT missing, bad targets, a recipe it cannot compile: before any work
         from trtbuild.backends.tensorrt import check_tensorrt_build
 
@@ -148,7 +148,10 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
                 if quantizes:
                     config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
             onnx_path = tmp / f"rank{rank}.onnx"
-            build_network(rank_config(config, rank), tensors, options, onnx_path, progress,
+            rank_options = options
+            if ranks > 1 and options.lora is not None:  # this rank's share of each low-rank product
+                rank_options = replace(options, lora=replace(options.lora, config=rank_config(config, rank)))
+            build_network(rank_config(config, rank), tensors, rank_options, onnx_path, progress,
                           metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)},
                           place=rank_place(config, rank) if ranks > 1 else None)
             engine_path = tmp / f"rank{rank}.engine"

@@ -196,3 +196,48 @@ def split_tensors(config: PretrainedConfig, tensors: dict, mapping: Mapping, ran
             if name in tensors:
                 out[name] = tensors[name]
     return {k: _contiguous(v) for k, v in out.items()}
+
+
+# TensorRT-LLM's LoRA target modules: which side of the low-rank product a rank splits
+_COLUMN_MODULES = ("attn_qkv", "attn_q", "attn_k", "attn_v", "mlp_h_to_4h", "mlp_gate")
+
+
+def _module_rows(config: PretrainedConfig, module: str, tp: int, tp_rank: int) -> np.ndarray:
+    """The rows of a column-parallel module's B (its delta's outputs) that rank tp_rank keeps."""
+    rows = qkv_rows(config, tp, tp_rank)
+    q, kv = config.q_dim, config.kv_dim
+    if module == "attn_qkv":
+        return rows
+    if module == "attn_q":
+        return rows[rows < q]
+    if module == "attn_k":
+        return rows[(rows >= q) & (rows < q + kv)] - q
+    if module == "attn_v":
+        return rows[rows >= q + kv] - q - kv
+    n = config.intermediate_size // tp  # mlp_h_to_4h, mlp_gate
+    return np.arange(tp_rank * n, (tp_rank + 1) * n)
+
+
+def split_adapter(adapter, config: PretrainedConfig, rank: int):
+    """Rank `rank`'s share of a LoRA adapter (trtbuild.lora_adapter.LoraAdapter) of the whole model
+    `config`: its stage's layers (numbered from 0); for a column-parallel module B's rows of its
+    outputs (A whole), for a row-parallel one A's columns of its inputs (B whole: the ranks' partial
+    deltas are summed with the linear's output)."""
+    m = config.mapping
+    if m.world_size == 1:
+        return adapter
+    place, tp = rank_place(config, rank), m.tp_size
+    layers = {}
+    for layer, modules in adapter.layers.items():
+        if layer not in place.layers:
+            continue
+        split = {}
+        for name, lm in modules.items():
+            if name in _COLUMN_MODULES:
+                split[name] = dataclasses.replace(lm, b=_rows_of(lm.b, _module_rows(config, name, tp, place.tp_rank)))
+            else:
+                n = lm.a.shape[1] // tp
+                split[name] = dataclasses.replace(lm, a=lm.a[:, place.tp_rank * n:(place.tp_rank + 1) * n])
+        layers[layer - place.layers.start] = {k: dataclasses.replace(v, a=_contiguous(v.a), b=_contiguous(v.b))
+                                              for k, v in split.items()}
+    return dataclasses.replace(adapter, layers=layers)

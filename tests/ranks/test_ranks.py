@@ -372,3 +372,61 @@ def test_summarize_on_ranks_reports_once(tiny_models, tmp_path):
     assert got["rouge1"] == want["rouge1"] and abs(got["perplexity"] - want["perplexity"]) < 1e-3
     outputs = [(tmp_path / d / "engine_outputs.jsonl").read_text() for d in ("tp2", "tp1")]
     assert outputs[0] == outputs[1]
+
+
+LORA_RUN = """
+import json, sys
+import numpy as np
+from trtbuild.runtime import ModelRunner, SamplingConfig
+runner = ModelRunner.from_dir(sys.argv[1])
+runner.add_lora(sys.argv[3])  # task id 1, added to the running engine on every rank
+prompts = json.loads(sys.argv[4])
+got = {f"scores_{t}": runner.score(prompts, lora_task_ids=[t] * len(prompts)) for t in (-1, 0, 1)}
+got["mixed"] = runner.generate(prompts, SamplingConfig(max_new_tokens=8, end_id=-1), lora_task_ids=[0, 1, -1]).output_ids
+if runner.world.is_leader:
+    np.savez(sys.argv[2], **{k: np.array(v) for k, v in got.items()})
+"""
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_runtime_lora_on_ranks(tp, pp, tiny_models, tmp_path):
+    """The lora plugin on a multi-rank engine: each rank holds its share of every adapter (B's rows
+    of a column-parallel module, A's columns of a row-parallel one, its stage's layers); an adapter
+    stored at build and one added to the running engine give the one-rank engine's logits and tokens,
+    per request in a mixed batch."""
+    from trtbuild.convert.lora import make_peft_adapter
+    from trtbuild.engine import LoraConfig
+
+    model = tiny_models["llama"]
+    stored = make_peft_adapter(model, tmp_path / "stored", r=4, seed=1)
+    added = make_peft_adapter(model, tmp_path / "added", r=2, seed=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    limits = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64,
+                         lora_config=LoraConfig(lora_dir=(str(stored),), max_lora_rank=4))
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(model, ckpt, "float32", progress=False)
+    for ranks, (t, p) in ((1, (1, 1)), (tp * pp, (tp, pp))):
+        engine = tmp_path / f"engine{ranks}"
+        build_engine(ckpt, engine, limits, progress=False, tp_size=t, pp_size=p)
+        cmd = [sys.executable, "-c", LORA_RUN, str(engine), str(tmp_path / f"out{ranks}.npz"), str(added),
+               json.dumps(PROMPTS)]
+        if ranks == 1:  # a one-rank engine has no MPI world: run it as a plain process
+            cmd[2] = LORA_RUN.replace("if runner.world.is_leader:", "if True:")
+        proc = subprocess.run([str(MPIEXEC), "-n", str(ranks), *cmd] if ranks > 1 else cmd, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, many = (dict(np.load(tmp_path / f"out{n}.npz")) for n in (1, tp * pp))
+    for t in (-1, 0, 1):
+        for b, prompt in enumerate(PROMPTS):
+            np.testing.assert_allclose(many[f"scores_{t}"][b, :len(prompt)], one[f"scores_{t}"][b, :len(prompt)],
+                                       atol=1e-4, rtol=0)
+    assert not np.allclose(one["scores_0"], one["scores_-1"], atol=1e-3)  # the adapters do change the logits
+    assert many["mixed"].tolist() == one["mixed"].tolist()
+
+
+def test_tensorrt_backend_refuses_ranks_in_one_line(tiny_models, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(tiny_models["llama"], ckpt, "float32", progress=False, tp_size=2)
+    with pytest.raises(TrtbuildError, match="multi-rank engines are built for the onnxruntime backend"):
+        build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, backend="tensorrt"),
+                     progress=False)
+    assert not (tmp_path / "e").exists()

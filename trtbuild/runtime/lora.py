@@ -32,6 +32,7 @@ from trtbuild.engine_io import LORA_DIR, LORA_FORMS, LORA_MANIFEST, LORA_TASK_ID
 from trtbuild.errors import TrtbuildError
 from trtbuild.lora_adapter import (LoraAdapter, adapter_fingerprint, check_adapter_fits, lora_layout,
                                    read_lora_adapter, write_adapter_slot)
+from trtbuild.ranks import split_adapter
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,12 @@ class LoadedAdapter:
 
 
 class LoraManager:
-    def __init__(self, config: EngineConfig, engine_dir: Path, form: str = "masked"):
-        pc, bc = config.pretrained_config, config.build_config
+    def __init__(self, config: EngineConfig, engine_dir: Path, form: str = "masked", rank: int = 0):
+        from trtbuild.ranks import rank_config
+
+        pc, bc = rank_config(config.pretrained_config, rank), config.build_config
+        self.model_config = config.pretrained_config  # the whole model, which adapters are read against
+        self.rank = rank
         lc = bc.lora_config
         self.engine_dir = Path(engine_dir)
         self.pretrained_config = pc
@@ -91,10 +96,10 @@ class LoraManager:
         self._bound: OrderedDict[tuple, list[tuple[str, ort.OrtValue]]] = OrderedDict()
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, config: EngineConfig) -> "LoraManager":
-        """The manager of an engine dir, with the adapters stored in it loaded as task ids 0, 1, ..."""
+    def from_engine_dir(cls, engine_dir: str | Path, config: EngineConfig, rank: int = 0) -> "LoraManager":
+        """The manager of an engine dir's rank, with the adapters stored in it loaded as task ids 0, 1, ..."""
         engine_dir = Path(engine_dir)
-        manager = cls(config, engine_dir, read_manifest(engine_dir)["form"])
+        manager = cls(config, engine_dir, read_manifest(engine_dir)["form"], rank)
         for i, rel in enumerate(config.build_config.lora_config.lora_dir):
             task_id = manager.add(engine_dir / rel)
             if task_id != i:
@@ -117,8 +122,9 @@ class LoraManager:
         missing adapter_config.json, both or neither weight file, no free slot.
         """
         d = Path(lora_dir)
-        adapter = read_lora_adapter(d, self.pretrained_config, modules_to_save=False)
+        adapter = read_lora_adapter(d, self.model_config, modules_to_save=False)
         check_adapter_fits(adapter, self.target_modules, self.max_rank)
+        adapter = split_adapter(adapter, self.model_config, self.rank)  # a multi-rank engine: this rank's share
         fingerprint = adapter_fingerprint(d)
         with self._lock:
             for s in self.slots:

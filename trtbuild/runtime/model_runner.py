@@ -144,7 +144,7 @@ class ModelRunner:
         if config.build_config.plugin_config.lora_plugin:
             from trtbuild.runtime.lora import LoraManager
 
-            runner.lora = LoraManager.from_engine_dir(engine_dir, config)
+            runner.lora = LoraManager.from_engine_dir(engine_dir, config, rank)
         return runner
 
     def check_build_id(self) -> None:
