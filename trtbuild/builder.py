@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
+import multiprocessing
 import platform
 import shutil
 import time
@@ -80,15 +83,53 @@ def quantize_at_build(config: PretrainedConfig, tensors: dict[str, np.ndarray], 
     return config, {k: v.numpy() for k, v in weights.items()}
 
 
+def _compile_onnxruntime(onnx_path: Path, engine_path: Path, build: BuildConfig, kernels: bool) -> bool:
+    """The engine file of one rank's network; returns whether its W8A8 u8 x u8 form was written too."""
+    from trtbuild.backends.onnxruntime_backend import compile_engine
+    from trtbuild.cpu_forms import write_u8u8_form
+
+    compile_engine(onnx_path, engine_path, kernels=kernels,
+                   matmulnbits_accuracy_level=accuracy_level(build.weight_only_activations))
+    return write_u8u8_form(engine_path) is not None
+
+
+def _remove_onnx(onnx_path: Path) -> None:
+    onnx_path.unlink()
+    onnx_path.with_name(onnx_path.name + ".data").unlink()
+
+
+def _rank_engine(rank: int, *, config: PretrainedConfig, ckpt: Path, whole: dict[str, np.ndarray] | None,
+                 options, tmp: Path, build: BuildConfig, build_id: str, keep_onnx: bool,
+                 progress: bool) -> tuple[bool, np.ndarray | None]:
+    """Rank `rank`'s engine of a multi-rank build (its share of `whole`, else its checkpoint file):
+    (its u8 x u8 form written, its KV cache scales)."""
+    if whole is not None:
+        tensors = split_tensors(config, whole, config.mapping, rank)
+    else:
+        tensors = read_tensors(ckpt / rank_file(rank))
+        check_tensors(config, tensors, ckpt / rank_file(rank), rank_shapes(config, rank))
+    if options.lora is not None:  # this rank's share of each low-rank product
+        options = replace(options, lora=replace(options.lora, config=rank_config(config, rank)))
+    onnx_path = tmp / f"rank{rank}.onnx"
+    build_network(rank_config(config, rank), tensors, options, onnx_path, progress,
+                  metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)}, place=rank_place(config, rank))
+    u8u8_form = _compile_onnxruntime(onnx_path, tmp / f"rank{rank}.engine", build, kernels=True)
+    if not keep_onnx:
+        _remove_onnx(onnx_path)
+    return u8u8_form, tensors.get("transformer.layers.0.attention.kv_cache_scaling_factor")
+
+
 def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: BuildConfig, force: bool = False,
                  progress: bool = True, keep_onnx: bool = False, recipe: QuantRecipe | None = None,
-                 tp_size: int | None = None, pp_size: int | None = None) -> BuildSummary:
+                 tp_size: int | None = None, pp_size: int | None = None, workers: int = 1) -> BuildSummary:
     """Build an engine dir from a checkpoint dir, atomically; `recipe` quantizes on the way, and
     build.lora_config.lora_dir names the adapters the lora plugin stores. `build` is not changed:
     the engine's config.json records the resolved one (trtbuild.resolve). `tp_size` / `pp_size`
     split a one-rank checkpoint over tensor-parallel ranks and pipeline stages (default: the
-    checkpoint's own mapping)."""
+    checkpoint's own mapping); `workers` rank engines are built at once."""
     start = time.time()
+    if workers < 1:
+        raise TrtbuildError(f"--workers {workers} must be at least 1")
     ckpt = Path(checkpoint_dir)
     out = check_output_dir(output_dir, force)
     config = load_config(ckpt)
@@ -139,42 +180,38 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, build: Buil
                 whole_config, whole = quantize_at_build(replace(config, mapping=Mapping()), whole, recipe, ckpt,
                                                         progress)
                 config = replace(whole_config, mapping=check_mapping(whole_config, *split))
-        for rank in range(ranks):
-            if whole is not None:
-                tensors = split_tensors(config, whole, config.mapping, rank)
+        if ranks > 1:  # every rank alike (onnxruntime): `workers` at once
+            make = functools.partial(_rank_engine, config=config, ckpt=ckpt, whole=whole, options=options, tmp=tmp,
+                                     build=build, build_id=build_id, keep_onnx=keep_onnx,
+                                     progress=progress and workers == 1)
+            if workers > 1:  # forked: the workers share the whole checkpoint's pages
+                context = multiprocessing.get_context("fork")
+                with concurrent.futures.ProcessPoolExecutor(min(workers, ranks), mp_context=context) as pool:
+                    results = list(pool.map(make, range(ranks)))
             else:
-                tensors = read_tensors(ckpt / rank_file(rank))
-                check_tensors(config, tensors, ckpt / rank_file(rank), rank_shapes(config, rank))
-                if quantizes:
-                    config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
-            onnx_path = tmp / f"rank{rank}.onnx"
-            rank_options = options
-            if ranks > 1 and options.lora is not None:  # this rank's share of each low-rank product
-                rank_options = replace(options, lora=replace(options.lora, config=rank_config(config, rank)))
-            build_network(rank_config(config, rank), tensors, rank_options, onnx_path, progress,
-                          metadata={BUILD_ID_KEY: build_id, "trtbuild_rank": str(rank)},
-                          place=rank_place(config, rank) if ranks > 1 else None)
-            engine_path = tmp / f"rank{rank}.engine"
+                results = [make(rank) for rank in range(ranks)]
+            u8u8_form, kv_scales = results[0]
+        else:
+            tensors = read_tensors(ckpt / rank_file(0))
+            check_tensors(config, tensors, ckpt / rank_file(0))
+            if quantizes:
+                config, tensors = quantize_at_build(config, tensors, recipe, ckpt, progress)
+            onnx_path, engine_path = tmp / "rank0.onnx", tmp / "rank0.engine"
+            build_network(config, tensors, options, onnx_path, progress, metadata={BUILD_ID_KEY: build_id})
             if build.backend == "onnxruntime":
-                from trtbuild.backends.onnxruntime_backend import compile_engine
-                from trtbuild.cpu_forms import write_u8u8_form
-
-                compile_engine(onnx_path, engine_path, kernels=build.plugin_config.uses_kernels or ranks > 1,
-                               matmulnbits_accuracy_level=accuracy_level(build.weight_only_activations))
-                u8u8_form = write_u8u8_form(engine_path) is not None
+                u8u8_form = _compile_onnxruntime(onnx_path, engine_path, build, kernels=build.plugin_config.uses_kernels)
                 kv_scales = tensors.get("transformer.layers.0.attention.kv_cache_scaling_factor")
             else:
                 from trtbuild.backends.tensorrt import build_for_engine_dir, build_info_for_config, layers_report
 
                 verbose = log.isEnabledFor(logging.DEBUG)
                 info = build_for_engine_dir(onnx_path, engine_path, config, build, log_verbose=verbose,
-                                            progress=progress, rank=rank)
-                tensorrt_builds[f"rank{rank}"] = build_info_for_config(info)
+                                            progress=progress, rank=0)
+                tensorrt_builds["rank0"] = build_info_for_config(info)
                 if verbose:  # `polygraphy inspect model` on the engine (needs a GPU) + the builder's layer list
                     log.debug("%s", layers_report(engine_path, info))
             if not keep_onnx:
-                onnx_path.unlink()
-                (tmp / (onnx_path.name + ".data")).unlink()
+                _remove_onnx(onnx_path)
         if build.backend == "onnxruntime":
             from trtbuild.cpu_forms import write_probes
 

@@ -430,3 +430,22 @@ def test_tensorrt_backend_refuses_ranks_in_one_line(tiny_models, tmp_path):
         build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64, backend="tensorrt"),
                      progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_workers_build_the_same_rank_engines(tiny_models, tmp_path):
+    """trt-build --workers 2 builds two ranks at once: the same weights in every rank's engine as one
+    at a time, and an engine that runs alike."""
+    from trtbuild.cli.build import main as build_main
+
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(tiny_models["gemma3"], ckpt, "float32", progress=False, tp_size=2, pp_size=2)
+    for workers in (1, 2):
+        build_main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / f"w{workers}"), "--workers",
+                    str(workers), "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"])
+    for rank in range(4):
+        name = f"rank{rank}.engine.data"
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+    a, b = (run_ranks(tmp_path / f"w{w}", 4, tmp_path / f"w{w}.npz") for w in (1, 2))
+    assert np.array_equal(a["scores_0"], b["scores_0"])
+    with pytest.raises(TrtbuildError, match="--workers 0 must be at least 1"):
+        build_engine(ckpt, tmp_path / "w0", BuildConfig(max_input_len=32, max_seq_len=64), workers=0)

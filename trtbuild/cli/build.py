@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp_size", type=int, default=None,
                    help="split an unsplit checkpoint's layers over this many pipeline stages (default: the "
                         "checkpoint's own split)")
+    p.add_argument("--workers", type=int, default=1, help="rank engines built at once (multi-rank builds)")
     p.add_argument("--keep_onnx", action="store_true", help="keep the network's ONNX file in the engine dir")
     p.add_argument("--force", action="store_true", help="replace --output_dir if it exists")
     p.add_argument("--log_level", default="info", help="internal_error, error, warning, info, verbose or debug")
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = recipe_from_args(args)
     summary = build_engine(args.checkpoint_dir, args.output_dir, build, force=args.force, keep_onnx=args.keep_onnx,
-                           recipe=recipe, tp_size=args.tp_size, pp_size=args.pp_size)
+                           recipe=recipe, tp_size=args.tp_size, pp_size=args.pp_size,
+                           workers=args.workers)
     print(summary)
 
 
