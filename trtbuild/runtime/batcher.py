@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime.request import Request
@@ -74,8 +74,11 @@ class InflightBatcher:
         self._thread = threading.Thread(target=self._loop, name="trtbuild-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, input_ids: list[int], sampling: SamplingConfig, lora_task_id: int = -1) -> RequestHandle:
-        """Queue a request; it joins the running batch at the next step. Bad requests raise here."""
+    def submit(self, input_ids: list[int], sampling: SamplingConfig, lora_task_id: int = -1,
+               listener: Callable[[list[int] | None], None] | None = None) -> RequestHandle:
+        """Queue a request; it joins the running batch at the next step. Bad requests raise here.
+        `listener` (called from the batcher's thread) gets each step's new token ids, then None once
+        the request is done: what an asyncio server bridges to its event loop."""
         self.runner.check_request(list(input_ids), sampling.max_new_tokens)
         if self.runner.lora is not None:
             self.runner.lora.check_task_id(lora_task_id)
@@ -88,11 +91,18 @@ class InflightBatcher:
             request.request_id = request_id
             cancel = lambda: (self._cancels.put(request_id), self._wake.set())  # noqa: E731
         handle = RequestHandle(request, cancel)
-        request.on_tokens = lambda r, toks: handle._events.put(list(toks))
+        def tokens(r: Request, toks: list[int]) -> None:
+            handle._events.put(list(toks))
+            if listener is not None:
+                listener(list(toks))
 
         def done(r: Request) -> None:
             handle._finished.set()
             handle._events.put(_DONE)
+            if listener is not None:
+                listener(None)
+
+        request.on_tokens = tokens
 
         request.on_done = done
         self._incoming.put(request)
