@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="the serve tests use the official 
 API_KEY = "test-key"
 MODEL = "tiny"
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-LIMITS = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=256)
+LIMITS = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=4096)
 
 
 def free_port() -> int:
@@ -36,35 +36,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models, engines, module_tmp):
-    """(base url, engine dir, runner): the tiny llama engine with a chat template, served."""
-    engine = module_tmp / "engine"
-    shutil.copytree(engines.engine(tiny_models["llama_4k"], LIMITS), engine)
-    (engine / "tokenizer" / "chat_template.jinja").write_text(TEMPLATE)
-    port = free_port()
-    log = open(module_tmp / "serve.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "trtbuild-serve"), str(engine), "--port", str(port),
-                             "--served_model_name", MODEL, "--api_key", API_KEY, "--num_threads", "1",
-                             "--max_queue", "32"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Served:
+    """A trtbuild-serve subprocess on a free port, ready (/health 200) when entered."""
+
+    def __init__(self, engine: Path, log_path: Path, *flags: str):
+        self.port, self.log_path = free_port(), log_path
+        self.cmd = [str(Path(sys.executable).parent / "trtbuild-serve"), str(engine), "--port", str(self.port),
+                    "--served_model_name", MODEL, "--api_key", API_KEY, "--num_threads", "1", *flags]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Served":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, (module_tmp / "serve.log").read_text()[-3000:]
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
             try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
-                        break
+                        return self
             except (urllib.error.URLError, ConnectionError):
                 pass
             assert time.monotonic() < deadline, "trtbuild-serve did not become ready"
             time.sleep(0.3)
-        yield url, engine, ModelRunner.from_dir(engine, num_threads=1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tiny_models, engines, module_tmp) -> Path:
+    """The tiny llama engine with a chat template."""
+    engine = module_tmp / "engine"
+    shutil.copytree(engines.engine(tiny_models["llama_4k"], LIMITS), engine)
+    (engine / "tokenizer" / "chat_template.jinja").write_text(TEMPLATE)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def server(chat_engine, module_tmp):
+    """(base url, engine dir, runner): the tiny engine, served."""
+    with Served(chat_engine, module_tmp / "serve.log", "--max_queue", "32") as served:
+        yield served.url, chat_engine, ModelRunner.from_dir(chat_engine, num_threads=1)
 
 
 def client(url: str):
@@ -117,6 +132,8 @@ def test_completions_and_token_prompts(server):
     text = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0).choices[0].text
     assert text == runner.tokenizer.decode(want, skip_special_tokens=True)
     assert c.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0).choices[0].text == text
+    both = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, n=2)
+    assert [ch.text for ch in both.choices] == [text, text] and both.usage.completion_tokens == 2 * len(want)
 
 
 def test_stop_string_across_token_boundaries(server):
@@ -177,3 +194,38 @@ def test_errors_are_openai_bodies(server):
         urllib.request.urlopen(req)
     body = e.value.read().decode()
     assert e.value.code == 400 and "Traceback" not in body and "error" in json.loads(body)
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_full_queue_is_429_and_a_disconnect_leaves_the_batch(chat_engine, tmp_path):
+    """--max_queue 1: a second request while one streams gets 429; when the streaming client goes
+    away its request leaves the batch at once (it had thousands of tokens to go), and /metrics
+    counts what happened."""
+    with Served(chat_engine, tmp_path / "serve.log", "--max_queue", "1") as served:
+        body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
+                           "ignore_eos": True, "stream": True}).encode()
+        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+        resp = urllib.request.urlopen(urllib.request.Request(served.url + "/v1/completions", data=body,
+                                                             headers=headers), timeout=60)
+        assert resp.readline().startswith(b"data: ")  # streaming
+        assert metric(served.url, "trtbuild_requests_running") == 1
+        c = client(served.url)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+        assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
+        resp.close()  # the client goes away mid-stream
+        deadline = time.monotonic() + 10
+        while metric(served.url, "trtbuild_requests_running") != 0:
+            assert time.monotonic() < deadline, "the disconnected stream stayed in the batch"
+            time.sleep(0.05)
+        assert metric(served.url, "trtbuild_generation_tokens_total") < 4000  # it did not run to its end
+        assert c.completions.create(model=MODEL, prompt="Hello", max_tokens=4).usage.completion_tokens <= 4
+        assert metric(served.url, "trtbuild_prompt_tokens_total") > 0
+        assert metric(served.url, 'trtbuild_requests_total{finish_reason="cancelled"}') == 1

@@ -134,6 +134,11 @@ class InflightBatcher:
                 continue
             self._scheduler = _step(self._scheduler, self.runner)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a place in the batch."""
+        return self._incoming.qsize() + len(self._scheduler.waiting)
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime.sampling import SamplingConfig
@@ -28,6 +28,29 @@ from trtbuild.serve.protocol import ChatCompletionRequest, CompletionRequest, Sa
 from trtbuild.serving import IncrementalDetokenizer
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+class Metrics:
+    """The Prometheus metrics of /metrics, in a registry of their own (no global state)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("trtbuild_requests", "requests served, by how they finished", ["finish_reason"],
+                                registry=self.registry)
+        self.prompt_tokens = Counter("trtbuild_prompt_tokens", "prompt tokens of the requests served",
+                                     registry=self.registry)
+        self.generated_tokens = Counter("trtbuild_generation_tokens", "tokens generated", registry=self.registry)
+        self.running = Gauge("trtbuild_requests_running", "requests in the engine's batch or its queue",
+                             registry=self.registry)
+        self.queued = Gauge("trtbuild_requests_waiting", "requests waiting for a place in the batch",
+                            registry=self.registry)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.time_to_first_token = Histogram("trtbuild_time_to_first_token_seconds", "time to first token",
+                                             buckets=buckets, registry=self.registry)
+        self.inter_token_latency = Histogram("trtbuild_inter_token_latency_seconds", "time between tokens",
+                                             buckets=buckets, registry=self.registry)
 
 
 @dataclass
@@ -43,6 +66,7 @@ class ServedEngine:
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: str | None = None
     in_flight: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def end_ids(self) -> list[int]:
@@ -68,6 +92,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    last: float = 0.0
 
 
 def create_app(served: ServedEngine) -> FastAPI:
@@ -104,6 +130,14 @@ def create_app(served: ServedEngine) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "error" if served.load_error else "loading", "detail": served.load_error},
                             status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import generate_latest
+
+        if served.batcher is not None:
+            served.metrics.queued.set(served.batcher.waiting)
+        return Response(generate_latest(served.metrics.registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -161,7 +195,8 @@ def _sampling(served: ServedEngine, body: SamplingFields, prompt: list[int], max
                             f"{bc.max_seq_len}", param="max_tokens", code="context_length_exceeded")
     seed = None if body.seed is None else body.seed + index
     greedy = body.temperature == 0.0
-    return SamplingConfig(max_new_tokens=max_tokens or room, end_id=(served.end_ids or [None])[0],
+    end_id = -1 if body.ignore_eos else (served.end_ids or [None])[0]
+    return SamplingConfig(max_new_tokens=max_tokens or room, end_id=end_id,
                           temperature=body.temperature, top_k=1 if greedy else body.top_k,
                           top_p=0.0 if greedy else body.top_p, repetition_penalty=body.repetition_penalty,
                           random_seed=seed)
@@ -193,6 +228,13 @@ async def _tokens(served: ServedEngine, gen: Generation, stops: list[str]) -> As
             return
         if gen.finish_reason is not None:
             continue  # tokens of a step already under way when a stop string ended the request
+        now = time.monotonic()
+        if not gen.token_ids:
+            served.metrics.time_to_first_token.observe(now - gen.started)
+        else:
+            served.metrics.inter_token_latency.observe((now - gen.last) / len(item))
+        gen.last = now
+        served.metrics.generated_tokens.inc(len(item))
         gen.token_ids.extend(item)
         text = held + detok.add(item)
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -223,7 +265,7 @@ async def _respond(served: ServedEngine, body: SamplingFields, request: Request,
     for k, (prompt, i) in enumerate(choices):
         gens.append(Generation(k, len(prompt)))
         _submit(served, gens[-1], prompt, _sampling(served, body, prompt, max_tokens, i))
-    served.in_flight += len(gens)
+    _enter(served, gens)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
@@ -234,9 +276,7 @@ async def _respond(served: ServedEngine, body: SamplingFields, request: Request,
                 async for _ in _tokens(served, gen, stops):
                     pass
         finally:
-            served.in_flight -= len(gens)
-            for gen in gens:
-                gen.handle.cancel()
+            _leave(served, gens)
         return {"id": rid, "object": obj, "created": created, "model": served.model_name,
                 "choices": [_choice(g, chat) for g in gens], "usage": _usage(gens)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -267,9 +307,22 @@ async def _stream(served: ServedEngine, gens: list[Generation], stops: list[str]
             yield chunk([], _usage(gens))
         yield "data: [DONE]\n\n"
     finally:  # also when the client went away: its requests leave the batch
-        served.in_flight -= len(gens)
-        for gen in gens:
-            gen.handle.cancel()
+        _leave(served, gens)
+
+
+def _enter(served: ServedEngine, gens: list[Generation]) -> None:
+    served.in_flight += len(gens)
+    served.metrics.running.set(served.in_flight)
+    served.metrics.prompt_tokens.inc(sum(g.prompt_tokens for g in gens))
+
+
+def _leave(served: ServedEngine, gens: list[Generation]) -> None:
+    """The requests are done with (answered, or their client went away): they leave the batch."""
+    served.in_flight -= len(gens)
+    served.metrics.running.set(served.in_flight)
+    for gen in gens:
+        gen.handle.cancel()
+        served.metrics.requests.labels(gen.finish_reason or "cancelled").inc()
 
 
 def _choice(gen: Generation, chat: bool) -> dict:

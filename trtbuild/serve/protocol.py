@@ -27,6 +27,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
+    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
