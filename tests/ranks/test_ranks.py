@@ -449,3 +449,48 @@ def test_workers_build_the_same_rank_engines(tiny_models, tmp_path):
     assert np.array_equal(a["scores_0"], b["scores_0"])
     with pytest.raises(TrtbuildError, match="--workers 0 must be at least 1"):
         build_engine(ckpt, tmp_path / "w0", BuildConfig(max_input_len=32, max_seq_len=64), workers=0)
+
+
+SPAWN_RUN = """
+import sys, time
+from trtbuild.runtime import InflightBatcher, ModelRunner, SamplingConfig
+runner = ModelRunner.from_dir(sys.argv[1], spawn_ranks=True)
+batcher = InflightBatcher(runner)
+print(batcher.submit([5, 6, 7], SamplingConfig(max_new_tokens=4, end_id=-1)).result(timeout=60), flush=True)
+if sys.argv[2] == "hang":
+    time.sleep(600)  # killed by the test
+"""
+
+
+def _followers(engine: Path) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"trtbuild.runtime.follower" in args and str(engine).encode() in args and state != "Z":
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("how", ["exit without shutdown", "killed"])
+def test_spawned_ranks_end_with_rank_0(how, tiny_models, tmp_path):
+    """A process that spawned the other ranks (a server) and ends without shutting its batcher down,
+    or is killed, leaves no rank behind; none spins while it waits."""
+    import signal
+    import time
+
+    engine = build(tiny_models["llama"], tmp_path, 2)
+    proc = subprocess.Popen([sys.executable, "-c", SPAWN_RUN, str(engine), "exit" if how != "killed" else "hang"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("[")  # served a request with its spawned rank
+    assert _followers(engine)
+    if how == "killed":
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    while _followers(engine):
+        assert time.monotonic() < deadline, f"ranks left behind: {_followers(engine)}"
+        time.sleep(0.2)

@@ -229,3 +229,21 @@ def test_a_full_queue_is_429_and_a_disconnect_leaves_the_batch(chat_engine, tmp_
         assert c.completions.create(model=MODEL, prompt="Hello", max_tokens=4).usage.completion_tokens <= 4
         assert metric(served.url, "trtbuild_prompt_tokens_total") > 0
         assert metric(served.url, 'trtbuild_requests_total{finish_reason="cancelled"}') == 1
+
+
+def test_a_multi_rank_engine_is_served(tiny_models, engines, tmp_path):
+    """trtbuild-serve on a tp2 engine starts the other rank itself (as the Triton model does) and
+    answers as the one-rank engine."""
+    if not (Path(sys.executable).parent / "mpiexec").is_file():
+        pytest.skip("needs trtbuild[mpi]")
+    from trtbuild.builder import build_engine
+
+    engine = tmp_path / "tp2"
+    build_engine(engines.checkpoint(tiny_models["llama_4k"]), engine, LIMITS, progress=False, tp_size=2)
+    one = ModelRunner.from_dir(engines.engine(tiny_models["llama_4k"], LIMITS), num_threads=1)
+    ids = one.tokenizer.encode("Once upon a time").ids
+    want = one.tokenizer.decode(one.generate([ids], SamplingConfig(max_new_tokens=12, end_id=1)).output_ids[0],
+                                skip_special_tokens=True)
+    with Served(engine, tmp_path / "serve.log") as served:
+        got = client(served.url).completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert got.choices[0].text == want

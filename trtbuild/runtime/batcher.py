@@ -7,6 +7,7 @@ scheduler holds the same batch and steps with it (the tokens come from the sampl
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -73,6 +74,8 @@ class InflightBatcher:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="trtbuild-batcher", daemon=True)
         self._thread.start()
+        if runner.world is not None:  # a rank 0 that exits without shutdown() still lets its followers go
+            atexit.register(self.shutdown)
 
     def submit(self, input_ids: list[int], sampling: SamplingConfig, lora_task_id: int = -1,
                listener: Callable[[list[int] | None], None] | None = None) -> RequestHandle:
@@ -119,7 +122,8 @@ class InflightBatcher:
             while not self._cancels.empty():
                 cancelled.append(self._cancels.get())
             if world is not None and (added or cancelled or self._scheduler.has_work()):
-                world.broadcast(([(r.request_id, r.prompt_ids, r.sampling, r.lora_task_id) for r in added], cancelled))
+                world.broadcast_idle(([(r.request_id, r.prompt_ids, r.sampling, r.lora_task_id) for r in added],
+                                      cancelled))
             for r in added:
                 self._scheduler.add(r)
                 if world is not None:
@@ -140,11 +144,13 @@ class InflightBatcher:
         return self._incoming.qsize() + len(self._scheduler.waiting)
 
     def shutdown(self) -> None:
+        if self._stop:
+            return
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
         if self.runner.world is not None:
-            self.runner.world.broadcast(None)  # the followers return
+            self.runner.world.broadcast_idle(None)  # the followers return
 
 
 def _step(scheduler: Scheduler, runner) -> Scheduler:
@@ -162,12 +168,13 @@ def _step(scheduler: Scheduler, runner) -> Scheduler:
         return Scheduler(runner)
 
 
-def follow(runner) -> None:
+def follow(runner, leader_alive: Callable[[], bool] | None = None) -> None:
     """A rank other than 0 of a multi-rank engine: mirror rank 0's InflightBatcher step for step
-    (the same requests join and are cancelled before the same step) until it shuts down."""
+    (the same requests join and are cancelled before the same step) until it shuts down; waiting
+    for the next request costs no CPU. `leader_alive`: see RankWorld.broadcast_idle."""
     scheduler, requests = Scheduler(runner), {}
     while True:
-        events = runner.world.broadcast(None)
+        events = runner.world.broadcast_idle(None, leader_alive)
         if events is None:
             return
         added, cancelled = events

@@ -10,11 +10,13 @@ random seed (or none) gives every rank the same sequence; rank 0 reads the input
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,6 +56,27 @@ class RankWorld:
         if self.spawned is not None:
             self.spawned.Disconnect()
             self.spawned = None
+
+    def broadcast_idle(self, value: Any = None, leader_alive: Callable[[], bool] | None = None) -> Any:
+        """Rank 0's value on every rank, waiting without spinning: MPI's blocking broadcast polls
+        a core at 100% for as long as it waits, and a follower may wait hours for the next
+        request. `leader_alive` (a spawned rank) is asked while waiting; when it says no, the
+        rank raises TrtbuildError instead of waiting forever."""
+        data = pickle.dumps(value) if self.rank == 0 else b""
+        size = np.array([len(data)], np.int64)
+        request = self.comm.Ibcast(size, root=0)  # the size without spinning, then the pickled value
+        delay, checked = 0.0001, time.monotonic()
+        while True:
+            if request.Test():
+                payload = bytearray(data) if self.rank == 0 else bytearray(int(size[0]))
+                self.comm.Bcast(payload, root=0)
+                return value if self.rank == 0 else pickle.loads(payload)
+            time.sleep(delay)
+            delay = min(2 * delay, 0.005)
+            if leader_alive is not None and time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                if not leader_alive():
+                    raise TrtbuildError("rank 0 went away without shutting this rank down")
 
     def broadcast_array(self, array: np.ndarray | None, shape: tuple[int, ...], root: int) -> np.ndarray:
         """`root`'s float32 array of `shape` on every rank (no pickling: logits for scoring)."""
@@ -129,7 +152,12 @@ def spawn_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
     if shutil.which("mpiexec") is None:
         raise TrtbuildError(f"{engine_dir} is an engine of {world_size} ranks: starting them needs MPICH's "
                             "mpiexec on PATH (pip install 'trtbuild[mpi]' into this Python's environment)")
-    intercomm = MPI.COMM_SELF.Spawn(python, args=["-m", FOLLOWER_MODULE, str(engine_dir)], maxprocs=world_size - 1)
+    if os.getpgrp() != os.getpid():
+        # Should this process be killed, MPICH's process manager kills its whole process group:
+        # a group of its own keeps whoever started it (a shell script, a test runner) out of that.
+        os.setpgid(0, 0)
+    intercomm = MPI.COMM_SELF.Spawn(python, args=["-m", FOLLOWER_MODULE, str(engine_dir), str(os.getpid())],
+                                    maxprocs=world_size - 1)
     return _rank_world(MPI, intercomm.Merge(high=False), world_size, tp_size, intercomm)
 
 

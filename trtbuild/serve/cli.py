@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if served.batcher is not None:
             served.batcher.shutdown()
+            if served.runner.world is not None:  # the ranks it started follow the batcher's shutdown
+                served.runner.world.close()
 
 
 if __name__ == "__main__":
