@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +120,10 @@ def join_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
         how = "without mpiexec" if world.Get_size() == 1 else f"in a world of {world.Get_size()} ranks"
         raise TrtbuildError(f"{engine_dir} is an engine of {world_size} ranks, started {how}: launch it as "
                             f"{launch_hint(engine_dir, world_size)}")
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C ends the rank at once: Python would only see it once the MPI call the rank is
+        # blocked in returns, and it may wait for a rank that is gone; mpiexec then ends the rest
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     return _rank_world(MPI, world.Dup(), world_size, tp_size)
 
 
