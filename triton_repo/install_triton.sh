@@ -65,6 +65,9 @@ REQUIREMENTS=(
   "numpy<2"
   "mpi4py==4.1.2"  # multi-rank engines: the model starts their ranks (MPICH's mpiexec runs them)
   "mpich==5.0.2"
+  "fastapi==0.165.0"  # trtbuild-serve, the OpenAI-compatible server, from the same venv (the Docker image)
+  "uvicorn==0.55.0"
+  "prometheus-client==0.26.0"
   "onnxruntime==1.32.0"
   "onnx==1.23.2"
   "tokenizers"

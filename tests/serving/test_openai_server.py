@@ -22,6 +22,8 @@ from trtbuild.engine import BuildConfig
 from trtbuild.runtime import ModelRunner, SamplingConfig
 from trtbuild.runtime.chat import apply_chat_template
 
+from test_triton import triton_venv  # noqa: E402, F401  (the fixture: the triton venv, the Docker image's)
+
 openai = pytest.importorskip("openai", reason="the serve tests use the official client (the dev extra has it)")
 
 API_KEY = "test-key"
@@ -247,3 +249,38 @@ def test_a_multi_rank_engine_is_served(tiny_models, engines, tmp_path):
     with Served(engine, tmp_path / "serve.log") as served:
         got = client(served.url).completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
     assert got.choices[0].text == want
+
+
+def test_the_docker_entrypoint_serves_the_openai_api(chat_engine, triton_venv, tmp_path):  # noqa: F811
+    """docker/entrypoint.sh with SERVER=openai (what `docker run -e SERVER=openai ...` runs) serves
+    the engine with trtbuild-serve from the image's venv, the triton venv."""
+    import os
+
+    from conftest import REPO
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{triton_venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "SERVER": "openai",
+           "ENGINE_DIR": str(chat_engine), "HTTP_PORT": str(port)}
+    log = open(tmp_path / "entrypoint.log", "w")
+    proc = subprocess.Popen(["sh", str(REPO / "docker" / "entrypoint.sh"), "--served_model_name", MODEL,
+                             "--num_threads", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "the entrypoint's server did not become ready"
+            time.sleep(0.3)
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0).completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens <= 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
