@@ -90,6 +90,18 @@ struct CollectiveOp {
   OrtStatus* mpi_functions() const {
     return mpi.allreduce ? nullptr : find_mpi(api, K::name, mpi);
   }
+  // What every collective starts with: its first input and that input's shape, and the MPI
+  // functions and handles it calls.
+  OrtStatus* begin(OrtKernelContext* context, const OrtValue*& x, std::vector<int64_t>& dims, Handles& h) const {
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
+    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
+    TRTBUILD_RETURN_IF_ERROR(read_handles(api, K::name, context, h));
+    return shape_of(api, x, dims);
+  }
+  // MPI counts elements in an int.
+  OrtStatus* check_count(int64_t n) const {
+    return n > INT_MAX ? op_error(api, K::name, "tensor too large for one MPI call") : nullptr;
+  }
   const OrtApi* api;
   mutable Mpi mpi;
 };
@@ -99,12 +111,9 @@ struct AllReduce : CollectiveOp<AllReduce> {
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue* x;
-    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
     Handles h;
-    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
-    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
     std::vector<int64_t> dims;
-    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    TRTBUILD_RETURN_IF_ERROR(begin(context, x, dims, h));
     OrtValue* y;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, dims.data(), dims.size(), &y));
     const float* in;
@@ -112,7 +121,7 @@ struct AllReduce : CollectiveOp<AllReduce> {
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&in)));
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&out)));
     const int64_t n = element_count(dims);
-    if (n > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    TRTBUILD_RETURN_IF_ERROR(check_count(n));
     if (n && mpi.allreduce(in, out, (int)n, h.float_type, h.sum, h.comm) != 0)
       return op_error(api, name, "MPI_Allreduce failed");
     return nullptr;
@@ -124,17 +133,14 @@ struct AllGather : CollectiveOp<AllGather> {
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue* x;
-    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
     Handles h;
-    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
-    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
     std::vector<int64_t> dims;
-    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    TRTBUILD_RETURN_IF_ERROR(begin(context, x, dims, h));
     if (dims.size() != 2) return op_error(api, name, "x must be [rows, N]");
     int ranks = 0;
     if (mpi.comm_size(h.comm, &ranks) != 0 || ranks < 1) return op_error(api, name, "MPI_Comm_size failed");
     const int64_t rows = dims[0], n = dims[1];
-    if (rows * n * ranks > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    TRTBUILD_RETURN_IF_ERROR(check_count(rows * n * ranks));
     std::vector<int64_t> out_dims{rows, n * ranks};
     OrtValue* y;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, out_dims.data(), 2, &y));
@@ -170,16 +176,13 @@ struct PipelineSend : CollectiveOp<PipelineSend> {
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue* x;
-    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
     Handles h;
-    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
-    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
     std::vector<int64_t> dims;
-    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    TRTBUILD_RETURN_IF_ERROR(begin(context, x, dims, h));
     const float* in;
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&in)));
     const int64_t n = element_count(dims);
-    if (n > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    TRTBUILD_RETURN_IF_ERROR(check_count(n));
     if (mpi.send(in, (int)n, h.float_type, (int)peer, 0, h.world) != 0) return op_error(api, name, "MPI_Send failed");
     const int64_t one = 1;
     OrtValue* y;
@@ -203,12 +206,9 @@ struct PipelineRecv : CollectiveOp<PipelineRecv> {
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue* ids;
-    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &ids));
     Handles h;
-    TRTBUILD_RETURN_IF_ERROR(mpi_functions());
-    TRTBUILD_RETURN_IF_ERROR(read_handles(api, name, context, h));
     std::vector<int64_t> dims;
-    TRTBUILD_RETURN_IF_ERROR(shape_of(api, ids, dims));
+    TRTBUILD_RETURN_IF_ERROR(begin(context, ids, dims, h));
     if (dims.size() != 2) return op_error(api, name, "ids must be [batch, sequence]");
     dims.push_back(hidden_size);
     OrtValue* y;
@@ -216,7 +216,7 @@ struct PipelineRecv : CollectiveOp<PipelineRecv> {
     float* out;
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&out)));
     const int64_t n = element_count(dims);
-    if (n > INT_MAX) return op_error(api, name, "tensor too large for one MPI call");
+    TRTBUILD_RETURN_IF_ERROR(check_count(n));
     alignas(16) char status[64];  // MPI_Status: 20 bytes in MPICH, 24 in Open MPI
     if (mpi.recv(out, (int)n, h.float_type, (int)peer, 0, h.world, status) != 0)
       return op_error(api, name, "MPI_Recv failed");
