@@ -16,23 +16,13 @@ from trtbuild.engine import BuildConfig, PluginConfig, load_engine_config
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
 from conftest import op_types
+from recipes import QUANT_RECIPES
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304]]
 
 RECIPES = {
     "fp32": [],
-    "w8a16": ["--use_weight_only", "--weight_only_precision", "int8"],
-    "w4a16": ["--use_weight_only", "--weight_only_precision", "int4"],
-    "w4a16_g32_zp": ["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "32",
-                     "--has_zero_point"],
-    "w8a16_g32_zp": ["--use_weight_only", "--weight_only_precision", "int8", "--per_group", "--group_size", "32",
-                     "--has_zero_point"],
-    "gptq": ["--use_weight_only", "--weight_only_precision", "int4_gptq", "--per_group", "--group_size", "32"],
-    "awq": ["--use_weight_only", "--weight_only_precision", "int4_awq", "--per_group", "--group_size", "32"],
-    "sq_per_token": ["--smoothquant", "0.5", "--per_channel", "--per_token"],
-    "sq_static": ["--smoothquant", "0.5", "--per_channel"],
-    "sq_per_tensor": ["--smoothquant", "0.5"],
-    "int8_kv": ["--int8_kv_cache"],
+    **QUANT_RECIPES,
     # on llama3 (intermediate 96) mlp.proj gets groups of 64 and 32: a partial last group
     "gptq_g64_partial": ["--use_weight_only", "--weight_only_precision", "int4_gptq", "--per_group", "--group_size",
                          "64", "--has_zero_point"],

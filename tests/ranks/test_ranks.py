@@ -18,6 +18,8 @@ from trtbuild.engine import BuildConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
+from recipes import QUANT_RECIPES
+
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 WORKER = Path(__file__).with_name("rank_worker.py")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304]]
@@ -145,7 +147,7 @@ def test_tp_run_py_prints_once(tiny_models, tmp_path):
     assert proc.stdout == one.stdout
 
 
-def test_bad_splits_are_one_line(tiny_models, tmp_path):
+def test_bad_splits_are_one_line(tiny_models, engines, tmp_path):
     with pytest.raises(TrtbuildError, match="tp_size 3 does not divide the model's 4 attention heads"):
         convert_checkpoint(tiny_models["llama"], tmp_path / "c3", "float32", progress=False, tp_size=3)
     with pytest.raises(TrtbuildError, match="pp_size 3 exceeds the model's 2 layers"):
@@ -153,7 +155,7 @@ def test_bad_splits_are_one_line(tiny_models, tmp_path):
     with pytest.raises(TrtbuildError, match="tp_size 2 gives each rank 32 of attention.dense's 64 inputs, not a "
                                             "multiple of --group_size 64"):
         build_engine(build_dir_one_rank_ckpt(tiny_models["llama"], tmp_path), tmp_path / "q", BuildConfig(
-            max_input_len=32, max_seq_len=64), progress=False, tp_size=2, recipe=_recipe(
+            max_input_len=32, max_seq_len=64), progress=False, tp_size=2, recipe=engines.recipe(
             ["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "64"]))
     assert not (tmp_path / "q").exists()
     engine_ckpt = tmp_path / "c2"
@@ -236,20 +238,6 @@ def test_tp_perplexity_reports_once(tiny_models, tmp_path):
     assert len(tp2) == 1 and abs(float(tp2[0].split()[1]) - float(tp1[0].split()[1])) < 1e-3
 
 
-QUANT_RECIPES = {
-    "w8a16": ["--use_weight_only", "--weight_only_precision", "int8"],
-    "w4a16": ["--use_weight_only", "--weight_only_precision", "int4"],
-    "w4a16_g32_zp": ["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "32",
-                     "--has_zero_point"],
-    "gptq": ["--use_weight_only", "--weight_only_precision", "int4_gptq", "--per_group", "--group_size", "32"],
-    "awq": ["--use_weight_only", "--weight_only_precision", "int4_awq", "--per_group", "--group_size", "32"],
-    "sq_per_token": ["--smoothquant", "0.5", "--per_channel", "--per_token"],
-    "sq_static": ["--smoothquant", "0.5", "--per_channel"],
-    "sq_per_tensor": ["--smoothquant", "0.5"],
-    "int8_kv": ["--int8_kv_cache"],
-}
-
-
 @pytest.mark.parametrize("recipe", list(QUANT_RECIPES))
 def test_every_quantization_recipe_at_tp2(recipe, tiny_models, engines, tmp_path):
     """Quantized (and calibrated) on the whole model, then split with its scales: a rank computes
@@ -268,13 +256,6 @@ def test_every_quantization_recipe_at_tp2(recipe, tiny_models, engines, tmp_path
     for b, prompt in enumerate(PROMPTS):
         np.testing.assert_allclose(got["scores_0"][b, :len(prompt)], want[b, :len(prompt)], atol=tolerance, rtol=0)
 
-
-def _recipe(flags: list[str]):
-    import argparse
-
-    from trtbuild.quantization.recipe import add_quant_args, recipe_from_args
-
-    return recipe_from_args(add_quant_args(argparse.ArgumentParser()).parse_args(flags))
 
 
 LONG_RUN = """
