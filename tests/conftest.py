@@ -30,6 +30,24 @@ CALIB_FLAGS = ("--calib_size", "4", "--calib_max_seq_length", "64")
 CACHE_MB = int(os.environ.get("TRTBUILD_TEST_CACHE_MB", "1200"))
 
 
+# What MPICH leaves behind for every rank that is killed (the rank tests kill some) and for every
+# world whose process manager does not end cleanly: shared-memory segments and topology files.
+MPI_LEFTOVERS = (("/dev/shm", "mpich_shm_*"), ("/tmp", "hydra_hwloc_xmlfile_*"))
+
+
+def _mpi_leftovers() -> set[Path]:
+    return {f for d, pattern in MPI_LEFTOVERS if Path(d).is_dir() for f in Path(d).glob(pattern)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_mpi_leftovers():
+    """Remove, once the session's servers and ranks are gone, what MPICH left behind during it."""
+    before = _mpi_leftovers()
+    yield
+    for path in _mpi_leftovers() - before:
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
     """name → tiny HF model dir (TINY_ARCHS and tiny_models.TINY_VARIANTS), each made once per session."""

@@ -26,17 +26,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [300, 301, 302, 303, 304]]
 NEW_TOKENS = 8
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.is_file(), reason="needs trtbuild[mpi] (mpiexec beside python)")
-SHM = Path("/dev/shm")
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_shared_memory():
-    """Ranks that are killed (as some tests here do) leave MPICH's shared-memory segments behind in
-    /dev/shm; remove the ones this test made once its ranks are gone."""
-    before = set(SHM.glob("mpich_shm_*")) if SHM.is_dir() else set()
-    yield
-    for path in (set(SHM.glob("mpich_shm_*")) if SHM.is_dir() else set()) - before:
-        path.unlink(missing_ok=True)
 
 
 def build(model_dir: Path, root: Path, tp: int, pp: int = 1) -> Path:
