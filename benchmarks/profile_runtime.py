@@ -222,9 +222,10 @@ def profile_ortgenai(model_dir: Path, batch: int, new_tokens: int, threads: int,
     files = sorted(prof_dir.glob("*.json"), key=os.path.getmtime)
     if not files:
         print("(no profile written)")
-        return
-    by_op, nodes, run_total, nruns = summarize_profile(files[-1], 4 + 1, top)
-    print_table("onnxruntime-genai profile", by_op, nodes, run_total, nruns)
+    else:
+        by_op, nodes, run_total, nruns = summarize_profile(files[-1], 4 + 1, top)
+        print_table("onnxruntime-genai profile", by_op, nodes, run_total, nruns)
+    shutil.rmtree(prof_dir, ignore_errors=True)  # as the trtbuild profile's dir
 
 
 def main(argv=None) -> int:
