@@ -523,6 +523,22 @@ def test_greedy_matches_runner(served):
         assert out["text_output"] == served.decode(want), prompt
 
 
+def test_presence_and_frequency_penalties(served):
+    """presence_penalty / frequency_penalty (TensorRT-LLM's input names) reach the sampler through
+    the ensemble and the BLS model: the answer equals runner.generate's with the same penalties."""
+    from trtbuild.runtime import SamplingConfig
+
+    prompt, n = PROMPTS[0], 24
+    penalties = {"presence_penalty": 1.2, "frequency_penalty": 0.8}
+    ids = served.encode(prompt)
+    want = served.runner.generate([ids], SamplingConfig(max_new_tokens=n, end_id=served.eos, **penalties)).output_ids[0]
+    assert list(want) != served.expected(ids, n)  # the penalties change this answer
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        status, out = served.http.generate(model, {"text_input": prompt, "max_tokens": n, **penalties})
+        assert status == 200, out
+        assert out["text_output"] == served.decode(list(want)), model
+
+
 def test_streaming_matches_one_response(served):
     prompt = PROMPTS[1]
     n = 20

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the smallest set of tokens whose probabilities reach p (0 = off); needs "
                         "--top_k 0 or above 1")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--presence_penalty", type=float, default=0.0,
+                   help="subtracted from the logit of every token already generated (0 = off)")
+    p.add_argument("--frequency_penalty", type=float, default=0.0,
+                   help="subtracted from a token's logit per time it was generated (0 = off)")
     p.add_argument("--random_seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--end_id", type=int, default=None, help="default: the model's eos token")
     p.add_argument("--pad_id", type=int, default=None, help="padding token id (default: the end id)")
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     sampling = SamplingConfig(max_new_tokens=args.max_output_len, end_id=end_id, pad_id=args.pad_id,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, random_seed=args.random_seed,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, random_seed=args.random_seed,
                               stop_words=words(args.stop_words), bad_words=words(args.bad_words))
     task_ids = None
     if args.lora_dir:

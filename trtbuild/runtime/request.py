@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from trtbuild.runtime.sampling import Sampler, SamplingConfig
+from trtbuild.runtime.sampling import Sampler, SamplingConfig, TokenLogprob, token_logprob
 
 
 @dataclass
@@ -18,6 +18,7 @@ class Request:
     on_tokens: Callable[["Request", list[int]], None] | None = None  # streaming: called per step
     on_done: Callable[["Request"], None] | None = None  # called once the request leaves the batch
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when sampling.logprobs is set
     finish_reason: str | None = None  # "end_id" | "stop_words" | "length" | "cancelled"
     sampler: Sampler | None = None
     request_id: int = -1  # a multi-rank engine's batcher: the same request on every rank
@@ -38,19 +39,28 @@ class Request:
         """Sample the next token from this request's logits row and update its state."""
         self.take(self.sample(logits))
 
-    def sample(self, logits: np.ndarray) -> int | None:
-        """The next token from this request's logits row (None once it is done)."""
-        return None if self.done else self.sampler.next_token(logits, self.prompt_ids + self.output_ids)
+    def sample(self, logits: np.ndarray) -> int | tuple[int, TokenLogprob] | None:
+        """The next token from this request's logits row (None once it is done), with its
+        log-probabilities when the request asks for them."""
+        if self.done:
+            return None
+        wanted = self.sampling.logprobs
+        row = logits.copy() if wanted is not None and self.sampling.penalized else logits  # penalties edit it
+        token = self.sampler.next_token(logits, self.prompt_ids + self.output_ids, len(self.output_ids))
+        return token if wanted is None else (token, token_logprob(row, token, wanted))
 
-    def take(self, token: int | None) -> None:
+    def take(self, sampled: int | tuple[int, TokenLogprob] | None) -> None:
         """Append a sampled token (None: the request is done) and update the request's state."""
-        if self.done or token is None:
+        if self.done or sampled is None:
             return
+        token, logprob = sampled if isinstance(sampled, tuple) else (sampled, None)
         c = self.sampling
         if c.end_id is not None and token == c.end_id:
             self.finish("end_id")
             return
         self.output_ids.append(token)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
         if self.on_tokens is not None:
             self.on_tokens(self, [token])
         if any(w and self.output_ids[-len(w):] == w for w in c.stop_words):

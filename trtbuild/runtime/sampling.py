@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy, temperature / top-k / top-p, repetition penalty, bad words."""
+"""Per-request sampling: greedy, temperature / top-k / top-p, repetition / presence / frequency
+penalties, bad words, and the log-probabilities of what was picked."""
 
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ class SamplingConfig:
     top_k: int = 1
     top_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence among the tokens generated so far
     random_seed: int | None = None
     stop_words: list[list[int]] = field(default_factory=list)
     bad_words: list[list[int]] = field(default_factory=list)
+    logprobs: int | None = None  # report each picked token's log-probability and this many top ones
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -36,10 +40,35 @@ class SamplingConfig:
             raise TrtbuildError(f"top_p {self.top_p} must be within [0, 1]")
         if self.repetition_penalty <= 0:
             raise TrtbuildError(f"repetition_penalty {self.repetition_penalty} must be > 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise TrtbuildError(f"logprobs {self.logprobs} must be >= 0")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0)
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.bad_words))
+
+
+@dataclass
+class TokenLogprob:
+    """A picked token's log-probability under the model (its raw logits: before penalties,
+    temperature or truncation, as vLLM reports), and the `top` most likely tokens' [(id, logprob)]."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """log_softmax(logits)[token] and the `top` largest entries, in float64."""
+    x = logits.astype(np.float64)
+    logz = x.max() + np.log(np.exp(x - x.max()).sum())
+    best = np.argpartition(-x, top - 1)[:top] if 0 < top < x.shape[0] else np.arange(x.shape[0] if top else 0)
+    best = best[np.argsort(-x[best], kind="stable")]
+    return TokenLogprob(float(x[token] - logz), [(int(t), float(x[t] - logz)) for t in best])
 
 
 class Sampler:
@@ -50,8 +79,12 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.random_seed)
 
-    def _penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+    def _penalize(self, logits: np.ndarray, history: list[int], generated: list[int]) -> np.ndarray:
         c = self.config
+        if (c.presence_penalty or c.frequency_penalty) and generated:  # OpenAI's: over the generated tokens
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            keep = ids < logits.shape[0]
+            logits[ids[keep]] -= (c.presence_penalty + c.frequency_penalty * counts[keep]).astype(logits.dtype)
         if c.repetition_penalty != 1.0 and history:
             ids = np.unique(np.asarray(history, dtype=np.int64))
             ids = ids[ids < logits.shape[0]]
@@ -63,11 +96,12 @@ class Sampler:
                 logits[words[-1]] = -np.inf
         return logits
 
-    def next_token(self, logits: np.ndarray, history: list[int]) -> int:
-        """logits: [vocab] float32 for this request's last position (modified in place)."""
+    def next_token(self, logits: np.ndarray, history: list[int], num_generated: int = 0) -> int:
+        """logits: [vocab] float32 for this request's last position (modified in place); history:
+        the prompt and the tokens generated so far (its last `num_generated`)."""
         c = self.config
-        if c.repetition_penalty != 1.0 or c.bad_words:
-            logits = self._penalize(logits, history)
+        if c.penalized:
+            logits = self._penalize(logits, history, history[len(history) - num_generated:])
         if c.greedy:
             return int(np.argmax(logits))
         logits = logits.astype(np.float64) / max(c.temperature, 1e-6)

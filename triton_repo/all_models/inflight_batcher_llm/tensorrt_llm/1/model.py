@@ -113,6 +113,8 @@ class TritonPythonModel:
         top_k = _get(request, "runtime_top_k")
         top_p = _get(request, "runtime_top_p")
         rep = _get(request, "repetition_penalty")
+        presence = _get(request, "presence_penalty")
+        frequency = _get(request, "frequency_penalty")
         seed = _get(request, "random_seed")
         lora = _get(request, "lora_task_id")
         streaming = _get(request, "streaming")
@@ -151,6 +153,8 @@ class TritonPythonModel:
                 temperature=_row_scalar(temperature, i, float, 1.0),
                 top_k=k, top_p=p,
                 repetition_penalty=_row_scalar(rep, i, float, 1.0),
+                presence_penalty=_row_scalar(presence, i, float, 0.0),
+                frequency_penalty=_row_scalar(frequency, i, float, 0.0),
                 random_seed=_row_scalar(seed, i, int, None),
                 stop_words=stop_rows[min(i, len(stop_rows) - 1)],
                 bad_words=bad_rows[min(i, len(bad_rows) - 1)],

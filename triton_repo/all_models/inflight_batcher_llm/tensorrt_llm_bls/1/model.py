@@ -52,7 +52,8 @@ PREPROCESS_OUTPUTS = {  # preprocessing output → tensorrt_llm input
 }
 PASSTHROUGH = {  # our input → tensorrt_llm input
     "top_k": "runtime_top_k", "top_p": "runtime_top_p", "temperature": "temperature",
-    "repetition_penalty": "repetition_penalty", "random_seed": "random_seed",
+    "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "random_seed": "random_seed",
     "lora_task_id": "lora_task_id", "stream": "streaming",
     "exclude_input_in_output": "exclude_input_in_output",
 }
