@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trtbuild.engine import BuildConfig
@@ -41,8 +42,8 @@ def free_port() -> int:
 class Served:
     """A trtbuild-serve subprocess on a free port, ready (/health 200) when entered."""
 
-    def __init__(self, engine: Path, log_path: Path, *flags: str):
-        self.port, self.log_path = free_port(), log_path
+    def __init__(self, engine: Path, log_path: Path, *flags: str, ready: bool = True):
+        self.port, self.log_path, self.ready = free_port(), log_path, ready
         self.cmd = [str(Path(sys.executable).parent / "trtbuild-serve"), str(engine), "--port", str(self.port),
                     "--served_model_name", MODEL, "--api_key", API_KEY, "--num_threads", "1", *flags]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,13 +51,22 @@ class Served:
     def __enter__(self) -> "Served":
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        if self.ready:
+            assert self.wait_health()["status"] == "ok", self.log_path.read_text()[-3000:]
+        return self
+
+    def wait_health(self) -> dict:
+        """/health's body once the engine has loaded or failed to."""
         deadline = time.monotonic() + 120
         while True:
             assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return self
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                body = json.loads(e.read())
+                if body["status"] == "error":
+                    return body
             except (urllib.error.URLError, ConnectionError):
                 pass
             assert time.monotonic() < deadline, "trtbuild-serve did not become ready"
@@ -198,6 +208,124 @@ def test_errors_are_openai_bodies(server):
     assert e.value.code == 400 and "Traceback" not in body and "error" in json.loads(body)
 
 
+def test_logprobs_are_the_models(server):
+    """Chat logprobs / top_logprobs and completions logprobs: each token's is log_softmax of the
+    runner's logits at its position, the top ones are sorted and start with the greedy pick, and
+    the streamed ones equal the non-streamed."""
+    url, engine, runner = server
+    prompt_ids, ids = expected_chat(engine, runner, "The history of the city", 8)
+    logits = runner.score([prompt_ids + ids])[0, len(prompt_ids) - 1:-1].astype(np.float64)
+    want = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    c = client(url)
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "The history of the city"}], max_tokens=8,
+                  temperature=0, logprobs=True, top_logprobs=3)
+    content = c.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert len(content) == len(ids)
+    for k, (t, entry) in enumerate(zip(ids, content)):
+        assert entry.token == runner.tokenizer.decode([t], skip_special_tokens=False)
+        assert entry.logprob == pytest.approx(want[k, t], abs=1e-4)
+        assert [x.logprob for x in entry.top_logprobs] == pytest.approx(sorted(want[k], reverse=True)[:3], abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy
+    streamed = [e for chunk in c.chat.completions.create(**kwargs, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = c.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    lp = c.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=8, temperature=0, logprobs=2).choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([want[k, t] for k, t in enumerate(ids)], abs=1e-4)
+    assert [len(x) for x in lp.top_logprobs] == [2] * len(ids) and lp.text_offset[0] == 0
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:k]) for k in range(len(ids))]
+    with pytest.raises(openai.APIStatusError) as e:  # top_logprobs without logprobs
+        c.chat.completions.create(**{**kwargs, "logprobs": False})
+    assert e.value.status_code == 400 and "top_logprobs" in e.value.body["message"]
+
+
+def test_presence_and_frequency_penalties(server):
+    """The penalties change greedy output exactly as the runner's sampler does."""
+    url, engine, runner = server
+    text = apply_chat_template(engine / "tokenizer", [{"role": "user", "content": "Say it again and again"}])
+    ids = runner.tokenizer.encode(text, add_special_tokens=False).ids
+    penalized = SamplingConfig(max_new_tokens=20, end_id=1, temperature=0, presence_penalty=1.2, frequency_penalty=0.8)
+    want = runner.tokenizer.decode(runner.generate([ids], penalized).output_ids[0], skip_special_tokens=True)
+    got = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say it again and again"}],
+                                              max_tokens=20, temperature=0, presence_penalty=1.2,
+                                              frequency_penalty=0.8).choices[0].message.content
+    assert got == want
+    assert want != runner.tokenizer.decode(expected_chat(engine, runner, "Say it again and again", 20)[1],
+                                           skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tiny_models, module_tmp):
+    """(engine with the lora plugin, {name: adapter dir}): two adapters for the tiny llama."""
+    from trtbuild.builder import build_engine
+    from trtbuild.convert.converter import convert_checkpoint
+    from trtbuild.convert.lora import make_peft_adapter
+    from trtbuild.engine import LoraConfig
+
+    model = tiny_models["llama_4k"]
+    adapters = {"ada": make_peft_adapter(model, module_tmp / "ada", r=4, seed=1),
+                "bea": make_peft_adapter(model, module_tmp / "bea", r=2, seed=2, target_modules=["q_proj", "v_proj"])}
+    ckpt = module_tmp / "lora_ckpt"
+    convert_checkpoint(model, ckpt, "float32", progress=False)
+    limits = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=256,  # "bea" is loaded by the server
+                         lora_config=LoraConfig(lora_dir=(str(adapters["ada"]),), max_loras=2, max_lora_rank=4))
+    engine = module_tmp / "lora_engine"
+    build_engine(ckpt, engine, limits, progress=False)
+    return ckpt, limits, engine, adapters
+
+
+def lora_expected(engine: Path, adapters: dict[str, Path], ids: list[int]) -> dict[str, str]:
+    """The greedy text of `ids` under each model name: the base ("tiny") and each adapter."""
+    runner = ModelRunner.from_dir(engine, num_threads=1, lora_dirs=list(adapters.values()))
+    names = [MODEL, *adapters]
+    outs = runner.generate([ids] * len(names), SamplingConfig(max_new_tokens=12, end_id=-1),
+                           lora_task_ids=[-1, *runner.adapter_task_ids]).output_ids
+    return {name: runner.tokenizer.decode(out, skip_special_tokens=True) for name, out in zip(names, outs)}
+
+
+def test_lora_adapters_are_models_by_name(lora_setup, tmp_path):
+    """--lora_dir NAME=DIR: /v1/models lists each adapter beside the base model, and a request for
+    an adapter's name runs with it (concurrent requests for different names share the batch)."""
+    _, _, engine, adapters = lora_setup
+    ids = list(range(5, 20))
+    want = lora_expected(engine, adapters, ids)
+    assert len(set(want.values())) == 3  # the adapters change the output
+    flags = ["--lora_dir", *(f"{n}={d}" for n, d in adapters.items())]
+    with Served(engine, tmp_path / "serve.log", *flags) as served:
+        c = client(served.url)
+        listed = c.models.list().data
+        assert [m.id for m in listed] == [MODEL, "ada", "bea"] and listed[1].model_extra["parent"] == MODEL
+        got: dict[str, str] = {}
+
+        def one(name: str) -> None:
+            got[name] = c.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        threads = [threading.Thread(target=one, args=(name,)) for name in want]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == want
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="nope", prompt=ids, max_tokens=2)
+        assert e.value.status_code == 404 and "'ada'" in e.value.body["message"]
+
+
+def test_bad_lora_flags_are_one_line(lora_setup, chat_engine, tmp_path):
+    _, _, engine, adapters = lora_setup
+    serve = str(Path(sys.executable).parent / "trtbuild-serve")
+    taken = subprocess.run([serve, str(engine), "--served_model_name", "ada", "--lora_dir", f"ada={adapters['ada']}"],
+                           capture_output=True, text=True, timeout=60)
+    assert taken.returncode != 0 and "the model name 'ada' is taken" in taken.stderr
+    assert "Traceback" not in taken.stderr
+    with Served(chat_engine, tmp_path / "serve.log", "--lora_dir", str(adapters["ada"]), ready=False) as served:
+        body = served.wait_health()
+    assert body["status"] == "error" and "--lora_plugin" in body["detail"]
+
+
 def metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics") as r:
         for line in r.read().decode().splitlines():
@@ -233,22 +361,23 @@ def test_a_full_queue_is_429_and_a_disconnect_leaves_the_batch(chat_engine, tmp_
         assert metric(served.url, 'trtbuild_requests_total{finish_reason="cancelled"}') == 1
 
 
-def test_a_multi_rank_engine_is_served(tiny_models, engines, tmp_path):
-    """trtbuild-serve on a tp2 engine starts the other rank itself (as the Triton model does) and
-    answers as the one-rank engine."""
+def test_a_multi_rank_engine_is_served(lora_setup, tmp_path):
+    """trtbuild-serve on a tp2 engine starts the other rank itself (as the Triton model does), which
+    loads the --lora_dir adapters too, and answers as the one-rank engine under every model name."""
     if not (Path(sys.executable).parent / "mpiexec").is_file():
         pytest.skip("needs trtbuild[mpi]")
     from trtbuild.builder import build_engine
 
+    ckpt, limits, one_rank, adapters = lora_setup
     engine = tmp_path / "tp2"
-    build_engine(engines.checkpoint(tiny_models["llama_4k"]), engine, LIMITS, progress=False, tp_size=2)
-    one = ModelRunner.from_dir(engines.engine(tiny_models["llama_4k"], LIMITS), num_threads=1)
-    ids = one.tokenizer.encode("Once upon a time").ids
-    want = one.tokenizer.decode(one.generate([ids], SamplingConfig(max_new_tokens=12, end_id=1)).output_ids[0],
-                                skip_special_tokens=True)
-    with Served(engine, tmp_path / "serve.log") as served:
-        got = client(served.url).completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
-    assert got.choices[0].text == want
+    build_engine(ckpt, engine, limits, progress=False, tp_size=2)
+    ids = list(range(5, 20))
+    want = lora_expected(one_rank, adapters, ids)
+    with Served(engine, tmp_path / "serve.log", "--lora_dir", *(f"{n}={d}" for n, d in adapters.items())) as served:
+        c = client(served.url)
+        got = {name: c.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text for name in want}
+    assert got == want
 
 
 def test_the_docker_entrypoint_serves_the_openai_api(chat_engine, triton_venv, tmp_path):  # noqa: F811

@@ -1,7 +1,7 @@
 """A rank a server started (trtbuild.runtime.world.spawn_world): it opens its engine of the
 multi-rank engine dir and follows rank 0's in-flight batcher until the server shuts it down.
 
-    python -m trtbuild.runtime.follower ENGINE_DIR LEADER_PID      (started by MPI, never by hand)
+    python -m trtbuild.runtime.follower ENGINE_DIR LEADER_PID [LORA_DIR ...]   (started by MPI, never by hand)
 
 It ends when rank 0 shuts its batcher down, or, should rank 0 go away without that, once it sees
 that process gone.
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_engine_config(engine_dir)
     mapping = config.pretrained_config.mapping
     world = spawned_world(mapping.world_size, mapping.tp_size)
-    runner = ModelRunner.open_in_world(engine_dir, config, world)
+    runner = ModelRunner.open_in_world(engine_dir, config, world, lora_dirs=args[2:])
     follow(runner, leader_alive=lambda: _alive(leader_pid))
     world.close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -64,41 +64,52 @@ class ModelRunner:
         self.kv_cache = kv_cache_for(config, world.rank if world else 0)  # the shared buffer, or an empty cache each call copies (for_call)
         self.vocab_size = config.pretrained_config.vocab_size
         self.lora = None  # LoraManager, attached when the engine has a lora plugin
+        self.adapter_task_ids: list[int] = []  # the task ids of from_dir's lora_dirs
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
                  tokenizer_dir: str | Path | None = None, rank: int = 0, int8_gemm: str = "auto",
-                 prompt_attention: str = "auto", spawn_ranks: bool = False) -> "ModelRunner":
+                 prompt_attention: str = "auto", spawn_ranks: bool = False,
+                 lora_dirs: Sequence[str | Path] = ()) -> "ModelRunner":
         """Load an engine dir: checks its version, opens rank{rank}.engine and its tokenizer.
 
         The forms of its ops that are exact and fastest on this CPU are picked by probe
         (trtbuild.runtime.cpu_forms); `int8_gemm` ("u8s8" / "u8u8") and `prompt_attention`
         ("kernel" / "gqa") force one instead of "auto". An engine of several ranks opens this
         process's rank among those mpiexec started (trtbuild.runtime.world; `rank` is ignored), or
-        with `spawn_ranks` (a server) starts the other ranks itself as followers of its batcher."""
+        with `spawn_ranks` (a server) starts the other ranks itself as followers of its batcher.
+        `lora_dirs`: PEFT adapter dirs loaded on every rank; their task ids are `adapter_task_ids`."""
         engine_dir = Path(engine_dir)
         config = load_engine_config(engine_dir)
+        lora_dirs = [Path(d).resolve() for d in lora_dirs]
         if config.pretrained_config.mapping.world_size == 1:
-            return cls._open(engine_dir, config, rank, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
+            runner = cls._open(engine_dir, config, rank, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
+            runner.add_loras(lora_dirs)
+            return runner
         from trtbuild.runtime.world import join_world, launched_by_mpiexec, spawn_world
 
         mapping = config.pretrained_config.mapping
-        make_world = spawn_world if spawn_ranks and not launched_by_mpiexec() else join_world
-        world = make_world(engine_dir, mapping.world_size, mapping.tp_size)
-        return cls.open_in_world(engine_dir, config, world, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
+        if spawn_ranks and not launched_by_mpiexec():  # the followers load the same adapters
+            world = spawn_world(engine_dir, mapping.world_size, mapping.tp_size, [str(d) for d in lora_dirs])
+        else:
+            world = join_world(engine_dir, mapping.world_size, mapping.tp_size)
+        return cls.open_in_world(engine_dir, config, world, num_threads, tokenizer_dir, int8_gemm, prompt_attention,
+                                 lora_dirs)
 
     @classmethod
     def open_in_world(cls, engine_dir: Path, config: EngineConfig, world: RankWorld, num_threads: int | None = None,
                       tokenizer_dir: str | Path | None = None, int8_gemm: str = "auto",
-                      prompt_attention: str = "auto") -> "ModelRunner":
-        """This rank's engine of a multi-rank engine dir: every rank opens its own, then all learn
-        whether every rank could, so that none waits in a collective for a rank that failed."""
+                      prompt_attention: str = "auto", lora_dirs: Sequence[str | Path] = ()) -> "ModelRunner":
+        """This rank's engine of a multi-rank engine dir (and its share of `lora_dirs`): every rank
+        opens its own, then all learn whether every rank could, so that none waits in a collective
+        for a rank that failed."""
         from trtbuild.runtime.world import agree, threads_per_rank
 
         try:
             runner = cls._open(engine_dir, config, world.rank, num_threads or threads_per_rank(world), tokenizer_dir,
                                int8_gemm, prompt_attention, world)
             runner.check_build_id()
+            runner.add_loras(lora_dirs)
         except TrtbuildError as e:
             agree(world, e)
             raise
@@ -162,6 +173,10 @@ class ModelRunner:
         if self.lora is None:
             raise TrtbuildError(f"{self.engine_dir} was built without --lora_plugin: it cannot run LoRA adapters")
         return self.lora.add(lora_dir)
+
+    def add_loras(self, lora_dirs: Sequence[str | Path]) -> None:
+        """add_lora each of lora_dirs, in order; their task ids become `adapter_task_ids`."""
+        self.adapter_task_ids = [self.add_lora(d) for d in lora_dirs]
 
     # ---- limits -----------------------------------------------------------------------------
     @property

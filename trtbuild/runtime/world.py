@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -141,10 +141,10 @@ def _rank_world(MPI, comm, world_size: int, tp_size: int, spawned=None) -> RankW
 FOLLOWER_MODULE = "trtbuild.runtime.follower"
 
 
-def spawn_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
+def spawn_world(engine_dir: Path, world_size: int, tp_size: int, lora_dirs: Sequence[str] = ()) -> RankWorld:
     """Rank 0 of a world this process makes by starting the other ranks itself (a server hosting
     the engine, TensorRT-LLM's orchestrator mode): `python -m trtbuild.runtime.follower ENGINE_DIR`
-    on this machine, each following rank 0's in-flight batcher. MPI starts them through MPICH's
+    on this machine, each following rank 0's in-flight batcher (and loading `lora_dirs`, as rank 0 does). MPI starts them through MPICH's
     process manager, which it finds as `mpiexec` beside this Python; they end when this process does."""
     scripts = Path(sys.executable).parent
     python = sys.executable if Path(sys.executable).name.startswith("python") else shutil.which("python3")
@@ -162,7 +162,7 @@ def spawn_world(engine_dir: Path, world_size: int, tp_size: int) -> RankWorld:
         # Should this process be killed, MPICH's process manager kills its whole process group:
         # a group of its own keeps whoever started it (a shell script, a test runner) out of that.
         os.setpgid(0, 0)
-    intercomm = MPI.COMM_SELF.Spawn(python, args=["-m", FOLLOWER_MODULE, str(engine_dir), str(os.getpid())],
+    intercomm = MPI.COMM_SELF.Spawn(python, args=["-m", FOLLOWER_MODULE, str(engine_dir), str(os.getpid()), *lora_dirs],
                                     maxprocs=world_size - 1)
     return _rank_world(MPI, intercomm.Merge(high=False), world_size, tp_size, intercomm)
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible endpoints over one engine's in-flight batcher.
 
 GET /v1/models, POST /v1/completions and /v1/chat/completions (non-streamed, or streamed as
-server-sent events ending in `data: [DONE]`), GET /health (503 while the engine loads). Errors
+server-sent events ending in `data: [DONE]`), GET /health (503 while the engine loads), GET
+/metrics. The engine's base model and each LoRA adapter loaded with it are models by name. Errors
 are OpenAI's body (`{"error": {"message", "type", "param", "code"}}`): 400 for bad parameters and
 prompts longer than the engine takes, 401 without the API key, 404 for an unknown model, 429 when
 `max_queue` requests are in flight already; never a traceback.
@@ -60,6 +61,7 @@ class ServedEngine:
     runner: Any = None  # ModelRunner, once loaded
     batcher: Any = None  # InflightBatcher
     model_name: str = ""
+    adapters: dict[str, int] = field(default_factory=dict)  # LoRA adapter name → lora task id
     tokenizer_dir: Path | None = None
     api_key: str | None = None
     max_queue: int = 64
@@ -67,6 +69,16 @@ class ServedEngine:
     load_error: str | None = None
     in_flight: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+
+    def lora_task_id(self, model: str) -> int:
+        """The lora task id of a model name (-1: the base model)."""
+        if model == self.model_name:
+            return -1
+        if model in self.adapters:
+            return self.adapters[model]
+        names = ", ".join(repr(m) for m in [self.model_name, *self.adapters])
+        raise ApiError(404, f"model {model!r} does not exist: this server serves {names}", param="model",
+                       code="model_not_found")
 
     @property
     def end_ids(self) -> list[int]:
@@ -92,6 +104,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob of each token received (with logprobs asked)
+    reported: int = 0  # of those, how many a streamed chunk has carried
     started: float = field(default_factory=time.monotonic)
     last: float = 0.0
 
@@ -142,8 +156,9 @@ def create_app(served: ServedEngine) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check(request)
-        return {"object": "list", "data": [{"id": served.model_name, "object": "model", "created": 0,
-                                            "owned_by": "trtbuild"}]}
+        base = {"id": served.model_name, "object": "model", "created": 0, "owned_by": "trtbuild"}
+        return {"object": "list", "data": [base, *({**base, "id": name, "parent": served.model_name}
+                                                   for name in served.adapters)]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -199,14 +214,16 @@ def _sampling(served: ServedEngine, body: SamplingFields, prompt: list[int], max
     return SamplingConfig(max_new_tokens=max_tokens or room, end_id=end_id,
                           temperature=body.temperature, top_k=1 if greedy else body.top_k,
                           top_p=0.0 if greedy else body.top_p, repetition_penalty=body.repetition_penalty,
-                          random_seed=seed)
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          random_seed=seed, logprobs=body.num_logprobs)
 
 
-def _submit(served: ServedEngine, gen: Generation, prompt: list[int], sampling: SamplingConfig) -> None:
+def _submit(served: ServedEngine, gen: Generation, prompt: list[int], sampling: SamplingConfig,
+            lora_task_id: int) -> None:
     loop = asyncio.get_running_loop()
     listener = lambda item: loop.call_soon_threadsafe(gen.queue.put_nowait, item)  # noqa: E731
     try:
-        gen.handle = served.batcher.submit(prompt, sampling, listener=listener)
+        gen.handle = served.batcher.submit(prompt, sampling, lora_task_id, listener=listener)
     except TrtbuildError as e:
         raise ApiError(400, str(e)) from None
 
@@ -235,6 +252,8 @@ async def _tokens(served: ServedEngine, gen: Generation, stops: list[str]) -> As
             served.metrics.inter_token_latency.observe((now - gen.last) / len(item))
         gen.last = now
         served.metrics.generated_tokens.inc(len(item))
+        if gen.handle.request.sampling.logprobs is not None:  # the batcher stored them before sending the tokens
+            gen.logprobs.extend(gen.handle.request.output_logprobs[len(gen.token_ids):len(gen.token_ids) + len(item)])
         gen.token_ids.extend(item)
         text = held + detok.add(item)
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -253,9 +272,7 @@ async def _tokens(served: ServedEngine, gen: Generation, stops: list[str]) -> As
 
 async def _respond(served: ServedEngine, body: SamplingFields, request: Request, prompts: list[list[int]],
                    max_tokens: int | None, chat: bool):
-    if body.model != served.model_name:
-        raise ApiError(404, f"model {body.model!r} does not exist: this server serves {served.model_name!r}",
-                       param="model", code="model_not_found")
+    lora_task_id = served.lora_task_id(body.model)
     n = body.n
     choices = [(p, i) for p in prompts for i in range(n)]
     if served.in_flight + len(choices) > served.max_queue:
@@ -264,7 +281,7 @@ async def _respond(served: ServedEngine, body: SamplingFields, request: Request,
     gens = []
     for k, (prompt, i) in enumerate(choices):
         gens.append(Generation(k, len(prompt)))
-        _submit(served, gens[-1], prompt, _sampling(served, body, prompt, max_tokens, i))
+        _submit(served, gens[-1], prompt, _sampling(served, body, prompt, max_tokens, i), lora_task_id)
     _enter(served, gens)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -277,19 +294,19 @@ async def _respond(served: ServedEngine, body: SamplingFields, request: Request,
                     pass
         finally:
             _leave(served, gens)
-        return {"id": rid, "object": obj, "created": created, "model": served.model_name,
-                "choices": [_choice(g, chat) for g in gens], "usage": _usage(gens)}
+        return {"id": rid, "object": obj, "created": created, "model": body.model,
+                "choices": [_choice(served, g, chat) for g in gens], "usage": _usage(gens)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_stream(served, gens, stops, rid, created, chat, include_usage, request),
+    return StreamingResponse(_stream(served, gens, stops, rid, created, body.model, chat, include_usage, request),
                              media_type="text/event-stream")
 
 
 async def _stream(served: ServedEngine, gens: list[Generation], stops: list[str], rid: str, created: int,
-                  chat: bool, include_usage: bool, request: Request) -> AsyncIterator[str]:
+                  model: str, chat: bool, include_usage: bool, request: Request) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": rid, "object": obj, "created": created, "model": served.model_name, "choices": choices}
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -300,9 +317,9 @@ async def _stream(served: ServedEngine, gens: list[Generation], stops: list[str]
                 yield chunk([{"index": gen.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             async for text in _tokens(served, gen, stops):
                 delta = {"index": gen.index, "delta": {"content": text}} if chat else {"index": gen.index, "text": text}
-                yield chunk([{**delta, "finish_reason": None}])
+                yield chunk([{**delta, **_new_logprobs(served, gen, chat), "finish_reason": None}])
             end = {"index": gen.index, "delta": {}} if chat else {"index": gen.index, "text": ""}
-            yield chunk([{**end, "finish_reason": gen.finish_reason}])
+            yield chunk([{**end, **_new_logprobs(served, gen, chat), "finish_reason": gen.finish_reason}])
         if include_usage:
             yield chunk([], _usage(gens))
         yield "data: [DONE]\n\n"
@@ -325,11 +342,35 @@ def _leave(served: ServedEngine, gens: list[Generation]) -> None:
         served.metrics.requests.labels(gen.finish_reason or "cancelled").inc()
 
 
-def _choice(gen: Generation, chat: bool) -> dict:
+def _choice(served: ServedEngine, gen: Generation, chat: bool) -> dict:
+    logprobs = _new_logprobs(served, gen, chat)
     if chat:
         return {"index": gen.index, "message": {"role": "assistant", "content": gen.text},
-                "finish_reason": gen.finish_reason, "logprobs": None}
-    return {"index": gen.index, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}
+                "finish_reason": gen.finish_reason, **logprobs}
+    return {"index": gen.index, "text": gen.text, "finish_reason": gen.finish_reason, **logprobs}
+
+
+def _new_logprobs(served: ServedEngine, gen: Generation, chat: bool) -> dict:
+    """{"logprobs": ...} of the tokens received since the last call, in OpenAI's chat form
+    ({"content": [{token, logprob, bytes, top_logprobs}]}) or its completions form ({tokens,
+    token_logprobs, top_logprobs, text_offset}); {"logprobs": None} when the request asked for none."""
+    if gen.handle.request.sampling.logprobs is None:
+        return {"logprobs": None}
+    decode = lambda t: served.runner.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    start, gen.reported = gen.reported, len(gen.logprobs)
+    ids, entries = gen.token_ids[start:gen.reported], gen.logprobs[start:gen.reported]
+    if chat:
+        def item(t: int, lp: float) -> dict:
+            s = decode(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"logprobs": {"content": [{**item(t, e.logprob), "top_logprobs": [item(u, lp) for u, lp in e.top]}
+                                         for t, e in zip(ids, entries)]}}
+    tokens = [decode(t) for t in ids]
+    offset = sum(len(decode(t)) for t in gen.token_ids[:start])
+    offsets = [offset + sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+    return {"logprobs": {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                         "top_logprobs": [{decode(u): lp for u, lp in e.top} for e in entries],
+                         "text_offset": offsets}}
 
 
 def _usage(gens: list[Generation]) -> dict:

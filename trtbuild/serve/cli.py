@@ -1,7 +1,10 @@
 """trtbuild-serve ENGINE_DIR: an OpenAI-compatible server (trtbuild.serve.app) on one engine.
 
     trtbuild-serve engine --port 8000 [--host 127.0.0.1] [--served_model_name NAME] [--api_key KEY]
-                   [--max_queue 64] [--num_threads N] [--tokenizer_dir DIR]
+                   [--max_queue 64] [--num_threads N] [--tokenizer_dir DIR] [--lora_dir NAME=DIR ...]
+
+Each --lora_dir adapter (a PEFT dir, .bin or .safetensors) is served as the model NAME (default:
+the dir's name) beside the base model; the engine must be built with --lora_plugin.
 
 The engine loads in the background: /health answers 503 until it is ready, 200 after. Binds
 127.0.0.1 unless told otherwise.
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require Authorization: Bearer KEY (default: $TRTBUILD_API_KEY, else none)")
     p.add_argument("--max_queue", type=int, default=64, help="requests in flight at most; more get 429")
     p.add_argument("--num_threads", type=int, default=None, help="the engine's intra-op threads")
+    p.add_argument("--lora_dir", nargs="+", action="extend", default=[], metavar="NAME=DIR",
+                   help="PEFT adapter dirs to serve, each as the model NAME (default: the dir's name)")
     p.add_argument("--log_level", default="info")
     return p
 
@@ -42,8 +47,10 @@ def load(served, args: argparse.Namespace) -> None:
     from trtbuild.runtime import InflightBatcher, ModelRunner
 
     try:
+        adapters = lora_adapters(args.lora_dir, served.model_name)
         runner = ModelRunner.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir,
-                                      spawn_ranks=True)
+                                      spawn_ranks=True, lora_dirs=list(adapters.values()))
+        served.adapters = dict(zip(adapters, runner.adapter_task_ids))
         if runner.tokenizer is None:
             raise TrtbuildError(f"{args.engine_dir} has no tokenizer: pass --tokenizer_dir")
         served.runner, served.batcher = runner, InflightBatcher(runner)
@@ -52,6 +59,22 @@ def load(served, args: argparse.Namespace) -> None:
     except TrtbuildError as e:
         served.load_error = str(e)
         log.error("%s", e)
+
+
+def lora_adapters(specs: list[str], base_name: str) -> dict[str, Path]:
+    """--lora_dir NAME=DIR (or DIR) values → {name: dir}; a name used twice, or the base model's, is an error."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        d = Path(path if sep else spec)
+        name = name if sep else d.resolve().name
+        if not name or not str(d):
+            raise TrtbuildError(f"--lora_dir {spec!r}: give NAME=DIR or DIR")
+        if name in adapters or name == base_name:
+            raise TrtbuildError(f"--lora_dir {spec!r}: the model name {name!r} is taken already (the base model is "
+                                f"{base_name!r}); give each adapter its own NAME=DIR")
+        adapters[name] = d
+    return adapters
 
 
 @cli_entry
@@ -73,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else engine_dir / "tokenizer"
     served = ServedEngine(model_name=args.served_model_name or engine_dir.resolve().name, tokenizer_dir=tokenizer_dir,
                           api_key=args.api_key, max_queue=args.max_queue)
+    lora_adapters(args.lora_dir, served.model_name)  # a bad --lora_dir is an error before the server starts
     threading.Thread(target=load, args=(served, args), daemon=True, name="trtbuild-load").start()
     try:
         uvicorn.run(create_app(served), host=args.host, port=args.port, log_level=args.log_level.lower(),
