@@ -19,7 +19,7 @@ from trtbuild.engine_io import ATTENTION_MASK, SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
 from trtbuild.errors import TrtbuildError
 from trtbuild.onnx_graph import GraphBuilder
 from trtbuild.plugins.norm import norm
-from trtbuild.rope import local_rope, longrope_attention_factor, longrope_inv_freq
+from trtbuild.rope import local_rope, longrope_attention_factor, longrope_inv_freq, longrope_switch
 
 
 def rope_inv_freq(config: PretrainedConfig) -> np.ndarray:
@@ -86,12 +86,12 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
     if fused:
         inputs.seqlens_k = g.input(SEQLENS_K, TensorProto.INT32, ["batch_size"])
         inputs.total_sequence_length = g.input(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
-        _add_rope(g, config, inputs, max_seq_len, float_dtype, inputs.total_sequence_length)
+        _add_rope(g, config, inputs, max_seq_len, float_dtype, inputs.total_sequence_length, input_ids)
         return inputs
     attention_mask = g.input(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
     # key j is visible from query i (at cache index past + i) iff j <= past + i and mask[b, j].
     total = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
-    _add_rope(g, config, inputs, max_seq_len, float_dtype, total)
+    _add_rope(g, config, inputs, max_seq_len, float_dtype, total, input_ids)
     seq = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)
     keys = g.op("Range", [g.const(0), total, g.const(1)])
     queries = g.op("Range", [g.op("Sub", [total, seq]), total, g.const(1)])
@@ -111,9 +111,12 @@ def add_graph_inputs(g: GraphBuilder, config: PretrainedConfig, fused: bool, max
 
 
 def _add_rope(g: GraphBuilder, config: PretrainedConfig, inputs: AttentionInputs, max_seq_len: int,
-              float_dtype: np.dtype, total: str) -> None:
-    """The cos / sin caches every layer reads; LongRoPE's short or long set, picked per step by
-    whether the step's longest sequence (`total` tokens) passes original_max_position_embeddings."""
+              float_dtype: np.dtype, total: str, input_ids: str) -> None:
+    """The cos / sin caches every layer reads. LongRoPE (switch = original_max_position_embeddings,
+    as transformers): a prompt into an empty cache longer than the switch is rotated with the long
+    set as a whole; every other step by position, short before the switch and long from it on (what
+    one token at a time gives, so a row's keys do not depend on the other rows of its batch or on
+    how many tokens a step feeds)."""
     if not config.position_embedding_type.startswith("rope"):
         return
     def caches(prefix: str, rope_config: PretrainedConfig, long: bool = False) -> list[str]:
@@ -126,10 +129,16 @@ def _add_rope(g: GraphBuilder, config: PretrainedConfig, inputs: AttentionInputs
     if scaling.get("type") != "longrope":
         inputs.cos, inputs.sin = caches("", config)
         return
-    short, long = caches("short_", config), caches("long_", config, long=True)
-    original = np.array(scaling["original_max_position_embeddings"], np.int64)
-    is_long = g.op("Greater", [g.op("Cast", [total], to=TensorProto.INT64), g.const(original)], name="longrope_long")
-    inputs.cos, inputs.sin = (g.op("Where", [is_long, long[j], short[j]]) for j in (0, 1))
+    switch = longrope_switch(config)
+    long = caches("long_", config, long=True)
+    by_position = np.arange(max_seq_len)[:, None] >= switch
+    merged = [g.weight(f"rope.by_position_{fn}_cache", np.where(by_position, lo, sh).astype(float_dtype))
+              for fn, sh, lo in zip(("cos", "sin"), rope_cache(config, max_seq_len), rope_cache(config, max_seq_len, True))]
+    total64 = g.op("Cast", [total], to=TensorProto.INT64)
+    seq = g.op("Squeeze", [g.op("Shape", [input_ids], start=1, end=2)])
+    whole_long = g.op("And", [g.op("Greater", [total64, g.const(np.array(switch, np.int64))]),
+                              g.op("Equal", [seq, total64])], name="longrope_long_prompt")
+    inputs.cos, inputs.sin = (g.op("Where", [whole_long, long[j], merged[j]]) for j in (0, 1))
 
 
 def declare_kv_io(g: GraphBuilder, layer: int, config: PretrainedConfig, fused: bool, cache_type: int) -> None:

@@ -22,6 +22,14 @@ def longrope_inv_freq(config: PretrainedConfig, long: bool) -> np.ndarray:
     return (np.float32(1.0) / (factors * np.float32(config.rotary_base) ** shape)).astype(np.float32)
 
 
+def longrope_switch(config: PretrainedConfig) -> int | None:
+    """LongRoPE's original_max_position_embeddings (None for other RoPE): a token at a position
+    from there on is rotated with the long set; a prompt longer than it is rotated as a whole with
+    the long set (as one transformers forward does), which no split of it into steps reproduces."""
+    sc = config.rotary_scaling or {}
+    return int(sc["original_max_position_embeddings"]) if sc.get("type") == "longrope" else None
+
+
 def longrope_attention_factor(config: PretrainedConfig) -> float:
     """The scale of cos and sin: given, or sqrt(1 + ln(factor) / ln(original max)) as transformers."""
     sc = config.rotary_scaling or {}
