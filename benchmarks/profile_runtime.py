@@ -107,13 +107,13 @@ def open_runner(engine_dir: Path, threads: int, profile_prefix: Path | None = No
 
 
 def time_decode(runner, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    """ms per decode step: wall, inside session.run, sampling (Request.accept: logits row → token),
+    """ms per decode step: wall, inside session.run, sampling (Request.sample: logits row → token),
     and the rest of Python (inputs, binding, scheduler)."""
     from trtbuild.runtime import SamplingConfig
     from trtbuild.runtime.request import Request
 
     session = runner.session
-    inner, accept = session.run_with_iobinding, Request.accept
+    inner, sample = session.run_with_iobinding, Request.sample
     spent = {"run": 0.0, "sampling": 0.0, "steps": 0}
 
     def timed_run(io, *a):
@@ -122,18 +122,19 @@ def time_decode(runner, prompts: list[list[int]], new_tokens: int) -> dict[str, 
         spent["run"] += time.perf_counter() - t
         spent["steps"] += 1
 
-    def timed_accept(request, logits):
+    def timed_sample(request, logits):
         t = time.perf_counter()
-        accept(request, logits)
+        token = sample(request, logits)
         spent["sampling"] += time.perf_counter() - t
+        return token
 
-    session.run_with_iobinding, Request.accept = timed_run, timed_accept
+    session.run_with_iobinding, Request.sample = timed_run, timed_sample
     try:
         start = time.perf_counter()
         runner.generate(prompts, SamplingConfig(max_new_tokens=new_tokens, end_id=None))
         wall = time.perf_counter() - start
     finally:
-        session.run_with_iobinding, Request.accept = inner, accept
+        session.run_with_iobinding, Request.sample = inner, sample
     n = spent["steps"]
     return {"wall": wall * 1000 / n, "run": spent["run"] * 1000 / n, "sampling": spent["sampling"] * 1000 / n,
             "python": (wall - spent["run"] - spent["sampling"]) * 1000 / n,

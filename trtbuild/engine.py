@@ -60,6 +60,8 @@ class LoraConfig:
 
 
 EXTRA_LORA_SLOTS = 4
+DEFAULT_MAX_DRAFT_LEN = 4
+SPECULATIVE_MODES = ("prompt_lookup", "draft_tokens_external")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class BuildConfig:
     # Set by the build: the engine dir also holds rank{N}.u8u8.engine, its W8A8 GEMMs in the form
     # that is exact on CPUs without VNNI (trtbuild.cpu_forms); the runtime picks one by probe.
     u8u8_form: bool = False
+    # speculative decoding the runtime does by default (TensorRT-LLM's flags): "prompt_lookup" or
+    # "draft_tokens_external" (then the draft engine is given at run time), with max_draft_len drafts
+    speculative_decoding_mode: str | None = None
+    max_draft_len: int = 0  # 0: DEFAULT_MAX_DRAFT_LEN when a mode is set
 
     def __post_init__(self) -> None:
         if self.trt_compute_capabilities is not None:

@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine import BuildConfig, PluginConfig
+from trtbuild.engine import DEFAULT_MAX_DRAFT_LEN, SPECULATIVE_MODES, BuildConfig, PluginConfig
 from trtbuild.errors import TrtbuildError
 from trtbuild.network import NetworkOptions
 from trtbuild.plugins.quant_gemm import accuracy_level
@@ -46,7 +46,21 @@ def resolve_limits(config: PretrainedConfig, build: BuildConfig) -> BuildConfig:
                             "token window min < max")
     accuracy_level(build.weight_only_activations)  # a bad value fails here
     max_num_tokens = build.max_num_tokens if build.max_num_tokens is not None else build.max_batch_size * max_input_len
-    return replace(build, max_seq_len=max_seq_len, max_input_len=max_input_len, max_num_tokens=max_num_tokens)
+    if max_num_tokens < 1:
+        raise TrtbuildError(f"--max_num_tokens {max_num_tokens} must be at least 1")
+    mode, drafts = build.speculative_decoding_mode, build.max_draft_len
+    if mode is not None:
+        if mode not in SPECULATIVE_MODES:
+            raise TrtbuildError(f"--speculative_decoding_mode {mode!r} is not one of {', '.join(SPECULATIVE_MODES)}")
+        if build.plugin_config.gpt_attention_plugin in (None, "disable") or build.backend != "onnxruntime":
+            raise TrtbuildError("--speculative_decoding_mode needs the onnxruntime backend's attention plugin "
+                                "(its shared KV buffer rolls rejected drafts back): drop --gpt_attention_plugin "
+                                "disable")
+        drafts = drafts or DEFAULT_MAX_DRAFT_LEN
+    if drafts < 0:
+        raise TrtbuildError(f"--max_draft_len {drafts} must be at least 1")
+    return replace(build, max_seq_len=max_seq_len, max_input_len=max_input_len, max_num_tokens=max_num_tokens,
+                   max_draft_len=drafts)
 
 
 def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> BuildConfig:

@@ -296,14 +296,15 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
                     max_queue_delay_microseconds: int = 1000,
                     default_max_tokens: int = DEFAULT_MAX_TOKENS,
                     template_dir: Optional[str | os.PathLike] = None, force: bool = False,
-                    models: Sequence[str] = MODELS) -> Path:
+                    models: Sequence[str] = MODELS, scheduling: Optional[dict[str, str]] = None) -> Path:
     """Write a Triton model repository for `engine_dir` to `output` (atomically).
 
     `models` picks a subset (e.g. preprocessing + postprocessing only: a tokenizer service);
     ensemble and tensorrt_llm_bls need the other three. Each tensorrt_llm_bls instance serves
     one request at a time (Triton 2.51's stub is not safe for BLS streams from several threads:
     see its model.py), so `bls_instance_count` (default `max_batch_size`) is how many BLS
-    requests run at once."""
+    requests run at once. `scheduling`: the tensorrt_llm model's KV cache reuse, chunked prefill
+    and speculative decoding, as trtbuild.cli.scheduling_args.scheduling_parameters gives them."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise TrtbuildError(f"--models: unknown model(s) {', '.join(unknown)}; choose from "
@@ -360,6 +361,9 @@ def make_model_repo(engine_dir: str | os.PathLike, output: str | os.PathLike, *,
         "default_max_tokens": str(default_max_tokens),
         "trtbuild_version": _version(),
     }
+    from trtbuild.cli.scheduling_args import args_from_parameters, scheduling_parameters
+
+    values.update(scheduling_parameters(args_from_parameters(scheduling or {})))  # a bad value fails here
     with atomic_output_dir(out) as tmp:
         for model in models:
             src = templates / model
@@ -429,6 +433,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_parameters
+
+    add_scheduling_args(p)
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     t0 = time.monotonic()
@@ -438,7 +445,8 @@ def main(argv=None) -> int:
                           tokenizer_dir=args.tokenizer_dir,
                           max_queue_delay_microseconds=args.max_queue_delay_microseconds,
                           default_max_tokens=args.default_max_tokens,
-                          template_dir=args.template_dir, force=args.force, models=models)
+                          template_dir=args.template_dir, force=args.force, models=models,
+                          scheduling=scheduling_parameters(args))
     print(f"wrote {out} ({', '.join(models)}; decoupled={'yes' if args.decoupled else 'no'}) "
           f"in {time.monotonic() - t0:.1f} s\n"
           f"serve it: {launch_command()} --model_repo {shlex.quote(str(out))}")

@@ -207,18 +207,18 @@ def test_the_kv_cache_grows_with_the_longest_row_and_keeps_every_row(tiny_models
     from trtbuild.runtime.request import Request
 
     requests, seen = [], {}  # every request made; id(request) → the logits each of its tokens came from
-    real_init, real_accept = Request.__init__, Request.accept
+    real_init, real_sample = Request.__init__, Request.sample
 
     def init(r, *args, **kwargs):
         real_init(r, *args, **kwargs)
         requests.append(r)
 
-    def accept(r, logits):
+    def sample(r, logits):
         seen.setdefault(id(r), []).append(logits.copy())
-        real_accept(r, logits)
+        return real_sample(r, logits)
 
     monkeypatch.setattr(Request, "__init__", init)
-    monkeypatch.setattr(Request, "accept", accept)
+    monkeypatch.setattr(Request, "sample", sample)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 200, n).tolist() for n in (240, 30, 300)]

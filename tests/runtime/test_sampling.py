@@ -58,7 +58,7 @@ def test_a_request_reports_the_models_logprobs_not_the_penalized_ones():
     row = logits_row(3)
     r = Request([1, 2], SamplingConfig(max_new_tokens=4, temperature=0, presence_penalty=2.0, logprobs=2))
     r.output_ids = [int(np.argmax(row))]
-    r.accept(row.copy())
+    r.take(r.sample(row.copy()))
     token = r.output_ids[-1]
     assert token != int(np.argmax(row))  # the penalty moved the pick
     want = token_logprob(row, token, 2)

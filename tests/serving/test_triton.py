@@ -15,6 +15,7 @@ import fcntl
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -361,7 +362,8 @@ def test_triton_repo_command(tmp_path, capsys):
     engine = tokenizer_only_engine(tmp_path / "engine")
     out = tmp_path / "repo"
     assert triton_repo_main(["--engine_dir", str(engine), "--output", str(out), "--decoupled",
-                             "--instance_count", "2"]) == 0
+                             "--instance_count", "2", "--prompt_lookup_num_tokens", "5",
+                             "--disable_kv_cache_reuse"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
         ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"])
     # every model needs a version dir, the ensemble's empty one too (git drops empty dirs,
@@ -369,6 +371,14 @@ def test_triton_repo_command(tmp_path, capsys):
     assert all((p / "1").is_dir() for p in out.iterdir() if p.is_dir())
     llm = (out / "tensorrt_llm" / "config.pbtxt").read_text()
     assert "decoupled: true" in llm and "count: 2" in llm and "max_batch_size: 4" in llm
+    # the scheduling flags become the tensorrt_llm model's parameters, read back as the same flags
+    from trtbuild.cli.scheduling_args import args_from_parameters
+    from trtbuild.serving import model_parameter
+
+    params = {m.group(1): {"string_value": m.group(2)}
+              for m in re.finditer(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', llm)}
+    flags = args_from_parameters({k: model_parameter({"parameters": params}, k) for k in params})
+    assert flags.prompt_lookup_num_tokens == 5 and flags.disable_kv_cache_reuse and flags.max_num_tokens is None
     # one BLS instance per request at once (its model serves one request at a time): by default
     # as many as the batch has slots
     assert "count: 4 kind: KIND_CPU" in (out / "tensorrt_llm_bls" / "config.pbtxt").read_text()

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrix (0: never)")
     p.add_argument("--context_split_max_len", type=int, default=d.context_split_max_len,
                    help="the end of --context_split_min_len's window (exclusive)")
+    p.add_argument("--speculative_decoding_mode", default=d.speculative_decoding_mode,
+                   choices=["prompt_lookup", "draft_tokens_external"],
+                   help="speculative decoding the engine runs by default: drafts from n-grams of the prompt and "
+                        "output (prompt_lookup), or from a draft engine given at run time (run.py --draft_engine_dir)")
+    p.add_argument("--max_draft_len", type=int, default=d.max_draft_len,
+                   help="drafted tokens checked per step (default 4 with --speculative_decoding_mode)")
     p.add_argument("--tp_size", type=int, default=None,
                    help="split an unsplit checkpoint over this many tensor-parallel ranks (an engine per rank; "
                         "run them with mpiexec -n N); default: the checkpoint's own split")
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
         quantize_lm_head=not args.no_quantize_lm_head, weight_only_activations=args.weight_only_activations,
         context_split_min_len=args.context_split_min_len,
-        context_split_max_len=args.context_split_max_len)
+        context_split_max_len=args.context_split_max_len,
+        speculative_decoding_mode=args.speculative_decoding_mode, max_draft_len=args.max_draft_len)
     from trtbuild.quantization.recipe import recipe_from_args
 
     recipe = recipe_from_args(args)

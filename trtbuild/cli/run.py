@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from trtbuild.cli.helpformat import HelpFormatter
+from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_from_args
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter (lora task id) per prompt, or one for all; -1 = base model")
     p.add_argument("--num_threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--log_level", default="warning")
+    add_scheduling_args(p)
     return p
 
 
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         print(note, file=sys.stderr)
     runner = ModelRunner.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir)
+    runner.scheduling = scheduling_from_args(args, runner, args.num_threads)
     tok = runner.tokenizer
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.engine_dir) / "tokenizer"
     prompts = read_prompts(args, tok, tokenizer_dir)

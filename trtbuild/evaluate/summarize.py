@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtbuild.cli.helpformat import HelpFormatter
+from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_from_args
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.evaluate.dataset import Record, load_records, select
 from trtbuild.runtime.sampling import SamplingConfig
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_task_uids", nargs="+", default=None,
                    help="adapter per sample (one value for all); -1 = base model")
     p.add_argument("--num_threads", type=int, default=None, help="intra-op threads (engine and torch)")
+    add_scheduling_args(p)
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--log_level", default="warning")
     return p
@@ -285,6 +287,7 @@ def make_engine_side(args, task_ids: list[int] | None):
 
     side = EngineSide.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir)
     runner = side.runner
+    runner.scheduling = scheduling_from_args(args, runner, args.num_threads)
     uses_lora = task_ids is not None and any(t != -1 for t in task_ids)
     if args.lora_dir:
         if runner.lora is None:

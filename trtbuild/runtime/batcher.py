@@ -64,6 +64,8 @@ class InflightBatcher:
         if runner.world is not None and not runner.world.is_leader:
             raise TrtbuildError("on a multi-rank engine rank 0 runs the batcher; the other ranks call follow(runner)")
         self.runner = runner
+        if runner.world is not None:  # the followers schedule as rank 0 does (see follow)
+            runner.world.broadcast_idle(runner.scheduling)
         self._scheduler = Scheduler(runner)
         self._incoming: queue.Queue = queue.Queue()
         # multi-rank: requests by id, cancellations applied between steps on every rank alike
@@ -172,6 +174,7 @@ def follow(runner, leader_alive: Callable[[], bool] | None = None) -> None:
     """A rank other than 0 of a multi-rank engine: mirror rank 0's InflightBatcher step for step
     (the same requests join and are cancelled before the same step) until it shuts down; waiting
     for the next request costs no CPU. `leader_alive`: see RankWorld.broadcast_idle."""
+    runner.scheduling = runner.world.broadcast_idle(None, leader_alive)  # rank 0's SchedulerConfig
     scheduler, requests = Scheduler(runner), {}
     while True:
         events = runner.world.broadcast_idle(None, leader_alive)

@@ -146,9 +146,20 @@ class SharedKVCache:
             v[dst, :, :length] = v[src, :, :length]
         self.filled[dst] = length
 
-    def release(self, first_free: int) -> None:
-        """Rows from first_free on hold nothing a later step reads (their requests left)."""
-        self.filled[first_free:] = 0
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange slots a and b (their first length_a / length_b cached positions)."""
+        n = max(length_a, length_b)
+        for k, v in self.buffers:
+            k[[a, b], :, :n] = k[[b, a], :, :n]
+            v[[a, b], :, :n] = v[[b, a], :, :n]
+        self.filled[a], self.filled[b] = length_b, length_a
+
+    def release(self, first_free: int, keep: set[int] = frozenset()) -> None:
+        """Rows from first_free on hold nothing a later step reads (their requests left), except
+        the slots in `keep` (cached prefixes)."""
+        for row in range(first_free, len(self.filled)):
+            if row not in keep:
+                self.filled[row] = 0
 
 
 class ConcatKVCache:

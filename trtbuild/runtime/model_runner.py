@@ -65,6 +65,7 @@ class ModelRunner:
         self.vocab_size = config.pretrained_config.vocab_size
         self.lora = None  # LoraManager, attached when the engine has a lora plugin
         self.adapter_task_ids: list[int] = []  # the task ids of from_dir's lora_dirs
+        self.scheduling = None  # SchedulerConfig of its in-flight batches (None: the defaults)
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
@@ -248,17 +249,46 @@ class ModelRunner:
         picks = positions if all_logits else (lengths - 1)[:, None]
         return self.step(ids, positions, picks, lengths, slot_start, cache, lora_task_ids)
 
-    def accept(self, requests: list[Request], logits: np.ndarray) -> None:
-        """Each request's next token from its row of logits [B, 1, V]; on a multi-rank engine the
-        first rank of the last stage samples and every rank takes its tokens."""
+    def extend(self, tokens: list[int], slot: int, cached: int, all_logits: bool = False,
+               lora_task_id: int = -1) -> np.ndarray:
+        """Feed one row's next tokens after the `cached` ones its slot of the shared KV buffer holds
+        (a prefill when cached is 0, a chunk of a prompt, a reused prefix's rest, or a token and its
+        drafts); logits [1, K, V] of the last token (or of every fed token when all_logits)."""
+        n = len(tokens)
+        positions = np.arange(cached, cached + n, dtype=np.int64)[None]
+        picks = np.arange(n, dtype=np.int64)[None] if all_logits else np.array([[n - 1]], np.int64)
+        return self.step(np.asarray(tokens, np.int64)[None], positions, picks, np.array([cached + n], np.int64),
+                         slot_start=slot, lora_task_ids=np.array([lora_task_id], np.int64))
+
+    def accept(self, requests: list[Request], logits: np.ndarray, drafts: list[list[int]] | None = None) -> None:
+        """Each request's next token from its row of logits [B, K, V]; with `drafts` (the tokens fed
+        after each row's last one, whose logits are rows 1..), further tokens while each pick equals
+        the draft it checks. On a multi-rank engine the first rank of the last stage samples and
+        every rank takes its tokens."""
+        drafts = drafts if drafts is not None else [[] for _ in requests]
+
+        def picks(r: Request, rows: np.ndarray, draft: list[int]) -> list:
+            taken = []
+            for k in range(len(draft) + 1):
+                sampled = r.sample(rows[k])
+                r.take(sampled)
+                taken.append(sampled)
+                token = sampled[0] if isinstance(sampled, tuple) else sampled
+                if r.done or k == len(draft) or token != draft[k]:
+                    return taken
+            return taken
+
         if self.world is None:
-            for r, row in zip(requests, logits):
-                r.accept(row[0])
+            for r, rows, draft in zip(requests, logits, drafts):
+                picks(r, rows, draft)
             return
         sampler = self.world.sampler
-        tokens = [r.sample(row[0]) for r, row in zip(requests, logits)] if self.world.rank == sampler else None
-        for r, token in zip(requests, self.world.broadcast(tokens, root=sampler)):
-            r.take(token)
+        if self.world.rank == sampler:
+            self.world.broadcast([picks(r, rows, d) for r, rows, d in zip(requests, logits, drafts)], root=sampler)
+            return
+        for r, taken in zip(requests, self.world.broadcast(None, root=sampler)):
+            for sampled in taken:
+                r.take(sampled)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, batch_input_ids: list[list[int]], sampling: SamplingConfig | list[SamplingConfig],

@@ -35,10 +35,6 @@ class Request:
         """Tokens whose keys/values are in the cache once the last sampled token is fed back."""
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def accept(self, logits: np.ndarray) -> None:
-        """Sample the next token from this request's logits row and update its state."""
-        self.take(self.sample(logits))
-
     def sample(self, logits: np.ndarray) -> int | tuple[int, TokenLogprob] | None:
         """The next token from this request's logits row (None once it is done), with its
         log-probabilities when the request asks for them."""

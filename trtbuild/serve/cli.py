@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from trtbuild.cli.helpformat import HelpFormatter
+from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_from_args
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_dir", nargs="+", action="extend", default=[], metavar="NAME=DIR",
                    help="PEFT adapter dirs to serve, each as the model NAME (default: the dir's name)")
     p.add_argument("--log_level", default="info")
+    add_scheduling_args(p)
     return p
 
 
@@ -53,6 +55,7 @@ def load(served, args: argparse.Namespace) -> None:
         served.adapters = dict(zip(adapters, runner.adapter_task_ids))
         if runner.tokenizer is None:
             raise TrtbuildError(f"{args.engine_dir} has no tokenizer: pass --tokenizer_dir")
+        runner.scheduling = scheduling_from_args(args, runner, args.num_threads)
         served.runner, served.batcher = runner, InflightBatcher(runner)
         served.ready.set()
         log.info("serving %s as %r", args.engine_dir, served.model_name)

@@ -69,6 +69,7 @@ class _Job:
 class TritonPythonModel:
     def initialize(self, args):
         from trtbuild.runtime import InflightBatcher, ModelRunner, SamplingConfig
+        from trtbuild.cli.scheduling_args import args_from_parameters, scheduling_from_args
 
         self.SamplingConfig = SamplingConfig
         cfg = json.loads(args["model_config"])
@@ -87,6 +88,8 @@ class TritonPythonModel:
         # its in-flight batcher (TensorRT-LLM's orchestrator mode; trtbuild.runtime.world.spawn_world)
         self.runner = ModelRunner.from_dir(engine_dir, num_threads=int(num_threads) if num_threads else None,
                                            spawn_ranks=True)
+        flags = args_from_parameters({key: model_parameter(cfg, key) for key in cfg.get("parameters", {})})
+        self.runner.scheduling = scheduling_from_args(flags, self.runner, int(num_threads) if num_threads else None)
         self.batcher = InflightBatcher(self.runner)
         pb_utils.Logger.log_info(f"tensorrt_llm: loaded {engine_dir} in {time.monotonic() - t0:.1f} s "
                                  f"(decoupled={self.decoupled})")
