@@ -88,3 +88,48 @@ def test_bench_ranks_on_tiny_model(tiny_models, tmp_path: Path) -> None:
     assert "| tp2 |" in r.stdout and "collectives at tp2" in r.stdout
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["median"]["tp2"]["b1"] > 0 and result["rows"]["tp2"][0]["threads"] == 1
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tiny_models, engines, tmp_path_factory) -> Path:
+    """The tiny llama (4k positions) with a chat template: what the chat benchmarks send prompts to."""
+    import shutil
+
+    engine = tmp_path_factory.mktemp("chat") / "engine"
+    shutil.copytree(engines.engine(tiny_models["llama_4k"], BuildConfig(max_batch_size=4, max_input_len=256,
+                                                                         max_seq_len=512)), engine)
+    (engine / "tokenizer" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return engine
+
+
+def test_bench_generation_on_tiny_engine(chat_engine, tmp_path: Path) -> None:
+    """bench_generation.py: prompt lookup and a draft engine on summaries (identical outputs),
+    reuse's time to first token, chunking's inter-token latency, on the tiny engine."""
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"), "--engine_dir",
+                        str(chat_engine), "--draft_engine_dir", str(chat_engine), "--samples", "2",
+                        "--max_input_length", "60", "--output_len", "12", "--system_len", "40", "--questions", "2",
+                        "--long_len", "100", "--chunk", "16", "--streams", "3", "--chunk_engine_dir",
+                        str(chat_engine), "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(out.read_text())
+    assert all(v["identical_to_plain"] for v in result["speculation"].values())
+    assert set(result["speculation"]) == {"plain", "prompt_lookup_4", "draft_engine"}
+    assert result["reuse"]["with_reuse"]["ttft_ms_median"] > 0 and result["chunking"]["chunked_16"]["itl_ms_p99"] > 0
+    assert "CPU: " in r.stdout
+
+
+def test_bench_serve_quick_on_tiny_engine(chat_engine, tmp_path: Path) -> None:
+    """bench_serve.py --quick with our server only (llama.cpp's is an optional install)."""
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--quick", "--engine",
+                        f"tiny={chat_engine}", "--gguf", "none", "--words", "20", "--num_threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| trtbuild-serve | tiny | 1 |" in r.stdout and "| trtbuild-serve | tiny | 2 |" in r.stdout, r.stdout
+    assert json.loads(out.read_text())

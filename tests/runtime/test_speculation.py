@@ -57,7 +57,8 @@ def greedy(n: int = NEW) -> SamplingConfig:
 
 def lookup(max_batch: int = 1, drafts: int = 4) -> SchedulerConfig:
     return SchedulerConfig(kv_cache_reuse=False, speculation=SpeculativeConfig(
-        "prompt_lookup", max_draft_len=drafts, max_matching_ngram_size=2, max_batch=max_batch))
+        "prompt_lookup", max_draft_len=drafts, max_matching_ngram_size=2, max_batch=max_batch,
+        min_matching_ngram_size=1))
 
 
 def test_prompt_lookup_finds_the_latest_longest_match():
@@ -65,6 +66,7 @@ def test_prompt_lookup_finds_the_latest_longest_match():
     assert prompt_lookup([5, 6, 7, 5, 9, 5], 2, 2) == [9, 5]  # no 2-gram (9, 5) before: the latest 5
     assert prompt_lookup([1, 2, 3], 4, 2) == []
     assert prompt_lookup([4, 4, 4, 4], 4, 2) == [4]  # what follows the latest earlier (4, 4)
+    assert prompt_lookup([5, 6, 7, 5, 9, 5], 2, 2, min_ngram=2) == []  # only a one-token match
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -160,6 +162,7 @@ def test_bad_speculation_settings_are_one_line(tiny_models, engines):
     small = engines.runner(tiny_models["llama"], BuildConfig(max_batch_size=2, max_input_len=64, max_seq_len=256))
     cases = [(SpeculativeConfig("medusa"), "speculative_decoding_mode 'medusa'"),
              (SpeculativeConfig(max_draft_len=0), "max_draft_len 0"),
+             (SpeculativeConfig(min_matching_ngram_size=4), "matching n-gram sizes 4..3"),
              (SpeculativeConfig("draft_tokens_external"), "needs a draft engine"),
              (SpeculativeConfig("draft_tokens_external", draft=small), "max_batch_size 2, below the target")]
     for spec, message in cases:

@@ -63,10 +63,15 @@ def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def open_session(engine_path: Path, num_threads: int | None = None, kernels: bool = False) -> ort.InferenceSession:
+def open_session(engine_path: Path, num_threads: int | None = None, kernels: bool = False,
+                 spinning: bool = True) -> ort.InferenceSession:
     """Load a compiled engine; optimizations were applied at build, so loading is quick. `kernels`:
-    the engine uses trtbuild's own ops (its plugin_config.uses_kernels)."""
+    the engine uses trtbuild's own ops (its plugin_config.uses_kernels). `spinning`: onnxruntime's
+    intra-op threads spin between kernels (its default, fastest for one session; two sessions taking
+    turns, a target and its draft engine, each run ~2x slower while the other's threads spin)."""
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.intra_op_num_threads = num_threads or default_num_threads()
     so.inter_op_num_threads = 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from trtbuild.cli.helpformat import HelpFormatter
-from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_from_args
+from trtbuild.cli.scheduling_args import add_scheduling_args, runner_options, scheduling_from_args
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     note = greedy_note(args, argv)
     if note:
         print(note, file=sys.stderr)
-    runner = ModelRunner.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir)
+    runner = ModelRunner.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir,
+                                  **runner_options(args))
     runner.scheduling = scheduling_from_args(args, runner, args.num_threads)
     tok = runner.tokenizer
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.engine_dir) / "tokenizer"

@@ -17,8 +17,10 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_draft_len", type=int, default=None, help="drafted tokens per step (default: the engine's, or 4)")
     g.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
                    help="prompt lookup with this many drafted tokens per step")
-    g.add_argument("--max_matching_ngram_size", type=int, default=2,
+    g.add_argument("--max_matching_ngram_size", type=int, default=3,
                    help="prompt lookup: the longest n-gram of the last tokens searched for")
+    g.add_argument("--min_matching_ngram_size", type=int, default=2,
+                   help="prompt lookup: the shortest (a one-token match is a poor guess)")
     g.add_argument("--draft_engine_dir", default=None,
                    help="speculate with this engine's greedy drafts (same tokenizer; e.g. an int4 engine of the "
                         "same model)")
@@ -32,6 +34,12 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
                         "engine's --max_num_tokens)")
 
 
+def runner_options(args: argparse.Namespace) -> dict:
+    """ModelRunner.from_dir options the flags need: a target and its draft engine take turns, so
+    neither's threads may spin while the other runs."""
+    return {"spinning": False} if args.draft_engine_dir else {}
+
+
 def scheduling_from_args(args: argparse.Namespace, runner, num_threads: int | None = None):
     """The SchedulerConfig the flags ask for on `runner`."""
     from trtbuild.runtime.scheduling import scheduling_config
@@ -42,6 +50,7 @@ def scheduling_from_args(args: argparse.Namespace, runner, num_threads: int | No
     return scheduling_config(runner, kv_cache_reuse=not args.disable_kv_cache_reuse,
                              max_num_tokens=args.max_num_tokens, speculative_decoding_mode=mode,
                              max_draft_len=drafts, max_matching_ngram_size=args.max_matching_ngram_size,
+                             min_matching_ngram_size=args.min_matching_ngram_size,
                              draft_engine_dir=args.draft_engine_dir,
                              speculative_max_batch_size=args.speculative_max_batch_size, num_threads=num_threads)
 

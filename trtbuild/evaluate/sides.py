@@ -58,12 +58,13 @@ class EngineSide:
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
-                 tokenizer_dir: str | Path | None = None) -> "EngineSide":
+                 tokenizer_dir: str | Path | None = None, **runner_options) -> "EngineSide":
         from trtbuild.runtime import ModelRunner
 
         if not Path(engine_dir).is_dir():
             raise TrtbuildError(f"--engine_dir {engine_dir} not found; build one with trt-build")
-        return cls(ModelRunner.from_dir(engine_dir, num_threads=num_threads, tokenizer_dir=tokenizer_dir))
+        return cls(ModelRunner.from_dir(engine_dir, num_threads=num_threads, tokenizer_dir=tokenizer_dir,
+                                        **runner_options))
 
     @property
     def max_batch_size(self) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtbuild.cli.helpformat import HelpFormatter
-from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_from_args
+from trtbuild.cli.scheduling_args import add_scheduling_args, runner_options, scheduling_from_args
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 from trtbuild.evaluate.dataset import Record, load_records, select
 from trtbuild.runtime.sampling import SamplingConfig
@@ -285,7 +285,8 @@ def make_engine_side(args, task_ids: list[int] | None):
     """
     from trtbuild.evaluate.sides import EngineSide
 
-    side = EngineSide.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir)
+    side = EngineSide.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir,
+                               **runner_options(args))
     runner = side.runner
     runner.scheduling = scheduling_from_args(args, runner, args.num_threads)
     uses_lora = task_ids is not None and any(t != -1 for t in task_ids)

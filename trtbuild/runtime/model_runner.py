@@ -71,7 +71,7 @@ class ModelRunner:
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
                  tokenizer_dir: str | Path | None = None, rank: int = 0, int8_gemm: str = "auto",
                  prompt_attention: str = "auto", spawn_ranks: bool = False,
-                 lora_dirs: Sequence[str | Path] = ()) -> "ModelRunner":
+                 lora_dirs: Sequence[str | Path] = (), spinning: bool = True) -> "ModelRunner":
         """Load an engine dir: checks its version, opens rank{rank}.engine and its tokenizer.
 
         The forms of its ops that are exact and fastest on this CPU are picked by probe
@@ -79,12 +79,15 @@ class ModelRunner:
         ("kernel" / "gqa") force one instead of "auto". An engine of several ranks opens this
         process's rank among those mpiexec started (trtbuild.runtime.world; `rank` is ignored), or
         with `spawn_ranks` (a server) starts the other ranks itself as followers of its batcher.
-        `lora_dirs`: PEFT adapter dirs loaded on every rank; their task ids are `adapter_task_ids`."""
+        `lora_dirs`: PEFT adapter dirs loaded on every rank; their task ids are `adapter_task_ids`.
+        `spinning` False: onnxruntime's threads do not spin between kernels (one-rank engines; for a
+        target and its draft engine, which take turns)."""
         engine_dir = Path(engine_dir)
         config = load_engine_config(engine_dir)
         lora_dirs = [Path(d).resolve() for d in lora_dirs]
         if config.pretrained_config.mapping.world_size == 1:
-            runner = cls._open(engine_dir, config, rank, num_threads, tokenizer_dir, int8_gemm, prompt_attention)
+            runner = cls._open(engine_dir, config, rank, num_threads, tokenizer_dir, int8_gemm, prompt_attention,
+                               spinning=spinning)
             runner.add_loras(lora_dirs)
             return runner
         from trtbuild.runtime.world import join_world, launched_by_mpiexec, spawn_world
@@ -120,7 +123,7 @@ class ModelRunner:
     @classmethod
     def _open(cls, engine_dir: Path, config: EngineConfig, rank: int, num_threads: int | None,
               tokenizer_dir: str | Path | None, int8_gemm: str, prompt_attention: str,
-              world: RankWorld | None = None) -> "ModelRunner":
+              world: RankWorld | None = None, spinning: bool = True) -> "ModelRunner":
         """rank{rank}.engine of engine_dir with its forms for this CPU, its tokenizer and adapters."""
         backend = config.build_config.backend
         engine_path = engine_dir / f"rank{rank}.engine"
@@ -139,7 +142,7 @@ class ModelRunner:
         try:
             forms = choose_forms(engine_dir, engine_path, bc.u8u8_form, bc.plugin_config.context_fmha,
                                  num_threads or default_num_threads(), bc.max_input_len, bc.max_seq_len, int8_gemm, prompt_attention)
-            session = open_session(forms.engine_path, num_threads,
+            session = open_session(forms.engine_path, num_threads, spinning=spinning,
                                    kernels=bc.plugin_config.uses_kernels or world is not None)
         except KernelUnavailable as e:
             raise TrtbuildError(f"{engine_path} runs trtbuild's own kernels (built with --context_fmha / "

@@ -177,7 +177,8 @@ class Scheduler:
             elif self.draft is not None:
                 drafts.append(self.draft.propose(r, slot, room))
             else:
-                drafts.append(prompt_lookup(r.prompt_ids + r.output_ids, room, spec.max_matching_ngram_size))
+                drafts.append(prompt_lookup(r.prompt_ids + r.output_ids, room, spec.max_matching_ngram_size,
+                                            spec.min_matching_ngram_size))
         return drafts
 
     def _decode(self) -> None:

@@ -30,8 +30,9 @@ class SchedulerConfig:
 
 def scheduling_config(runner: "ModelRunner", *, kv_cache_reuse: bool = True, max_num_tokens: int | None = None,
                       speculative_decoding_mode: str | None = None, max_draft_len: int | None = None,
-                      max_matching_ngram_size: int = 2, draft_engine_dir: str | Path | None = None,
-                      speculative_max_batch_size: int = 1, num_threads: int | None = None) -> SchedulerConfig:
+                      max_matching_ngram_size: int = 3, min_matching_ngram_size: int = 2,
+                      draft_engine_dir: str | Path | None = None, speculative_max_batch_size: int = 1,
+                      num_threads: int | None = None) -> SchedulerConfig:
     """The SchedulerConfig of `runner`: speculation as the engine was built for
     (build_config.speculative_decoding_mode) unless speculative_decoding_mode says otherwise
     ("none": off); a draft_engine_dir alone means draft_tokens_external. Errors are one line."""
@@ -55,11 +56,12 @@ def scheduling_config(runner: "ModelRunner", *, kv_cache_reuse: bool = True, max
     if mode == "draft_tokens_external" and draft_engine_dir:
         from trtbuild.runtime.model_runner import ModelRunner
 
-        draft = ModelRunner.from_dir(draft_engine_dir, num_threads=num_threads)
+        draft = ModelRunner.from_dir(draft_engine_dir, num_threads=num_threads, spinning=False)
     elif draft_engine_dir:
         raise TrtbuildError(f"a draft engine ({draft_engine_dir}) is given with speculative_decoding_mode {mode}: "
                             "use draft_tokens_external")
     config.speculation = SpeculativeConfig(mode, max_draft_len or bc.max_draft_len or SpeculativeConfig.max_draft_len,
-                                           max_matching_ngram_size, speculative_max_batch_size, draft)
+                                           max_matching_ngram_size, speculative_max_batch_size, draft,
+                                           min_matching_ngram_size)
     config.speculation.validate(runner)
     return config

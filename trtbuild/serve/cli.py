@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from trtbuild.cli.helpformat import HelpFormatter
-from trtbuild.cli.scheduling_args import add_scheduling_args, scheduling_from_args
+from trtbuild.cli.scheduling_args import add_scheduling_args, runner_options, scheduling_from_args
 from trtbuild.errors import TrtbuildError, cli_entry, setup_logging
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def load(served, args: argparse.Namespace) -> None:
     try:
         adapters = lora_adapters(args.lora_dir, served.model_name)
         runner = ModelRunner.from_dir(args.engine_dir, num_threads=args.num_threads, tokenizer_dir=args.tokenizer_dir,
-                                      spawn_ranks=True, lora_dirs=list(adapters.values()))
+                                      spawn_ranks=True, lora_dirs=list(adapters.values()), **runner_options(args))
         served.adapters = dict(zip(adapters, runner.adapter_task_ids))
         if runner.tokenizer is None:
             raise TrtbuildError(f"{args.engine_dir} has no tokenizer: pass --tokenizer_dir")

@@ -69,7 +69,7 @@ class _Job:
 class TritonPythonModel:
     def initialize(self, args):
         from trtbuild.runtime import InflightBatcher, ModelRunner, SamplingConfig
-        from trtbuild.cli.scheduling_args import args_from_parameters, scheduling_from_args
+        from trtbuild.cli.scheduling_args import args_from_parameters, runner_options, scheduling_from_args
 
         self.SamplingConfig = SamplingConfig
         cfg = json.loads(args["model_config"])
@@ -86,9 +86,9 @@ class TritonPythonModel:
         t0 = time.monotonic()
         # a multi-rank engine: this model is its rank 0 and starts the other ranks itself, each following
         # its in-flight batcher (TensorRT-LLM's orchestrator mode; trtbuild.runtime.world.spawn_world)
-        self.runner = ModelRunner.from_dir(engine_dir, num_threads=int(num_threads) if num_threads else None,
-                                           spawn_ranks=True)
         flags = args_from_parameters({key: model_parameter(cfg, key) for key in cfg.get("parameters", {})})
+        self.runner = ModelRunner.from_dir(engine_dir, num_threads=int(num_threads) if num_threads else None,
+                                           spawn_ranks=True, **runner_options(flags))
         self.runner.scheduling = scheduling_from_args(flags, self.runner, int(num_threads) if num_threads else None)
         self.batcher = InflightBatcher(self.runner)
         pb_utils.Logger.log_info(f"tensorrt_llm: loaded {engine_dir} in {time.monotonic() - t0:.1f} s "
