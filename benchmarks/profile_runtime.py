@@ -83,7 +83,7 @@ def open_runner(engine_dir: Path, threads: int, profile_prefix: Path | None = No
 
     real_open = backend.open_session
 
-    def open_session(engine_path, num_threads=None, kernels=False):
+    def open_session(engine_path, num_threads=None, kernels=False, spinning=True):
         so = ort.SessionOptions()
         if kernels:
             register(so)
@@ -101,7 +101,7 @@ def open_runner(engine_dir: Path, threads: int, profile_prefix: Path | None = No
 
     backend.open_session = open_session
     try:
-        return ModelRunner.from_dir(engine_dir, num_threads=threads)
+        return ModelRunner.from_dir(engine_dir, num_threads=threads, spinning=spinning)
     finally:
         backend.open_session = real_open
 
