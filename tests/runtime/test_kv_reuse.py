@@ -251,7 +251,14 @@ def test_longrope_prompts_past_the_switch_go_in_one_step(tiny_models, engines):
     finally:
         spy.close()
     assert (1, 80) in spy.shapes  # one step, nothing reused or chunked
-    for r in (first, long):
+    short = Request(long.prompt_ids[:50] + [7], greedy(6))  # within the switch: rotated by position, so
+    spy = Spy(runner)  # the long prompt's rows (rotated as a whole) are not its prefix
+    try:
+        run_all(scheduler, [short])
+    finally:
+        spy.close()
+    assert spy.shapes[0] == (1, 51 - 20)  # `first`'s 20 prompt tokens reused, not the long prompt's 50
+    for r in (first, long, short):
         alone = Request(list(r.prompt_ids), r.sampling)
         run_all(Scheduler(runner, SchedulerConfig(kv_cache_reuse=False)), [alone])
         assert r.output_ids == alone.output_ids

@@ -82,9 +82,9 @@ class Scheduler:
                 self._finish(r)
                 continue
             slot = self._first_free() + len(new)
-            whole = self.whole_prompt_past is not None and len(r.prompt_ids) > self.whole_prompt_past
+            whole = not self._rotated_by_position(r)
             reuse = (-1, 0) if whole else self._reusable(r)
-            long = len(r.prompt_ids) - reuse[1] > self.chunk and (self.active or new) and not whole
+            long = len(r.prompt_ids) - reuse[1] > self.chunk and bool(self.active or new) and not whole
             if reuse[1] or long:
                 if new:
                     break  # first prefill the batch gathered so far
@@ -111,7 +111,8 @@ class Scheduler:
         if self.prefixes is None:
             return -1, 0
         adapter = self._adapter(r)
-        running = [(s, self._valid_tokens(x)) for s, x in enumerate(self.active) if self._adapter(x) == adapter]
+        running = [(s, self._valid_tokens(x)) for s, x in enumerate(self.active)
+                   if self._adapter(x) == adapter and self._rotated_by_position(x)]
         source, length = self.prefixes.longest(r.prompt_ids, adapter, running)
         length = min(length, len(r.prompt_ids) - 1)
         return (source, length) if length >= MIN_REUSE else (-1, 0)
@@ -122,6 +123,11 @@ class Scheduler:
             return None
         slot = self.runner.lora.slots[r.lora_task_id]
         return None if slot is None else slot.fingerprint
+
+    def _rotated_by_position(self, r: Request) -> bool:
+        """Whether r's keys are rotated by position (what feeding its prompt in parts gives): not
+        for a LongRoPE prompt past the switch, rotated as a whole with the long set."""
+        return self.whole_prompt_past is None or len(r.prompt_ids) <= self.whole_prompt_past
 
     @staticmethod
     def _valid_tokens(r: Request) -> list[int]:
@@ -227,7 +233,8 @@ class Scheduler:
             last_slot = len(self.active) - 1
             last = self.active.pop()
             # r's rows stay cached in the slot `last` leaves (not while a prompt is fed in the next)
-            kept = self.prefixes is not None and self.prefilling is None and r.num_tokens > 1
+            kept = (self.prefixes is not None and self.prefilling is None and r.num_tokens > 1
+                    and self._rotated_by_position(r))
             if last is not r:
                 # the cache holds every token of `last` except the one it sampled last
                 if kept:
