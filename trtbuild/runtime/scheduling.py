@@ -53,10 +53,8 @@ def scheduling_config(runner: "ModelRunner", *, kv_cache_reuse: bool = True, max
                                 f"{mode}: use draft_tokens_external")
         return config
     draft = None
-    if mode == "draft_tokens_external" and draft_engine_dir:
-        from trtbuild.runtime.model_runner import ModelRunner
-
-        draft = ModelRunner.from_dir(draft_engine_dir, num_threads=num_threads, spinning=False)
+    if mode == "draft_tokens_external" and draft_engine_dir:  # opened as the target was
+        draft = type(runner).from_dir(draft_engine_dir, num_threads=num_threads, spinning=False)
     elif draft_engine_dir:
         raise TrtbuildError(f"a draft engine ({draft_engine_dir}) is given with speculative_decoding_mode {mode}: "
                             "use draft_tokens_external")
