@@ -6,6 +6,9 @@
 Each --lora_dir adapter (a PEFT dir, .bin or .safetensors) is served as the model NAME (default:
 the dir's name) beside the base model; the engine must be built with --lora_plugin.
 
+The scheduling flags (--prompt_lookup_num_tokens, --draft_engine_dir, --max_num_tokens,
+--disable_kv_cache_reuse, ...) are run.py's: speculative decoding, chunked prefill, KV cache reuse.
+
 The engine loads in the background: /health answers 503 until it is ready, 200 after. Binds
 127.0.0.1 unless told otherwise.
 """
