@@ -6,6 +6,7 @@ is done (pyproject keeps only failed tests' tmp_path dirs, of the last run)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -31,21 +32,27 @@ CACHE_MB = int(os.environ.get("TRTBUILD_TEST_CACHE_MB", "1200"))
 
 
 # What MPICH leaves behind for every rank that is killed (the rank tests kill some) and for every
-# world whose process manager does not end cleanly: shared-memory segments and topology files.
-MPI_LEFTOVERS = (("/dev/shm", "mpich_shm_*"), ("/tmp", "hydra_hwloc_xmlfile_*"))
+# world whose process manager does not end cleanly: shared-memory segments and topology files; and
+# the empty /tmp/python_env_* dir Triton's Python backend makes for every model it loads.
+LEFTOVERS = (("/dev/shm", "mpich_shm_*"), ("/tmp", "hydra_hwloc_xmlfile_*"), ("/tmp", "python_env_*"))
 
 
-def _mpi_leftovers() -> set[Path]:
-    return {f for d, pattern in MPI_LEFTOVERS if Path(d).is_dir() for f in Path(d).glob(pattern)}
+def _leftovers() -> set[Path]:
+    return {f for d, pattern in LEFTOVERS if Path(d).is_dir() for f in Path(d).glob(pattern)}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_mpi_leftovers():
-    """Remove, once the session's servers and ranks are gone, what MPICH left behind during it."""
-    before = _mpi_leftovers()
+def _no_leftovers():
+    """Remove, once the session's servers and ranks are gone, what MPICH and Triton left behind
+    during it (a directory only if it is empty)."""
+    before = _leftovers()
     yield
-    for path in _mpi_leftovers() - before:
-        path.unlink(missing_ok=True)
+    for path in _leftovers() - before:
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
