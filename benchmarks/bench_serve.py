@@ -40,11 +40,13 @@ cores as the server.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -123,6 +125,7 @@ class Server:
     path: Path
     detail: str = ""  # the engine's quant_algo / the GGUF's file name
     max_batch_size: int | None = None  # ours: the engine's; llama_cpp.server: 1 request at a time
+    extra: tuple[str, ...] = ()  # ours: more trtbuild-serve flags (--serve_flags)
 
     def command(self, port: int, threads: int, n_ctx: int) -> list[str]:
         if self.kind == OURS:
@@ -131,7 +134,7 @@ class Server:
                 [shutil.which("trtbuild-serve")] if shutil.which("trtbuild-serve")
                 else [sys.executable, "-m", "trtbuild.serve.cli"])
             return head + [str(self.path), "--port", str(port), "--served_model_name", self.name,
-                           "--num_threads", str(threads)]
+                           "--num_threads", str(threads), *self.extra]
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.path), "--model_alias", self.name,
                 "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
                 "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx), "--chat_format", "chat_template.default",
@@ -486,6 +489,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start_timeout", type=float, default=300.0, help="seconds a server may take to be ready")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one request may take")
     p.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each level")
+    p.add_argument("--serve_flags", default="", help="more flags for our servers, e.g. \"--max_num_tokens 128\" "
+                                                     "(chunked prefill) or \"--prompt_lookup_num_tokens 4\"")
     p.add_argument("--quick", action="store_true", help="concurrency 1,2, 2 requests, 8 tokens: a smoke run")
     p.add_argument("--log_dir", type=Path, help="keep each server's log here (default: a temporary file, deleted)")
     p.add_argument("--json", type=Path, help="also write every figure, every request and the settings here")
@@ -500,7 +505,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    engines = [engine_server(n, d) for n, d in named_paths(a.engine, DEFAULT_ENGINES, "--engine")]
+    engines = [dataclasses.replace(engine_server(n, d), extra=tuple(shlex.split(a.serve_flags)))
+               for n, d in named_paths(a.engine, DEFAULT_ENGINES, "--engine")]
     ggufs = [gguf_server(n, f) for n, f in named_paths(a.gguf, DEFAULT_GGUFS, "--gguf")]
     missing = [m for m in LLAMA_SERVER_MODULES if importlib.util.find_spec(m) is None]
     if ggufs and missing:
