@@ -7,9 +7,10 @@ the network writer (the engine's input and output names come from trtbuild.engin
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -36,21 +37,26 @@ class GenerationOutput:
     prompt_lengths: list[int]
 
 
-def _engine_tokenizer(engine_dir: Path, tokenizer_dir: str | Path | None):
-    """The tokenizer given (tokenizer_dir, required) or the engine dir's own (if it has one)."""
+def _engine_tokenizer(engine_dir: Path, tokenizer_dir: str | Path | None) -> Callable[[], Any] | None:
+    """What loads the tokenizer given (tokenizer_dir, required) or the engine dir's own (None if it
+    has none)."""
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
-    return load_tokenizer(tok_dir) if (tok_dir / TOKENIZER_FILE).is_file() or tokenizer_dir else None
+    return (lambda: load_tokenizer(tok_dir)) if (tok_dir / TOKENIZER_FILE).is_file() or tokenizer_dir else None
 
 
 class ModelRunner:
     """Runs one engine (rank 0) with a preallocated KV cache."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, session: ort.InferenceSession, tokenizer=None,
-                 forms: CpuForms | None = None, world: RankWorld | None = None):
+                 forms: CpuForms | None = None, world: RankWorld | None = None,
+                 tokenizer_loader: Callable[[], Any] | None = None):
         self.engine_dir = engine_dir
         self.config = config
         self.session = session
-        self.tokenizer = tokenizer
+        # the tokenizer, or what loads it on first use: SmolLM2's holds 36 MB, which a caller that
+        # feeds token ids (the Triton tensorrt_llm model, a benchmark) never needs
+        self._tokenizer, self._tokenizer_loader = tokenizer, tokenizer_loader
+        self._tokenizer_lock = threading.Lock()
         self.forms = forms  # what the engine runs as on this CPU (trtbuild.runtime.cpu_forms)
         self.world = world  # a multi-rank engine: this process's rank among them (trtbuild.runtime.world)
         self._sent = np.zeros(1, np.float32)  # a pipeline stage before the last: its output in place of logits
@@ -66,6 +72,15 @@ class ModelRunner:
         self.lora = None  # LoraManager, attached when the engine has a lora plugin
         self.adapter_task_ids: list[int] = []  # the task ids of from_dir's lora_dirs
         self.scheduling = None  # SchedulerConfig of its in-flight batches (None: the defaults)
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (tokenizers.Tokenizer), loaded on first use; None without one."""
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    self._tokenizer = self._tokenizer_loader()
+        return self._tokenizer
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, num_threads: int | None = None,
@@ -133,7 +148,8 @@ class ModelRunner:
             from trtbuild.runtime.tensorrt_session import TensorRTStepSession
 
             session = TensorRTStepSession.open(engine_dir, engine_path, config)  # one clear line without a GPU
-            return cls(engine_dir, config, session, _engine_tokenizer(engine_dir, tokenizer_dir))  # type: ignore[arg-type]
+            return cls(engine_dir, config, session,  # type: ignore[arg-type]
+                       tokenizer_loader=_engine_tokenizer(engine_dir, tokenizer_dir))
         from trtbuild.backends.onnxruntime_backend import default_num_threads, open_session
         from trtbuild.kernels import KernelUnavailable
         from trtbuild.runtime.cpu_forms import choose_forms
@@ -155,7 +171,7 @@ class ModelRunner:
         log.info("%s runs as %s (int8 GEMMs: %s, prompt attention: %s)", engine_path, forms.engine_path.name,
                  forms.int8_gemm or "none", {True: "trtbuild's kernel", False: "GroupQueryAttention",
                                              None: "as decode"}[forms.prompt_kernel])
-        runner = cls(engine_dir, config, session, _engine_tokenizer(engine_dir, tokenizer_dir), forms, world)
+        runner = cls(engine_dir, config, session, None, forms, world, _engine_tokenizer(engine_dir, tokenizer_dir))
         if config.build_config.plugin_config.lora_plugin:
             from trtbuild.runtime.lora import LoraManager
 
