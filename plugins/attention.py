@@ -119,21 +119,20 @@ def _add_rope(g: GraphBuilder, config: PretrainedConfig, inputs: AttentionInputs
     how many tokens a step feeds)."""
     if not config.position_embedding_type.startswith("rope"):
         return
-    def caches(prefix: str, rope_config: PretrainedConfig, long: bool = False) -> list[str]:
-        return [g.weight(f"rope.{prefix}{fn}_cache", cache.astype(float_dtype))
-                for fn, cache in zip(("cos", "sin"), rope_cache(rope_config, max_seq_len, long))]
+    def weights(prefix: str, cos_sin: tuple[np.ndarray, np.ndarray]) -> list[str]:
+        return [g.weight(f"rope.{prefix}{fn}_cache", cache.astype(float_dtype)) for fn, cache in zip(("cos", "sin"), cos_sin)]
 
     if config.rotary_base_local is not None:
-        inputs.cos_local, inputs.sin_local = caches("local_", local_rope(config))
+        inputs.cos_local, inputs.sin_local = weights("local_", rope_cache(local_rope(config), max_seq_len))
     scaling = config.rotary_scaling or {}
     if scaling.get("type") != "longrope":
-        inputs.cos, inputs.sin = caches("", config)
+        inputs.cos, inputs.sin = weights("", rope_cache(config, max_seq_len))
         return
     switch = longrope_switch(config)
-    long = caches("long_", config, long=True)
+    short_set, long_set = rope_cache(config, max_seq_len), rope_cache(config, max_seq_len, long=True)
     by_position = np.arange(max_seq_len)[:, None] >= switch
-    merged = [g.weight(f"rope.by_position_{fn}_cache", np.where(by_position, lo, sh).astype(float_dtype))
-              for fn, sh, lo in zip(("cos", "sin"), rope_cache(config, max_seq_len), rope_cache(config, max_seq_len, True))]
+    long = weights("long_", long_set)
+    merged = weights("by_position_", tuple(np.where(by_position, lo, sh) for sh, lo in zip(short_set, long_set)))
     total64 = g.op("Cast", [total], to=TensorProto.INT64)
     seq = g.op("Squeeze", [g.op("Shape", [input_ids], start=1, end=2)])
     whole_long = g.op("And", [g.op("Greater", [total64, g.const(np.array(switch, np.int64))]),
