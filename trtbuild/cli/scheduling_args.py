@@ -68,8 +68,8 @@ def scheduling_parameters(args: argparse.Namespace) -> dict[str, str]:
 
 def args_from_parameters(parameters: dict[str, str | None]) -> argparse.Namespace:
     """scheduling_parameters' strings back to the flags (an absent or empty one: its default)."""
-    argv: list[str] = []
-    for action in _scheduling_parser()._actions:
+    parser, argv = _scheduling_parser(), []
+    for action in parser._actions:
         value = parameters.get(action.dest)
         if action.dest == "help" or not value:
             continue
@@ -77,7 +77,7 @@ def args_from_parameters(parameters: dict[str, str | None]) -> argparse.Namespac
             argv += [action.option_strings[0]] if value.lower() in ("true", "1", "yes") else []
         else:
             argv += [action.option_strings[0], value]
-    return _scheduling_parser().parse_args(argv)
+    return parser.parse_args(argv)
 
 
 def _scheduling_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,7 @@ class InflightBatcher:
             request.request_id = request_id
             cancel = lambda: (self._cancels.put(request_id), self._wake.set())  # noqa: E731
         handle = RequestHandle(request, cancel)
+
         def tokens(r: Request, toks: list[int]) -> None:
             handle._events.put(list(toks))
             if listener is not None:
@@ -107,9 +108,7 @@ class InflightBatcher:
             if listener is not None:
                 listener(None)
 
-        request.on_tokens = tokens
-
-        request.on_done = done
+        request.on_tokens, request.on_done = tokens, done
         self._incoming.put(request)
         self._wake.set()
         return handle

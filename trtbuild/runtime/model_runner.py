@@ -289,12 +289,10 @@ class ModelRunner:
         def picks(r: Request, rows: np.ndarray, draft: list[int]) -> list:
             taken = []
             for k in range(len(draft) + 1):
-                sampled = r.sample(rows[k])
-                r.take(sampled)
-                taken.append(sampled)
-                token = sampled[0] if isinstance(sampled, tuple) else sampled
-                if r.done or k == len(draft) or token != draft[k]:
-                    return taken
+                taken.append(r.sample(rows[k]))
+                r.take(taken[-1])
+                if r.done or k == len(draft) or r.output_ids[-1] != draft[k]:
+                    break
             return taken
 
         if self.world is None:

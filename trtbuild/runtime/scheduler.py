@@ -54,7 +54,7 @@ class Scheduler:
         self.draft = DraftModel(spec.draft) if spec is not None and spec.mode == "draft_tokens_external" else None
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
-        self.prefilling: _Prefilling | None = None  # in slot len(active)
+        self.prefilling: _Prefilling | None = None  # its slot follows the decoding requests
         self.prefixes = PrefixCache(bc.max_batch_size) if self.config.kv_cache_reuse else None
         # LongRoPE: a prompt longer than this goes in one step (its keys are rotated as a whole)
         self.whole_prompt_past = longrope_switch(runner.config.pretrained_config)
@@ -81,7 +81,6 @@ class Scheduler:
                 self.waiting.popleft()
                 self._finish(r)
                 continue
-            slot = self._first_free() + len(new)
             whole = not self._rotated_by_position(r)
             reuse = (-1, 0) if whole else self._reusable(r)
             long = len(r.prompt_ids) - reuse[1] > self.chunk and bool(self.active or new) and not whole
@@ -89,7 +88,7 @@ class Scheduler:
                 if new:
                     break  # first prefill the batch gathered so far
                 self.waiting.popleft()
-                self._start_alone(r, slot, *reuse)
+                self._start_alone(r, *reuse)
                 continue
             longest = max([len(x.prompt_ids) for x in new] + [len(r.prompt_ids)])
             if new and longest * (len(new) + 1) > self.chunk:
@@ -134,9 +133,10 @@ class Scheduler:
         """The tokens a decoding request's slot holds: all but the last sampled one."""
         return (r.prompt_ids + r.output_ids)[:r.num_tokens - 1]
 
-    def _start_alone(self, r: Request, slot: int, source: int, reused: int) -> None:
-        """Put r in `slot` with `reused` tokens copied from slot `source`, then prefill the rest:
-        at once, or a chunk per step while others decode."""
+    def _start_alone(self, r: Request, source: int, reused: int) -> None:
+        """Put r in the first free slot with `reused` tokens copied from slot `source`, then prefill
+        the rest: at once, or a chunk per step while others decode."""
+        slot = self._first_free()
         if self.prefixes is not None:
             self.prefixes.take([slot], slot, self.runner.kv_cache.move, keep=source)
             self.prefixes.used(source)
