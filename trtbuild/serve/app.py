@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -106,6 +107,7 @@ class Generation:
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)  # TokenLogprob of each token received (with logprobs asked)
     reported: int = 0  # of those, how many a streamed chunk has carried
+    reported_chars: int = 0  # the characters of those tokens' texts (completions' text_offset)
     started: float = field(default_factory=time.monotonic)
     last: float = 0.0
 
@@ -366,8 +368,8 @@ def _new_logprobs(served: ServedEngine, gen: Generation, chat: bool) -> dict:
         return {"logprobs": {"content": [{**item(t, e.logprob), "top_logprobs": [item(u, lp) for u, lp in e.top]}
                                          for t, e in zip(ids, entries)]}}
     tokens = [decode(t) for t in ids]
-    offset = sum(len(decode(t)) for t in gen.token_ids[:start])
-    offsets = [offset + sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+    ends = list(accumulate((len(x) for x in tokens), initial=gen.reported_chars))
+    offsets, gen.reported_chars = ends[:-1], ends[-1]
     return {"logprobs": {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                          "top_logprobs": [{decode(u): lp for u, lp in e.top} for e in entries],
                          "text_offset": offsets}}
