@@ -98,6 +98,27 @@ def client(url: str):
     return openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
 
 
+def concurrently(fn, items, timeout: float) -> None:
+    """fn(item) for every item, each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=fn, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
+def greedy_by_name(c, names, ids: list[int]) -> dict[str, str]:
+    """12 greedy tokens of `ids` under each model name, all requests at once."""
+    got: dict[str, str] = {}
+
+    def one(name: str) -> None:
+        got[name] = c.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    concurrently(one, names, timeout=120)
+    return got
+
+
 def expected_chat(engine: Path, runner: ModelRunner, content: str, max_tokens: int) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy ids) of one user message, as the runner makes them."""
     text = apply_chat_template(engine / "tokenizer", [{"role": "user", "content": content}])
@@ -172,11 +193,7 @@ def test_16_concurrent_streams(server):
                                                      max_tokens=16, temperature=0, stream=True)
         got[i] = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    concurrently(one, range(16), timeout=300)
     assert [got.get(i) for i in range(16)] == want
 
 
@@ -300,18 +317,7 @@ def test_lora_adapters_are_models_by_name(lora_setup, tmp_path):
         c = client(served.url)
         listed = c.models.list().data
         assert [m.id for m in listed] == [MODEL, "ada", "bea"] and listed[1].model_extra["parent"] == MODEL
-        got: dict[str, str] = {}
-
-        def one(name: str) -> None:
-            got[name] = c.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0,
-                                             extra_body={"ignore_eos": True}).choices[0].text
-
-        threads = [threading.Thread(target=one, args=(name,)) for name in want]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert got == want
+        assert greedy_by_name(c, want, ids) == want
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model="nope", prompt=ids, max_tokens=2)
         assert e.value.status_code == 404 and "'ada'" in e.value.body["message"]
@@ -382,19 +388,8 @@ def test_a_multi_rank_engine_is_served(lora_setup, tmp_path):
     with Served(engine, tmp_path / "serve.log", "--lora_dir", *(f"{n}={d}" for n, d in adapters.items()),
                 *flags) as served:
         c = client(served.url)
-        got: dict[str, str] = {}
-
-        def one(name: str) -> None:
-            got[name] = c.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0,
-                                             extra_body={"ignore_eos": True}).choices[0].text
-
         for _ in range(2):  # the second round finds the first's prefixes cached
-            threads = [threading.Thread(target=one, args=(name,)) for name in want]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=120)
-            assert got == want
+            assert greedy_by_name(c, want, ids) == want
 
 
 def test_the_docker_entrypoint_serves_the_openai_api(chat_engine, triton_venv, tmp_path):  # noqa: F811
