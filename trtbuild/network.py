@@ -50,6 +50,8 @@ class NetworkOptions:
     context_split: tuple[int, int] = (0, 0)
     # gemm plugin, W8A8 per token: activations quantized by trtbuild's kernels (plugins.quant_gemm)
     smooth_quant_kernels: bool = False
+    # a float lm_head as trtbuild's LmHead op (no packed copy of the weight; float32 only)
+    lm_head_kernel: bool = False
     quantize_lm_head: bool = True
     # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)
     weight_only_activations: str = "int8"
@@ -349,7 +351,8 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
                                             "lm_head", 8, block, options.fused_gemm, options.weight_only_activations)
         else:
             lm_head = embedding if config.tie_word_embeddings else ops.w("lm_head.weight")
-            logits = g.op("Gemm", [flat, lm_head], transB=1, name="lm_head")
+            logits = (g.op("LmHead", [flat, lm_head], domain="trtbuild", name="lm_head") if options.lm_head_kernel
+                      else g.op("Gemm", [flat, lm_head], transB=1, name="lm_head"))
         if tp > 1:  # every rank's vocabulary block, then the padding dropped
             if dtype != np.float32:
                 logits = g.op("Cast", [logits], to=TensorProto.FLOAT)

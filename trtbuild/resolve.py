@@ -90,8 +90,9 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> BuildConfig
 
 def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlgo | None) -> PluginConfig:
     """Which of trtbuild's own kernels the network uses, given the linears' final quant_algo
-    (context_fmha / smooth_quant_plugins stay True only if used): a prompt into an empty cache runs
-    CausalPromptAttention where it applies; W8A8 per token quantizes with PerTokenQuantize."""
+    (context_fmha / smooth_quant_plugins / lm_head_plugin stay True only if used): a prompt into an
+    empty cache runs CausalPromptAttention where it applies; W8A8 per token quantizes with
+    PerTokenQuantize; a float32 lm_head runs LmHead."""
     from trtbuild.kernels import FMHA_HEAD_SIZES, KernelUnavailable, library_path
 
     pc = build.plugin_config
@@ -102,13 +103,16 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlg
         fmha = False
     per_token = (pc.smooth_quant_plugins and pc.gemm_plugin is not None and onnxruntime
                  and algo is not None and algo.per_token)
-    if fmha or per_token:
+    float_lm_head = not (build.quantize_lm_head and algo is not None and algo.weight_only)
+    lm_head = (pc.lm_head_plugin and pc.gemm_plugin is not None and onnxruntime and float_lm_head
+               and build.compute_dtype == "float32")
+    if fmha or per_token or lm_head:
         try:
             library_path()
         except KernelUnavailable as e:
             log.warning("trtbuild's kernels: %s; the engine uses onnxruntime's ops instead", e)
-            fmha = per_token = False
-    return replace(pc, context_fmha=bool(fmha), smooth_quant_plugins=bool(per_token))
+            fmha = per_token = lm_head = False
+    return replace(pc, context_fmha=bool(fmha), smooth_quant_plugins=bool(per_token), lm_head_plugin=bool(lm_head))
 
 
 def resolve_build(config: PretrainedConfig, build: BuildConfig, algo: QuantAlgo | None) -> BuildConfig:
@@ -130,6 +134,6 @@ def network_options(build: BuildConfig) -> NetworkOptions:
                           fused_gemm=pc.gemm_plugin is not None, fused_norm=pc.norm_plugin is not None,
                           max_seq_len=build.max_seq_len, quantize_lm_head=build.quantize_lm_head,
                           weight_only_activations=build.weight_only_activations, context_split=split,
-                          smooth_quant_kernels=pc.smooth_quant_plugins,
+                          smooth_quant_kernels=pc.smooth_quant_plugins, lm_head_kernel=pc.lm_head_plugin,
                           prompt_attention="fmha" if pc.context_fmha else
                           ("split" if fused_attention and 0 < lo < hi else None))

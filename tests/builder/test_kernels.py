@@ -178,13 +178,14 @@ def test_no_compiler_builds_without_the_kernel_and_an_engine_that_needs_it_says_
     assert "install g++" in caplog.text
     plain = ModelRunner.from_dir(tmp_path / "plain", num_threads=1)
     assert not plain.config.build_config.plugin_config.context_fmha
+    assert not plain.config.build_config.plugin_config.lm_head_plugin
     import onnx
 
     graph = onnx.load(str(tmp_path / "plain" / "rank0.engine"), load_external_data=False).graph
-    assert "CausalPromptAttention" not in op_types(graph)
+    assert not {"CausalPromptAttention", "LmHead"} & op_types(graph)
     assert plain.prefill([[5, 6, 7]]).shape[-1] == plain.config.pretrained_config.vocab_size
 
-    with pytest.raises(TrtbuildError, match="--context_fmha disable") as err:
+    with pytest.raises(TrtbuildError, match="--context_fmha disable .*--lm_head_plugin disable") as err:
         ModelRunner.from_dir(fmha, num_threads=1)
     assert "install g++" in str(err.value) and "rank0.engine" in str(err.value)
 

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth_quant_plugins", default=enabled(d.plugin_config.smooth_quant_plugins), choices=["enable", "disable"],
                    help="gemm plugin, SmoothQuant W8A8 per token: quantize activations with trtbuild's per-token "
                         "kernels (one pass per row; compiled on first use, needs g++)")
+    p.add_argument("--lm_head_plugin", default=enabled(d.plugin_config.lm_head_plugin), choices=["enable", "disable"],
+                   help="gemm plugin, a float32 lm_head: trtbuild's kernel reads the weight where it lies instead "
+                        "of onnxruntime's packed copy of it (the vocabulary table once less in memory; compiled "
+                        "on first use, needs g++)")
     p.add_argument("--context_split_min_len", type=int, default=d.context_split_min_len,
                    help="attention plugin without --context_fmha: one prompt of min <= tokens < "
                         "--context_split_max_len attends in two causal halves, skipping a quarter of the score "
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         plugin_config=PluginConfig(gemm_plugin=args.gemm_plugin, gpt_attention_plugin=args.gpt_attention_plugin,
                                    norm_plugin=args.norm_plugin, context_fmha=args.context_fmha == "enable",
                                    smooth_quant_plugins=args.smooth_quant_plugins == "enable",
+                                   lm_head_plugin=args.lm_head_plugin == "enable",
                                    lora_plugin=args.lora_plugin),
         lora_config=LoraConfig(lora_dir=args.lora_dir, max_lora_rank=args.max_lora_rank,
                                lora_target_modules=args.lora_target_modules, max_loras=args.max_loras),

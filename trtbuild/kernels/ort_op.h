@@ -146,5 +146,6 @@ const OrtCustomOp* all_reduce_op();
 const OrtCustomOp* all_gather_op();
 const OrtCustomOp* pipeline_send_op();
 const OrtCustomOp* pipeline_recv_op();
+const OrtCustomOp* lm_head_op();
 
 }  // namespace trtbuild

@@ -12,7 +12,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   for (const OrtCustomOp* op : {trtbuild::causal_prompt_attention_op(), trtbuild::causal_prompt_attention_int8_kv_op(),
                                 trtbuild::per_token_quantize_op(), trtbuild::swiglu_quantize_op(),
                                 trtbuild::all_reduce_op(), trtbuild::all_gather_op(),
-                                trtbuild::pipeline_send_op(), trtbuild::pipeline_recv_op()})
+                                trtbuild::pipeline_send_op(), trtbuild::pipeline_recv_op(),
+                                trtbuild::lm_head_op()})
     TRTBUILD_RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, op));
   return api->AddCustomOpDomain(options, domain);
 }

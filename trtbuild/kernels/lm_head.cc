@@ -1,0 +1,186 @@
+// A float engine's lm_head, reading its weight where it lies (TensorRT-LLM has no such plugin; on a
+// CPU it is what keeps memory at the size of the model):
+//
+// trtbuild::LmHead(x [M, K] float, w [N, K] float) -> y [M, N] float,  y = x · wᵀ
+//
+// onnxruntime's Gemm prepacks w into a copy of its own at load: the size of the vocabulary table
+// again (113 MB on SmolLM2, whose tied lm_head is its embedding table, which the Gather reads
+// too; 544 MB on a 0.5B Qwen2, held twice while it is packed). Here every output is a dot product of
+// a row of x with a row of w, both contiguous along K: no copy, and w is streamed once a call when
+// M is a decode step's few rows (memory-bound, as every decode GEMM is). Many rows (a scored
+// prompt's logits) are tiled: a block of x's rows stays in cache while w's rows stream past it.
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <utility>
+
+#include "ort_op.h"
+
+namespace trtbuild {
+namespace {
+
+constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows a work item keeps in cache
+constexpr int64_t kColBlockBytes = 64 << 10;   // w rows a work item reads
+constexpr size_t kMaxBatches = 64;             // work items grouped for the thread pool
+constexpr int kMaxTileRows = 8, kMaxTileCols = 4;
+
+// Pairwise sums of the lanes of (a, b): lane i < kLanes / 2 is a[2i] + a[2i + 1], the rest b's.
+inline vf pair_sums(vf a, vf b) {
+  typedef int32_t mask __attribute__((vector_size(kLanes * 4)));
+  constexpr auto lanes = [](int offset) {
+    mask m{};
+    for (int i = 0; i < kLanes; ++i) m[i] = 2 * i + offset;
+    return m;
+  };
+  return __builtin_shuffle(a, b, lanes(0)) + __builtin_shuffle(a, b, lanes(1));
+}
+
+// The sums of the lanes of acc[0..3] at once (summing four vectors lane by lane costs as much as
+// a short dot product): after two halvings r's lanes are kLanes / 4 partial sums of acc[0], then as
+// many of acc[1], acc[2], acc[3]; halving r with itself until one each is left gives the four sums
+// in lanes 0..3.
+inline void sum4(const vf* acc, float* out) {
+  vf r = pair_sums(pair_sums(acc[0], acc[1]), pair_sums(acc[2], acc[3]));
+  for (int partial = kLanes / 4; partial > 1; partial /= 2) r = pair_sums(r, r);
+  for (int n = 0; n < 4; ++n) out[n] = r[n];
+}
+
+// y[m][n] = x[m] · w[n] for MR rows of x (stride ldx) and NR rows of w (stride K).
+template <int MR, int NR>
+void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  constexpr int count = MR * NR, padded = (count + 3) / 4 * 4;
+  vf acc[padded] = {};  // acc[m * NR + n]
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    vf xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = load(x + m * ldx + k);
+    for (int n = 0; n < NR; ++n) {
+      const vf wv = load(w + n * K + k);
+      for (int m = 0; m < MR; ++m) acc[m * NR + n] += xv[m] * wv;
+    }
+    // w two tiles on, so that its memory reads overlap these FMAs where they are many (M = 8: 24%
+    // faster on one core); past w's end it is a no-op (a prefetch does not fault)
+    if constexpr (MR >= 4) __builtin_prefetch(w + 2 * NR * K + k, 0, 0);
+  }
+  float sums[padded];
+  for (int i = 0; i < padded; i += 4) sum4(acc + i, sums + i);
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      float s = sums[m * NR + n];
+      for (int64_t j = k; j < K; ++j) s += x[m * ldx + j] * w[n * K + j];
+      y[m * ldy + n] = s;
+    }
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+
+template <int MR, int... NR>
+constexpr std::array<TileFn, sizeof...(NR)> tile_row() {
+  return {tile<MR, NR>...};
+}
+
+// The tile for m <= kMaxTileRows rows of x and n <= kMaxTileCols rows of w.
+TileFn tile_for(int m, int n) {
+  static const std::array<TileFn, kMaxTileCols> table[kMaxTileRows] = {
+      tile_row<1, 1, 2, 3, 4>(), tile_row<2, 1, 2, 3, 4>(), tile_row<3, 1, 2, 3, 4>(), tile_row<4, 1, 2, 3, 4>(),
+      tile_row<5, 1, 2, 3, 4>(), tile_row<6, 1, 2, 3, 4>(), tile_row<7, 1, 2, 3, 4>(), tile_row<8, 1, 2, 3, 4>()};
+  return table[m - 1][n - 1];
+}
+
+// The tile shape for M rows of x. A decode step's few rows: all of them against one row of w at a
+// time, so that w is read once, front to back (reading 2-4 of its rows side by side streamed 40%
+// slower from memory on one core: AMD EPYC Zen 4). Many rows: a square of accumulators, each of
+// w's rows read once per block of x's rows.
+std::pair<int, int> tile_shape(int64_t M) {
+  if (M <= kMaxTileRows) return {(int)M, 1};
+  return kRegisters >= 32 ? std::pair{4, 4} : std::pair{2, 4};
+}
+
+struct Problem {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, N, K;
+  int tile_rows, tile_cols;
+  int64_t row_block, col_block, col_blocks, items;  // an item: one block of x's rows by one of w's
+};
+
+// Work items run row block by row block, so that a thread's consecutive items share x's block.
+void item_task(const Problem& p, int64_t item) {
+  const int64_t m0 = item / p.col_blocks * p.row_block, n0 = item % p.col_blocks * p.col_block;
+  const int64_t m1 = std::min(p.M, m0 + p.row_block), n1 = std::min(p.N, n0 + p.col_block);
+  for (int64_t n = n0; n < n1; n += p.tile_cols) {
+    const int nr = (int)std::min<int64_t>(p.tile_cols, n1 - n);
+    for (int64_t m = m0; m < m1; m += p.tile_rows) {
+      const int mr = (int)std::min<int64_t>(p.tile_rows, m1 - m);
+      tile_for(mr, nr)(p.x + m * p.K, p.K, p.w + n * p.K, p.K, p.y + m * p.N + n, p.N);
+    }
+  }
+}
+
+struct Batches {
+  const Problem* p;
+  int64_t per_batch;
+};
+
+void batch_task(void* data, size_t b) {
+  const Batches& batches = *static_cast<const Batches*>(data);
+  const int64_t first = (int64_t)b * batches.per_batch;
+  for (int64_t i = first; i < std::min(batches.p->items, first + batches.per_batch); ++i) item_task(*batches.p, i);
+}
+
+struct LmHead {
+  static constexpr const char* name = "LmHead";
+  static constexpr size_t inputs = 2, outputs = 1, required_inputs = 2;
+  static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, LmHead** out) {
+    *out = new LmHead{api};
+    return nullptr;
+  }
+  const OrtApi* api;
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    const OrtValue *x, *w;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 1, &w));
+    std::vector<int64_t> xd, wd;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, xd));
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, w, wd));
+    if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+      return op_error(api, name, "x must be [M, K] and w [N, K] (the same K)");
+    Problem p{};
+    p.M = xd[0], p.N = wd[0], p.K = xd[1];
+    const int64_t y_shape[2] = {p.M, p.N};
+    OrtValue* y;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, y_shape, 2, &y));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&p.x)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(w, reinterpret_cast<const void**>(&p.w)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&p.y)));
+    if (p.M == 0 || p.N == 0) return nullptr;
+    if (p.K == 0) {
+      std::fill(p.y, p.y + p.M * p.N, 0.0f);
+      return nullptr;
+    }
+    const int64_t row_bytes = p.K * (int64_t)sizeof(float);
+    std::tie(p.tile_rows, p.tile_cols) = tile_shape(p.M);
+    p.row_block = std::max<int64_t>(p.tile_rows, kRowBlockBytes / row_bytes / p.tile_rows * p.tile_rows);
+    p.col_block = std::max<int64_t>(p.tile_cols, kColBlockBytes / row_bytes / p.tile_cols * p.tile_cols);
+    p.col_blocks = (p.N + p.col_block - 1) / p.col_block;
+    p.items = (p.M + p.row_block - 1) / p.row_block * p.col_blocks;
+    const size_t batches = (size_t)std::min<int64_t>(p.items, kMaxBatches);
+    Batches data{&p, (p.items + (int64_t)batches - 1) / (int64_t)batches};
+    const size_t used = (size_t)((p.items + data.per_batch - 1) / data.per_batch);
+    return api->KernelContext_ParallelFor(context, batch_task, used, used, &data);
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* lm_head_op() {
+  static const OpTable<LmHead> op;
+  return &op;
+}
+
+}  // namespace trtbuild
