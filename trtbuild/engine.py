@@ -36,10 +36,10 @@ class PluginConfig:
     # (trtbuild.kernels) quantize activations in one pass each (TensorRT-LLM's quantize_per_token
     # plugin). True in a built engine only if it uses them.
     smooth_quant_plugins: bool = True
-    # gemm plugin, a float32 lm_head: trtbuild's LmHead op (trtbuild.kernels) reads the weight (a tied
-    # model's embedding table) where it lies, where onnxruntime's Gemm holds a packed copy of it (the
-    # vocabulary table once more in memory). trtbuild's own: TensorRT-LLM has no such flag. True in a
-    # built engine only if it uses it.
+    # gemm plugin, a tied float32 lm_head: trtbuild's LmHead op (trtbuild.kernels) reads the embedding
+    # table where it lies, where onnxruntime's Gemm holds a packed copy of it (the vocabulary table
+    # twice in memory). trtbuild's own: TensorRT-LLM has no such flag. True in a built engine only if
+    # it uses it.
     lm_head_plugin: bool = True
 
     @property

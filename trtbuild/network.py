@@ -50,7 +50,7 @@ class NetworkOptions:
     context_split: tuple[int, int] = (0, 0)
     # gemm plugin, W8A8 per token: activations quantized by trtbuild's kernels (plugins.quant_gemm)
     smooth_quant_kernels: bool = False
-    # a float lm_head as trtbuild's LmHead op (no packed copy of the weight; float32 only)
+    # a float lm_head as trtbuild's LmHead op (no packed copy of the weight; float32, tied only)
     lm_head_kernel: bool = False
     quantize_lm_head: bool = True
     # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)

@@ -92,7 +92,7 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlg
     """Which of trtbuild's own kernels the network uses, given the linears' final quant_algo
     (context_fmha / smooth_quant_plugins / lm_head_plugin stay True only if used): a prompt into an
     empty cache runs CausalPromptAttention where it applies; W8A8 per token quantizes with
-    PerTokenQuantize; a float32 lm_head runs LmHead."""
+    PerTokenQuantize; a tied float32 lm_head runs LmHead."""
     from trtbuild.kernels import FMHA_HEAD_SIZES, KernelUnavailable, library_path
 
     pc = build.plugin_config
@@ -104,8 +104,10 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlg
     per_token = (pc.smooth_quant_plugins and pc.gemm_plugin is not None and onnxruntime
                  and algo is not None and algo.per_token)
     float_lm_head = not (build.quantize_lm_head and algo is not None and algo.weight_only)
+    # only a tied lm_head: there the packed copy is the embedding table twice for good; an untied
+    # one's copy replaces its original after load, and Gemm decodes 8 rows faster (benchmarks/README.md)
     lm_head = (pc.lm_head_plugin and pc.gemm_plugin is not None and onnxruntime and float_lm_head
-               and build.compute_dtype == "float32")
+               and build.compute_dtype == "float32" and config.tie_word_embeddings)
     if fmha or per_token or lm_head:
         try:
             library_path()

@@ -1,4 +1,4 @@
-"""trtbuild's LmHead kernel (a float32 engine's lm_head, reading the weight where it lies): exact
+"""trtbuild's LmHead kernel (a tied float32 lm_head, reading the embedding table where it lies): exact
 against numpy at every tile edge, in the library built for this machine and in the AVX2 form; and an
 fp32 engine built with it gives the logits the Gemm form gives, without onnxruntime's packed copy."""
 
@@ -84,3 +84,13 @@ def test_fp32_engine_lm_head_kernel_against_gemm(tiny_models, engines):
                                rtol=0, atol=1e-4)
     sampling = SamplingConfig(max_new_tokens=8, end_id=-1)
     assert with_kernel.generate(prompts, sampling).output_ids == gemm.generate(prompts, sampling).output_ids
+
+
+def test_untied_lm_head_keeps_gemm(tiny_models, engines):
+    """An untied lm_head's packed copy replaces its original after load (no lasting memory to save)
+    and Gemm decodes several rows faster: the engine keeps Gemm and records the flag off."""
+    runner = ModelRunner.from_dir(engines.engine(tiny_models["mistral"], BuildConfig(
+        max_batch_size=2, max_input_len=32, max_seq_len=64)), num_threads=1)
+    assert not runner.config.build_config.plugin_config.lm_head_plugin
+    graph = onnx.load(str(runner.engine_dir / "rank0.engine"), load_external_data=False).graph
+    assert "LmHead" not in op_types(graph) and "Gemm" in op_types(graph)

@@ -5,8 +5,8 @@ cached by source, compiler and CPU in `$TRTBUILD_KERNEL_DIR` (default ~/.cache/t
 
 Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the attention plugin's
 context_fmha; PerTokenQuantize and SwiGLUQuantize (per_token_quant.cc), the gemm plugin's
-smooth_quant_plugins for W8A8 per token; LmHead (lm_head.cc), a float32 lm_head without onnxruntime's
-packed copy of its weight (lm_head_plugin); AllReduce and AllGather (collectives.cc), the
+smooth_quant_plugins for W8A8 per token; LmHead (lm_head.cc), a tied float32 lm_head without onnxruntime's
+packed copy of the embedding table (lm_head_plugin); AllReduce and AllGather (collectives.cc), the
 collectives of a tensor-parallel rank's engine. An engine that uses them records those plugin flags
 (`PluginConfig.uses_kernels`); the runtime then registers the library with its session (`register`).
 """
