@@ -94,3 +94,43 @@ def test_untied_lm_head_keeps_gemm(tiny_models, engines):
     assert not runner.config.build_config.plugin_config.lm_head_plugin
     graph = onnx.load(str(runner.engine_dir / "rank0.engine"), load_external_data=False).graph
     assert "LmHead" not in op_types(graph) and "Gemm" in op_types(graph)
+
+
+def mapped_file_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, current = 0, ""
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            current = head[5] if len(head) > 5 else ""
+        elif line.startswith("Rss:") and current == str(path):
+            total += int(head[1])
+    return total
+
+
+def test_lm_head_moves_a_large_weight_out_of_the_file_and_a_tied_gather_reads_it(tmp_path):
+    """A weight of several MB leaves onnxruntime's file mapping for anonymous memory at the same
+    addresses (huge pages where the OS gives them): the Gather reading the same table (a tied model)
+    gets the same rows, and the file's pages are no longer resident beside it."""
+    rng = np.random.default_rng(3)
+    N, K = 4099, 256  # 4.2 MB, not a whole number of pages
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Gather", ["w", "ids"], ["rows"]),
+             helper.make_node("LmHead", ["x", "w"], ["y"], domain=kernels.DOMAIN)]
+    graph = helper.make_graph(nodes, "g", [vi("ids", TensorProto.INT64, ["R"]), vi("x", TensorProto.FLOAT, ["M", K])],
+                              [vi("rows", TensorProto.FLOAT, None), vi("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
+    path = tmp_path / "tied.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="tied.onnx.data", size_threshold=0)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    kernels.register(so)
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ids = np.array([0, 1, 2048, N - 1], np.int64)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    rows, y = session.run(None, {"ids": ids, "x": x})
+    np.testing.assert_array_equal(rows, w[ids])
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=0, atol=2e-4)
+    assert mapped_file_kb(tmp_path / "tied.onnx.data") <= 64  # the first and last partial pages at most

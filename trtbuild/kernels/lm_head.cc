@@ -1,16 +1,24 @@
-// A float engine's lm_head, reading its weight where it lies (TensorRT-LLM has no such plugin; on a
-// CPU it is what keeps memory at the size of the model):
+// A tied float engine's lm_head, reading the embedding table where it lies (TensorRT-LLM has no
+// such plugin; on a CPU it is what keeps memory at the size of the model):
 //
 // trtbuild::LmHead(x [M, K] float, w [N, K] float) -> y [M, N] float,  y = x · wᵀ
 //
-// onnxruntime's Gemm prepacks w into a copy of its own at load: the size of the vocabulary table
-// again (113 MB on SmolLM2, whose tied lm_head is its embedding table, which the Gather reads
-// too; 544 MB on a 0.5B Qwen2, held twice while it is packed). Here every output is a dot product of
-// a row of x with a row of w, both contiguous along K: no copy, and w is streamed once a call when
-// M is a decode step's few rows (memory-bound, as every decode GEMM is). Many rows (a scored
-// prompt's logits) are tiled: a block of x's rows stays in cache while w's rows stream past it.
+// onnxruntime's Gemm prepacks w into a copy of its own at load; for a tied lm_head that is the
+// embedding table, which the Gather reads too, in memory twice (113 MB on SmolLM2). Here every
+// output is a dot product of a row of x with a row of w, both contiguous along K: no copy, and w is
+// streamed once a call when M is a decode step's few rows (memory-bound, as every decode GEMM is).
+// Many rows (a scored prompt's logits) are tiled: a block of x's rows stays in cache while w's rows
+// stream past it. At load the table moves from the file mapping into huge pages at the same
+// addresses (move_to_huge_pages), which both the Gather and this kernel then read.
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
 #include <array>
 #include <tuple>
 #include <utility>
@@ -130,12 +138,73 @@ void batch_task(void* data, size_t b) {
   for (int64_t i = first; i < std::min(batches.p->items, first + batches.per_batch); ++i) item_task(*batches.p, i);
 }
 
+// Whether [begin, end) lies in one private mapping of a file (how onnxruntime maps an engine's
+// external data): its pages can be dropped and come back from the file when touched again.
+bool in_private_file_mapping(const void* begin, const void* end) {
+  FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (!maps) return false;
+  char line[4096];
+  bool found = false;
+  while (!found && std::fgets(line, sizeof line, maps)) {
+    unsigned long lo, hi, offset, inode;
+    char perms[8], dev[16], path[4000] = "";
+    if (std::sscanf(line, "%lx-%lx %7s %lx %15s %lu %3999s", &lo, &hi, perms, &offset, dev, &inode, path) < 6) continue;
+    found = lo <= (uintptr_t)begin && (uintptr_t)end <= hi && perms[3] == 'p' && inode != 0 && path[0] == '/';
+  }
+  std::fclose(maps);
+  return found;
+}
+
+// Moves the pages of [begin, end) that lie wholly inside it from onnxruntime's private mapping of
+// the engine file into anonymous memory, at the same addresses and with the same bytes, in 2 MB
+// pages where the kernel gives them (transparent huge pages). In 4 KB file pages the weight streams
+// slower: the hardware prefetcher stops at each page (a one-core pass over SmolLM2's table: 4.1 ms
+// from the file mapping, 3.5 ms in huge pages, 4.8-5.7 ms in ordinary 4 KB anonymous pages). In
+// place, so that every reader (a tied model's Gather too) reads the one copy: a second copy would
+// be the packed Gemm's cost again, and the Gather's faults into the file would map the page cache's
+// large folios (~0.7 MB a row read) back beside it. 2 MB at a time: the move never holds more than
+// that twice. Returns an error message, or "" (also when it leaves the weight where it is).
+std::string move_to_huge_pages(const void* begin, const void* end) {
+  constexpr uintptr_t kHuge = 2 << 20;
+  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  const uintptr_t first = ((uintptr_t)begin + page - 1) / page * page, last = (uintptr_t)end / page * page;
+  if (last - first < kHuge || !in_private_file_mapping(begin, end)) return "";
+  for (uintptr_t chunk = first; chunk < last;) {
+    const uintptr_t next = std::min(last, (chunk / kHuge + 1) * kHuge), length = next - chunk;
+    // a fresh region at the same offset within a 2 MB page as the chunk, filled, then moved over it
+    char* base = static_cast<char*>(mmap(nullptr, length + kHuge, PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (base == MAP_FAILED) return "";  // nothing moved yet in this chunk: the rest stays in the file
+    char* region = base + ((chunk - (uintptr_t)base) % kHuge);
+    if (region > base) munmap(base, region - base);
+    if (region + length < base + length + kHuge) munmap(region + length, base + length + kHuge - (region + length));
+    madvise(region, length, MADV_HUGEPAGE);  // a hint: without transparent huge pages it still works
+    std::memcpy(region, reinterpret_cast<const void*>(chunk), length);
+    if (mremap(region, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(chunk)) == MAP_FAILED)
+      return "could not move the weight into anonymous memory (mremap: " + std::string(std::strerror(errno)) + ")";
+    chunk = next;
+  }
+  return "";
+}
+
 struct LmHead {
   static constexpr const char* name = "LmHead";
   static constexpr size_t inputs = 2, outputs = 1, required_inputs = 2;
   static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo*, LmHead** out) {
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, LmHead** out) {
+    int is_constant = 0;
+    const OrtValue* w = nullptr;
+    if (OrtStatus* status = api->KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &w)) {
+      api->ReleaseStatus(status);  // w is then read where it is
+    } else if (is_constant && w) {
+      std::vector<int64_t> dims;
+      const float* data = nullptr;
+      TRTBUILD_RETURN_IF_ERROR(shape_of(api, w, dims));
+      TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(w, reinterpret_cast<const void**>(&data)));
+      const std::string error = move_to_huge_pages(data, data + element_count(dims));
+      if (!error.empty()) return op_error(api, name, error);
+    }
     *out = new LmHead{api};
     return nullptr;
   }
