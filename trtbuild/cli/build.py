@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm_head_plugin", default=enabled(d.plugin_config.lm_head_plugin), choices=["enable", "disable"],
                    help="gemm plugin, a float32 lm_head tied to the embedding table: trtbuild's kernel reads the "
                         "table where it lies instead of onnxruntime's packed copy of it (the table once less in "
-                        "memory, decode ~5%% slower; compiled on first use, needs g++)")
+                        "memory, 8-row decode ~5%% slower; compiled on first use, needs g++)")
     p.add_argument("--context_split_min_len", type=int, default=d.context_split_min_len,
                    help="attention plugin without --context_fmha: one prompt of min <= tokens < "
                         "--context_split_max_len attends in two causal halves, skipping a quarter of the score "
