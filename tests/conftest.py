@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from trtbuild.fsutil import dir_size
+from trtbuild.kernels import ISA_FLAGS
 
 from tiny_models import (PPL_TEXT, REPO, SHARED, TINY_ARCHS, TinyModels,  # noqa: F401 (for the tests)
                          make_tiny_model, make_tokenizer)
@@ -53,6 +54,13 @@ def _no_leftovers():
                 path.rmdir()
         else:
             path.unlink(missing_ok=True)
+
+
+@pytest.fixture(params=list(ISA_FLAGS))
+def isa(request) -> str:
+    """Each kernel test runs the library built for this machine and the AVX2 form (tiles of 8-float
+    vectors), which any x86-64 with AVX2 runs: an AVX-512 machine checks both."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

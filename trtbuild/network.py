@@ -32,6 +32,7 @@ from trtbuild.ranks import RankPlace
 
 if TYPE_CHECKING:
     from trtbuild.plugins.lora import LoraNetworkOptions
+    from trtbuild.quant_algo import QuantAlgo
 
 
 @dataclass
@@ -58,11 +59,15 @@ class NetworkOptions:
     lora: LoraNetworkOptions | None = None
 
 
-def quantize_lm_head(config: PretrainedConfig, options: "NetworkOptions") -> bool:
+def lm_head_in_int8(algo: QuantAlgo | None, quantize_lm_head: bool) -> bool:
     """Weight-only engines also read lm_head as int8 (unless built with --no_quantize_lm_head): at
     fp32 it would be the largest weight read per token (vocab x hidden), capping decode speed."""
-    algo = config.quantization.algo
-    return options.quantize_lm_head and algo is not None and algo.weight_only
+    return quantize_lm_head and algo is not None and algo.weight_only
+
+
+def quantize_lm_head(config: PretrainedConfig, options: "NetworkOptions") -> bool:
+    """lm_head_in_int8 for the checkpoint's quantization and the build's options."""
+    return lm_head_in_int8(config.quantization.algo, options.quantize_lm_head)
 
 
 EMBEDDING_BLOCK = 32  # the int8 vocabulary tables: one scale per 32 values of a row

@@ -13,7 +13,7 @@ from dataclasses import replace
 from trtbuild.checkpoint import PretrainedConfig
 from trtbuild.engine import DEFAULT_MAX_DRAFT_LEN, SPECULATIVE_MODES, BuildConfig, PluginConfig
 from trtbuild.errors import TrtbuildError
-from trtbuild.network import NetworkOptions
+from trtbuild.network import NetworkOptions, lm_head_in_int8
 from trtbuild.plugins.quant_gemm import accuracy_level
 from trtbuild.quant_algo import QuantAlgo
 
@@ -103,7 +103,7 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlg
         fmha = False
     per_token = (pc.smooth_quant_plugins and pc.gemm_plugin is not None and onnxruntime
                  and algo is not None and algo.per_token)
-    float_lm_head = not (build.quantize_lm_head and algo is not None and algo.weight_only)
+    float_lm_head = not lm_head_in_int8(algo, build.quantize_lm_head)
     # only a tied lm_head: there the packed copy is the embedding table twice for good; an untied
     # one's copy replaces its original after load, and Gemm decodes 8 rows faster (benchmarks/README.md)
     lm_head = (pc.lm_head_plugin and pc.gemm_plugin is not None and onnxruntime and float_lm_head

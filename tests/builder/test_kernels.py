@@ -22,13 +22,6 @@ def kernel_dir(module_tmp):
     return module_tmp
 
 
-@pytest.fixture(params=list(kernels.ISA_FLAGS))
-def isa(request) -> str:
-    """Each kernel test runs the library built for this machine and the AVX2 form (tiles of 8-float
-    vectors), which any x86-64 with AVX2 runs: an AVX-512 machine checks both."""
-    return request.param
-
-
 def rope_tables(positions: int, rotary_dim: int) -> tuple[np.ndarray, np.ndarray]:
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim))
     freqs = np.arange(positions)[:, None] * inv_freq[None, :]

@@ -17,11 +17,6 @@ from trtbuild.runtime import ModelRunner, SamplingConfig
 from conftest import op_types
 
 
-@pytest.fixture(params=list(kernels.ISA_FLAGS))
-def isa(request) -> str:
-    return request.param
-
-
 def lm_head_session(w: np.ndarray, tmp_path, isa: str, threads: int = 2) -> ort.InferenceSession:
     """One LmHead node whose weight is an initializer in an external data file, as in an engine."""
     vi = helper.make_tensor_value_info
