@@ -181,6 +181,7 @@ def test_pipeline_runs_from_the_wheel(installed):
     assert "kernels" not in build.stderr, build.stderr  # no "trtbuild's kernels: ...; onnxruntime's ops instead"
     plugins = json.loads((work / "engine" / "config.json").read_text())["build_config"]["plugin_config"]
     assert plugins["context_fmha"] is True, plugins  # the engine uses CausalPromptAttention
+    assert plugins["lm_head_plugin"] is True, plugins  # and LmHead (the tiny llama's lm_head is tied)
     assert list((root / "kernels").glob("libtrtbuild_kernels-*.so")), "the kernels were not compiled from the wheel"
 
     out = run([bin_ / "trtbuild-run", "--engine_dir", "engine", "--input_text", "The city council met on Monday",
