@@ -84,9 +84,28 @@ def accuracy_level(weight_only_activations: str) -> int:
     return ACCURACY_LEVELS[weight_only_activations]
 
 
+def nbits_matmul(g: GraphBuilder, inputs: list[str], name: str, k: int, n: int, bits: int, block: int,
+                 weight_only_activations: str = "int8", kernel: bool = False, weights_shared: bool = False) -> str:
+    """x times block-quantized weights: inputs (x, b, scales[, zero_points]) in MatMulNBits' layout
+    (docs/CONTRACTS.md), as onnxruntime's MatMulNBits or, with `kernel` (int8 activations only),
+    trtbuild's WeightOnlyQuantMatMul, which computes the same and decodes the weights once for all rows
+    of a step (trtbuild/kernels/weight_only_matmul.cc). `weights_shared`: another node reads b too (a
+    tied int8 embedding table), so the kernel keeps the file's copy of it resident."""
+    if kernel and block % 16 == 0:  # the kernel's blocks hold whole vectors of x (MatMulNBits' are 16, 32, ...)
+        if weight_only_activations != "int8":
+            raise TrtbuildError("trtbuild's WeightOnlyQuantMatMul computes with int8 activations only "
+                                f"(--weight_only_activations {weight_only_activations!r})")
+        return g.op("WeightOnlyQuantMatMul", inputs, domain="trtbuild", name=name + "/WeightOnlyQuantMatMul",
+                    K=k, N=n, bits=bits, block_size=block, weights_shared=int(weights_shared))
+    return g.op("MatMulNBits", inputs, domain="com.microsoft", name=name + "/MatMulNBits",
+                K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level(weight_only_activations))
+
+
 def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, bits: int,
-                       group_size: int, fused: bool, weight_only_activations: str = "int8") -> str:
-    """A weight-only linear: int8/int4 weights (per channel or per group, with zero points) times x."""
+                       group_size: int, fused: bool, weight_only_activations: str = "int8",
+                       kernel: bool = False) -> str:
+    """A weight-only linear: int8/int4 weights (per channel or per group, with zero points) times x
+    (`kernel`: as trtbuild's WeightOnlyQuantMatMul, see nbits_matmul)."""
     q, scale, zero = _weight_only_values(tensors, prefix, bits)
     n, k = q.shape
     groups = scale.shape[1]
@@ -111,9 +130,7 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
             # kernel is 2.2x faster at batch 1 (MLAS' asymmetric path reads and applies zero points)
             zp = _pack_int4(np.pad(zero, ((0, 0), (0, blocks % 2)))) if bits == 4 else zero
             inputs.append(g.weight(prefix + ".zero_points", np.ascontiguousarray(zp)))
-        return g.op("MatMulNBits", inputs, domain="com.microsoft", name=prefix + "/MatMulNBits",
-                    K=k, N=n, bits=bits, block_size=block,
-                    accuracy_level=accuracy_level(weight_only_activations))
+        return nbits_matmul(g, inputs, prefix, k, n, bits, block, weight_only_activations, kernel)
     # standard: DequantizeLinear along K of the [K, N] weight; symmetric int4 as signed values with no
     # zero point (the form TensorRT accepts), asymmetric as uint4/uint8 with zero points.
     values = q.T  # [K, N]
@@ -243,9 +260,9 @@ def smoothquant_swiglu_mlp(g: GraphBuilder, x: str, fc_gate: dict[str, np.ndarra
 
 def quantized_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
                      fused: bool, algo: QuantAlgo, group_size: int = 128, kernels: bool = False,
-                     weight_only_activations: str = "int8") -> str:
+                     weight_only_activations: str = "int8", weight_only_kernel: bool = False) -> str:
     """Lower one quantized linear holding `algo`'s weights."""
     if algo.weight_only:
         return weight_only_linear(g, x, tensors, prefix, algo.weight_bits, group_size, fused,
-                                  weight_only_activations)
+                                  weight_only_activations, weight_only_kernel)
     return smoothquant_linear(g, x, tensors, prefix, per_token=algo.per_token, fused=fused, kernels=kernels)

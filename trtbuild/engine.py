@@ -41,11 +41,17 @@ class PluginConfig:
     # twice in memory). trtbuild's own: TensorRT-LLM has no such flag. True in a built engine only if
     # it uses it.
     lm_head_plugin: bool = True
+    # gemm plugin, weight-only engines (and an int8 lm_head) with int8 activations: trtbuild's
+    # WeightOnlyQuantMatMul (trtbuild.kernels; TensorRT-LLM's weight_only_quant_matmul and
+    # weight_only_groupwise_quant_matmul plugins) computes what MatMulNBits does, decoding the weights
+    # once for every row of a step. True in a built engine only if it uses it.
+    weight_only_quant_matmul_plugin: bool = True
 
     @property
     def uses_kernels(self) -> bool:
         """The engine has trtbuild's own ops: the runtime registers trtbuild.kernels' library."""
-        return bool(self.context_fmha or self.smooth_quant_plugins or self.lm_head_plugin)
+        return bool(self.context_fmha or self.smooth_quant_plugins or self.lm_head_plugin
+                    or self.weight_only_quant_matmul_plugin)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_input
                                         prompt_condition)
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
-from trtbuild.plugins.quant_gemm import accuracy_level, smoothquant_swiglu_mlp, weight_only_linear
+from trtbuild.plugins.quant_gemm import nbits_matmul, smoothquant_swiglu_mlp, weight_only_linear
 from trtbuild.ranks import RankPlace
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class NetworkOptions:
     smooth_quant_kernels: bool = False
     # a float lm_head as trtbuild's LmHead op (no packed copy of the weight; float32, tied only)
     lm_head_kernel: bool = False
+    # weight-only GEMMs (and an int8 lm_head) as trtbuild's WeightOnlyQuantMatMul, not MatMulNBits
+    weight_only_kernel: bool = False
     quantize_lm_head: bool = True
     # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)
     weight_only_activations: str = "int8"
@@ -161,7 +163,7 @@ class LayerOps:
         o, g = self.options, self.g
         tensors, bias = self._bias_apart(prefix)
         y = linear(g, x, tensors, prefix, self.dtype, o.fused_gemm, self.config.quantization,
-                   o.smooth_quant_kernels, o.weight_only_activations)
+                   o.smooth_quant_kernels, o.weight_only_activations, o.weight_only_kernel)
         if self.lora_inputs is not None:
             y = o.lora.apply(g, x, y, prefix, self.lora_inputs)
         return self._reduced(y, prefix, bias)
@@ -192,7 +194,7 @@ class LayerOps:
         if merged is None:
             return [self.linear(x, prefix) for prefix in prefixes]
         y = linear(g, x, merged, name, self.dtype, o.fused_gemm, self.config.quantization, o.smooth_quant_kernels,
-                   o.weight_only_activations)
+                   o.weight_only_activations, o.weight_only_kernel)
         sizes = [np.asarray(self.tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
         ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
         if self.lora_inputs is not None:
@@ -347,13 +349,13 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             block = EMBEDDING_BLOCK if config.hidden_size % EMBEDDING_BLOCK == 0 else config.hidden_size
             q, scales = tied_table if tied_table is not None else int8_blocks(tensors[lm_head_name], block)
             if table is not None and tied_table is not None:  # the int8 embedding table, read once more
-                logits = g.op("MatMulNBits", [flat, table, g.weight("lm_head.scales", scales.astype(dtype))],
-                              domain="com.microsoft", name="lm_head/MatMulNBits", K=config.hidden_size,
-                              N=config.vocab_size, bits=8, block_size=EMBEDDING_BLOCK,
-                              accuracy_level=accuracy_level(options.weight_only_activations))
+                logits = nbits_matmul(g, [flat, table, g.weight("lm_head.scales", scales.astype(dtype))], "lm_head",
+                                      config.hidden_size, config.vocab_size, 8, EMBEDDING_BLOCK,
+                                      options.weight_only_activations, options.weight_only_kernel, weights_shared=True)
             else:
                 logits = weight_only_linear(g, flat, {"lm_head.weight": q, "lm_head.weights_scaling_factor": scales},
-                                            "lm_head", 8, block, options.fused_gemm, options.weight_only_activations)
+                                            "lm_head", 8, block, options.fused_gemm, options.weight_only_activations,
+                                            options.weight_only_kernel)
         else:
             lm_head = embedding if config.tie_word_embeddings else ops.w("lm_head.weight")
             logits = (g.op("LmHead", [flat, lm_head], domain="trtbuild", name="lm_head") if options.lm_head_kernel

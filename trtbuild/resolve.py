@@ -90,9 +90,10 @@ def resolve_plugins(config: PretrainedConfig, build: BuildConfig) -> BuildConfig
 
 def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlgo | None) -> PluginConfig:
     """Which of trtbuild's own kernels the network uses, given the linears' final quant_algo
-    (context_fmha / smooth_quant_plugins / lm_head_plugin stay True only if used): a prompt into an
-    empty cache runs CausalPromptAttention where it applies; W8A8 per token quantizes with
-    PerTokenQuantize; a tied float32 lm_head runs LmHead."""
+    (context_fmha / smooth_quant_plugins / lm_head_plugin / weight_only_quant_matmul_plugin stay True
+    only if used): a prompt into an empty cache runs CausalPromptAttention where it applies; W8A8 per
+    token quantizes with PerTokenQuantize; a tied float32 lm_head runs LmHead; weight-only linears
+    and an int8 lm_head with int8 activations run WeightOnlyQuantMatMul."""
     from trtbuild.kernels import FMHA_HEAD_SIZES, KernelUnavailable, library_path
 
     pc = build.plugin_config
@@ -108,13 +109,17 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlg
     # one's copy replaces its original after load, and Gemm decodes 8 rows faster (benchmarks/README.md)
     lm_head = (pc.lm_head_plugin and pc.gemm_plugin is not None and onnxruntime and float_lm_head
                and build.compute_dtype == "float32" and config.tie_word_embeddings)
-    if fmha or per_token or lm_head:
+    weight_only = (pc.weight_only_quant_matmul_plugin and pc.gemm_plugin is not None and onnxruntime
+                   and build.weight_only_activations == "int8" and algo is not None
+                   and (algo.weight_only or lm_head_in_int8(algo, build.quantize_lm_head)))
+    if fmha or per_token or lm_head or weight_only:
         try:
             library_path()
         except KernelUnavailable as e:
             log.warning("trtbuild's kernels: %s; the engine uses onnxruntime's ops instead", e)
-            fmha = per_token = lm_head = False
-    return replace(pc, context_fmha=bool(fmha), smooth_quant_plugins=bool(per_token), lm_head_plugin=bool(lm_head))
+            fmha = per_token = lm_head = weight_only = False
+    return replace(pc, context_fmha=bool(fmha), smooth_quant_plugins=bool(per_token), lm_head_plugin=bool(lm_head),
+                   weight_only_quant_matmul_plugin=bool(weight_only))
 
 
 def resolve_build(config: PretrainedConfig, build: BuildConfig, algo: QuantAlgo | None) -> BuildConfig:
@@ -137,5 +142,6 @@ def network_options(build: BuildConfig) -> NetworkOptions:
                           max_seq_len=build.max_seq_len, quantize_lm_head=build.quantize_lm_head,
                           weight_only_activations=build.weight_only_activations, context_split=split,
                           smooth_quant_kernels=pc.smooth_quant_plugins, lm_head_kernel=pc.lm_head_plugin,
+                          weight_only_kernel=pc.weight_only_quant_matmul_plugin,
                           prompt_attention="fmha" if pc.context_fmha else
                           ("split" if fused_attention and 0 < lo < hi else None))

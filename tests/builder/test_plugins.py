@@ -157,13 +157,13 @@ def test_per_token_int8_linear_zero_row_and_shared_zero_point(tmp_path):
         np.testing.assert_allclose(fused_y, standard_y, rtol=0, atol=4 * step)
 
 
-def _matmulnbits_attrs(engine_dir) -> list[dict]:
+def _matmulnbits_attrs(engine_dir, op_type: str = "MatMulNBits") -> list[dict]:
     graph = onnx.load(str(engine_dir / "rank0.engine"), load_external_data=False).graph
     nodes = []
 
     def walk(g):
         for node in g.node:
-            if node.op_type == "MatMulNBits":
+            if node.op_type == op_type:
                 nodes.append({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
@@ -178,20 +178,23 @@ def test_weight_only_activations_float_is_exact(recipe, tiny_models, engines):
     the standard DequantizeLinear → MatMul form to float rounding, fused by the gemm plugin, fused
     by onnxruntime from the standard form, and unfused (the standard form in the attention plugin's
     prompt branch, where onnxruntime cannot fuse it). The default quantizes activations per block of
-    32 (per-channel weights) or of the group."""
+    32 (per-channel weights) or of the group, in trtbuild's WeightOnlyQuantMatMul or (its flag off)
+    in MatMulNBits at accuracy_level 4."""
     dirs = {}
     for name, gemm, attention, activations in (("fused", "auto", "auto", "float"), ("standard", "disable", "disable", "float"),
                                                ("standard_in_branch", "disable", "auto", "float"),
-                                               ("default", "auto", "auto", "int8")):
-        plugins = PluginConfig(gemm_plugin=gemm, gpt_attention_plugin=attention, norm_plugin=attention)
+                                               ("default", "auto", "auto", "int8"), ("kernel", "auto", "auto", "int8")):
+        plugins = PluginConfig(gemm_plugin=gemm, gpt_attention_plugin=attention, norm_plugin=attention,
+                               weight_only_quant_matmul_plugin=name == "kernel")
         build = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, plugin_config=plugins,
                             weight_only_activations=activations)
         dirs[name] = engines.engine(tiny_models["llama"], build, quant=RECIPES[recipe], keep_onnx=name == "standard")
     levels = {name: {a["accuracy_level"] for a in _matmulnbits_attrs(d)} for name, d in dirs.items()}
     assert levels["fused"] == levels["standard"] == {0} and levels["default"] == {4}, levels
-    assert levels["standard_in_branch"] <= {0}, levels
-    blocks = {a["block_size"] for a in _matmulnbits_attrs(dirs["default"]) if a["K"] >= 32}
-    assert blocks == {32}, blocks
+    assert levels["standard_in_branch"] <= {0} and levels["kernel"] == set(), levels
+    for name, op_type in (("default", "MatMulNBits"), ("kernel", "WeightOnlyQuantMatMul")):
+        blocks = {a["block_size"] for a in _matmulnbits_attrs(dirs[name], op_type) if a["K"] >= 32}
+        assert blocks == {32}, (name, blocks)
     reference = unoptimized_runner(dirs["standard"]).score(PROMPTS)
     for name in ("fused", "standard", "standard_in_branch"):
         scores = ModelRunner.from_dir(dirs[name], num_threads=1).score(PROMPTS)
@@ -212,15 +215,18 @@ def test_bad_weight_only_activations_named(tiny_models, engines, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "llama3"])  # tied, untied lm_head
 def test_weight_only_engines_store_the_vocabulary_table_in_int8_once(arch, tiny_models, engines):
     """A weight-only engine gathers its embeddings from an int8 table (GatherBlockQuantized) that a
-    tied lm_head reads too (MatMulNBits on the same initializer); no float table is left."""
+    tied lm_head reads too (WeightOnlyQuantMatMul on the same initializer, which it then leaves in
+    place for the Gather); no float table is left."""
     engine = engines.engine(tiny_models[arch], BuildConfig(max_batch_size=2, max_input_len=32, max_seq_len=64),
                             quant=RECIPES["w4a16"])
     model = onnx.load(str(engine / "rank0.engine"), load_external_data=False)
     nodes = {n.name or n.output[0]: n for n in model.graph.node}
     gather = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
-    lm_head = nodes["lm_head/MatMulNBits"]
+    lm_head = nodes["lm_head/WeightOnlyQuantMatMul"]
     assert len(gather) == 1 and gather[0].input[0] == "transformer.vocab_embedding.qweight"
     tied = arch == "llama"
     assert (lm_head.input[1] == gather[0].input[0]) == tied, (lm_head.input, gather[0].input)
+    shared = {a.name: onnx.helper.get_attribute_value(a) for a in lm_head.attribute}["weights_shared"]
+    assert shared == int(tied), shared
     names = {i.name for i in model.graph.initializer}
     assert "transformer.vocab_embedding.weight" not in names and "lm_head.weight" not in names

@@ -99,8 +99,12 @@ RUN_GRAPH = textwrap.dedent("""
     import numpy as np
     import onnxruntime as ort
 
+    from trtbuild import kernels
+
     model, inputs, out = sys.argv[1:4]
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    kernels.register(so)  # the form for the CPU this process sees (AVX2 under qemu's Haswell)
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     feeds = dict(np.load(inputs))
     names = [o.name for o in session.get_outputs()]
     np.savez(out, **dict(zip(names, session.run(None, feeds))))
@@ -108,8 +112,9 @@ RUN_GRAPH = textwrap.dedent("""
 
 
 def _weight_only_model(path, shapes: dict[str, tuple[int, int, int]], rng) -> dict[str, np.ndarray]:
-    """One MatMulNBits per (in_features, out_features, bits) at accuracy_level 4 (int8 activations in
-    blocks of 32), with a model's outlier input channels; returns the feeds (1 row and 128 rows)."""
+    """Per (in_features, out_features, bits) one MatMulNBits at accuracy_level 4 (int8 activations in
+    blocks of 32) and one trtbuild WeightOnlyQuantMatMul (the same, the engines' default), with a
+    model's outlier input channels; returns the feeds (1, 8 and 128 rows)."""
     from onnx import TensorProto
 
     from trtbuild.onnx_graph import GraphBuilder
@@ -121,13 +126,14 @@ def _weight_only_model(path, shapes: dict[str, tuple[int, int, int]], rng) -> di
         q = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
         tensors = {f"{name}.weight": _pack_int4(q) if bits == 4 else q,
                    f"{name}.weights_scaling_factor": (rng.random((n, 1)) * 0.02 + 0.001).astype(np.float32)}
-        for rows in (1, 128):
+        for rows in (1, 8, 128):
             x = g.input(f"{name}_x{rows}", TensorProto.FLOAT, [rows, k])
-            prefix = f"{name}_{rows}"  # weights are named by prefix: one copy per input
-            y = weight_only_linear(g, x, {key.replace(name, prefix): v for key, v in tensors.items()},
-                                   prefix, bits, 128, fused=True)
-            g.op("Identity", [y], outputs=[f"{name}_y{rows}"])
-            g.output(f"{name}_y{rows}", TensorProto.FLOAT, [rows, n])
+            for kernel in (False, True):
+                prefix = f"{name}_{rows}{'_kernel' * kernel}"  # weights are named by prefix: one copy per node
+                y = weight_only_linear(g, x, {key.replace(name, prefix): v for key, v in tensors.items()},
+                                       prefix, bits, 128, fused=True, kernel=kernel)
+                g.op("Identity", [y], outputs=[f"{prefix}_y"])
+                g.output(f"{prefix}_y", TensorProto.FLOAT, [rows, n])
             value = rng.standard_normal((rows, k)).astype(np.float32)
             value[:, rng.choice(k, 4, replace=False)] *= 40  # outlier channels, as real residual streams have
             value[0] *= 8  # an attention-sink row
@@ -138,9 +144,9 @@ def _weight_only_model(path, shapes: dict[str, tuple[int, int, int]], rng) -> di
 
 
 def test_an_avx2_cpu_runs_weight_only_gemms_at_model_shapes_alike(tmp_path):
-    """The tiny engines above have K of 64: MatMulNBits' int8-activation kernels at a real model's
-    K and N (SmolLM2's 576 and 1536 in, 3072 out), 8- and 4-bit, must give the AVX2 CPU what they
-    give this one. (A whole real engine cannot be compared so: rounding activations to int8 makes it
+    """The tiny engines above have K of 64: MatMulNBits' and trtbuild's int8-activation kernels at a
+    real model's K and N (SmolLM2's 576 and 1536 in, 3072 out), 8- and 4-bit, must give the AVX2 CPU
+    what they give this one. (A whole real engine cannot be compared so: rounding activations to int8 makes it
     jump at float noise, so two exact attention forms on one CPU already differ by 0.15 in logits.)"""
     assert QEMU is not None, "qemu-user is needed to check the AVX2 CPU (apt-get install qemu-user)"
     rng = np.random.default_rng(0)

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gemm plugin, a float32 lm_head tied to the embedding table: trtbuild's kernel reads the "
                         "table where it lies instead of onnxruntime's packed copy of it (the table once less in "
                         "memory, 8-row decode ~5%% slower; compiled on first use, needs g++)")
+    p.add_argument("--weight_only_quant_matmul_plugin", default=enabled(d.plugin_config.weight_only_quant_matmul_plugin),
+                   choices=["enable", "disable"],
+                   help="gemm plugin, weight-only engines with int8 activations: trtbuild's kernel multiplies "
+                        "every row of a step with weights decoded once (onnxruntime's MatMulNBits decodes them "
+                        "again for each row; the same results); compiled on first use, needs g++")
     p.add_argument("--context_split_min_len", type=int, default=d.context_split_min_len,
                    help="attention plugin without --context_fmha: one prompt of min <= tokens < "
                         "--context_split_max_len attends in two causal halves, skipping a quarter of the score "
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                                    norm_plugin=args.norm_plugin, context_fmha=args.context_fmha == "enable",
                                    smooth_quant_plugins=args.smooth_quant_plugins == "enable",
                                    lm_head_plugin=args.lm_head_plugin == "enable",
+                                   weight_only_quant_matmul_plugin=args.weight_only_quant_matmul_plugin == "enable",
                                    lora_plugin=args.lora_plugin),
         lora_config=LoraConfig(lora_dir=args.lora_dir, max_lora_rank=args.max_lora_rank,
                                lora_target_modules=args.lora_target_modules, max_loras=args.max_loras),

@@ -6,7 +6,8 @@ cached by source, compiler and CPU in `$TRTBUILD_KERNEL_DIR` (default ~/.cache/t
 Ops (domain "trtbuild"): CausalPromptAttention (causal_attention.cc), the attention plugin's
 context_fmha; PerTokenQuantize and SwiGLUQuantize (per_token_quant.cc), the gemm plugin's
 smooth_quant_plugins for W8A8 per token; LmHead (lm_head.cc), a tied float32 lm_head without onnxruntime's
-packed copy of the embedding table (lm_head_plugin); AllReduce and AllGather (collectives.cc), the
+packed copy of the embedding table (lm_head_plugin); WeightOnlyQuantMatMul (weight_only_matmul.cc),
+weight-only linears with weights decoded once for every row (weight_only_quant_matmul_plugin); AllReduce and AllGather (collectives.cc), the
 collectives of a tensor-parallel rank's engine. An engine that uses them records those plugin flags
 (`PluginConfig.uses_kernels`); the runtime then registers the library with its session (`register`).
 """
@@ -29,7 +30,8 @@ from trtbuild.errors import TrtbuildError
 
 DOMAIN = "trtbuild"
 KERNEL_DIR_ENV = "TRTBUILD_KERNEL_DIR"
-SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc", "collectives.cc", "lm_head.cc")
+SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc", "collectives.cc", "lm_head.cc",
+           "weight_only_matmul.cc")
 # head sizes CausalPromptAttention is compiled for (attend_for in causal_attention.cc)
 FMHA_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 _HERE = Path(__file__).resolve().parent

@@ -23,6 +23,7 @@
 #include <tuple>
 #include <utility>
 
+#include "file_pages.h"
 #include "ort_op.h"
 
 namespace trtbuild {
@@ -136,23 +137,6 @@ void batch_task(void* data, size_t b) {
   const Batches& batches = *static_cast<const Batches*>(data);
   const int64_t first = (int64_t)b * batches.per_batch;
   for (int64_t i = first; i < std::min(batches.p->items, first + batches.per_batch); ++i) item_task(*batches.p, i);
-}
-
-// Whether [begin, end) lies in one private mapping of a file (how onnxruntime maps an engine's
-// external data): its pages can be dropped and come back from the file when touched again.
-bool in_private_file_mapping(const void* begin, const void* end) {
-  FILE* maps = std::fopen("/proc/self/maps", "r");
-  if (!maps) return false;
-  char line[4096];
-  bool found = false;
-  while (!found && std::fgets(line, sizeof line, maps)) {
-    unsigned long lo, hi, offset, inode;
-    char perms[8], dev[16], path[4000] = "";
-    if (std::sscanf(line, "%lx-%lx %7s %lx %15s %lu %3999s", &lo, &hi, perms, &offset, dev, &inode, path) < 6) continue;
-    found = lo <= (uintptr_t)begin && (uintptr_t)end <= hi && perms[3] == 'p' && inode != 0 && path[0] == '/';
-  }
-  std::fclose(maps);
-  return found;
 }
 
 // Moves the pages of [begin, end) that lie wholly inside it from onnxruntime's private mapping of

@@ -147,5 +147,6 @@ const OrtCustomOp* all_gather_op();
 const OrtCustomOp* pipeline_send_op();
 const OrtCustomOp* pipeline_recv_op();
 const OrtCustomOp* lm_head_op();
+const OrtCustomOp* weight_only_quant_matmul_op();
 
 }  // namespace trtbuild

@@ -13,7 +13,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
                                 trtbuild::per_token_quantize_op(), trtbuild::swiglu_quantize_op(),
                                 trtbuild::all_reduce_op(), trtbuild::all_gather_op(),
                                 trtbuild::pipeline_send_op(), trtbuild::pipeline_recv_op(),
-                                trtbuild::lm_head_op()})
+                                trtbuild::lm_head_op(), trtbuild::weight_only_quant_matmul_op()})
     TRTBUILD_RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, op));
   return api->AddCustomOpDomain(options, domain);
 }

@@ -162,9 +162,10 @@ class ModelRunner:
                                    kernels=bc.plugin_config.uses_kernels or world is not None)
         except KernelUnavailable as e:
             raise TrtbuildError(f"{engine_path} runs trtbuild's own kernels (built with --context_fmha / "
-                                f"--smooth_quant_plugins / --lm_head_plugin), which cannot be built on this machine: "
-                                f"{e}. Rebuild the engine with --context_fmha disable --smooth_quant_plugins disable "
-                                "--lm_head_plugin disable") from None
+                                f"--smooth_quant_plugins / --lm_head_plugin / --weight_only_quant_matmul_plugin), which "
+                                f"cannot be built on this machine: {e}. Rebuild the engine with --context_fmha disable "
+                                "--smooth_quant_plugins disable --lm_head_plugin disable "
+                                "--weight_only_quant_matmul_plugin disable") from None
         except TrtbuildError:
             raise
         except Exception as e:  # onnxruntime raises its own types for damaged files

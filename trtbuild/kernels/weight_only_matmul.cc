@@ -1,0 +1,435 @@
+// Weight-only quantized linear layers (TensorRT-LLM's weight_only_quant_matmul and
+// weight_only_groupwise_quant_matmul plugins), computed in int8 on the CPU:
+//
+// trtbuild::WeightOnlyQuantMatMul(x [..., K] float, b [N, blocks, block_size * bits / 8] uint8,
+//     scales [N, blocks] float, zero_points uint8 optional) -> y [..., N] float
+//   attributes K, N, bits (4 or 8), block_size (a multiple of 8), weights_shared (0 or 1)
+//
+// The inputs and their layout are onnxruntime's MatMulNBits' (docs/CONTRACTS.md): w[n, k] is the
+// k-th value of row n of b (int4: low nibble first), unsigned, with zero point zero_points[n, k /
+// block_size] (int4: two to a byte, low nibble first; without the input 2^(bits-1)), and
+//   y[m, n] = Σ_b scales[n, b] · sa[m, b] · Σ_{k in block b} (w[n, k] - z[n, b]) · q[m, k]
+// where q[m, k] is x quantized to int8 per block of K (sa = max|x| / 127 over the block, rounded
+// half to even): what MatMulNBits computes at accuracy_level 4.
+//
+// Why not MatMulNBits: its kernel (MLAS) multiplies the weights with each row of x anew, so a batch
+// of 8 decode rows costs 3-4x one row. Here the weights are repacked once, at load, into panels of
+// kPanel outputs with 4 consecutive values of K per output in each 32-bit lane: one instruction
+// multiplies kPanel outputs by 4 of K with 4 bytes of x broadcast (VNNI's vpdpbusd, or vpmaddubsw +
+// vpmaddwd without it), and weights decoded once serve every row of a tile (up to 8). The file's
+// pages of b are then dropped (file_pages.h): memory holds the packed copy only, as with MatMulNBits'
+// own prepacking. With weights_shared (a tied int8 embedding table, which a Gather reads too) they
+// stay.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "file_pages.h"
+#include "ort_op.h"
+
+namespace trtbuild {
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int kPanel = 16;  // outputs per panel: int32 lanes of a vector
+constexpr int kMaxTileRows = 8;
+typedef __m512i vint;
+typedef __m512 vflt;
+inline vint load_bytes(const void* p) { return _mm512_loadu_si512(p); }
+inline vint splat_bytes(uint8_t b) { return _mm512_set1_epi8((char)b); }
+inline vint splat32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline vint shift_right4(vint v) { return _mm512_srli_epi16(v, 4); }
+inline vint bit_and(vint a, vint b) { return _mm512_and_si512(a, b); }
+inline vint add32(vint a, vint b) { return _mm512_add_epi32(a, b); }
+inline vflt to_float(vint v) { return _mm512_cvtepi32_ps(v); }
+inline vflt load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline void store_floats(float* p, vflt v, int n) {
+  if (n == kPanel) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v);
+}
+#if defined(__AVX512VNNI__)
+constexpr bool kDpbusd = true;
+inline vint dot4(vint acc, vint w, vint a) { return _mm512_dpbusd_epi32(acc, w, a); }
+#else
+constexpr bool kDpbusd = false;
+inline vint dot4(vint acc, vint w, vint a) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1)));
+}
+#endif
+// |w| · (a with w's sign): vpmaddubsw's pairs of u8 x s8 then stay within int16 for s8 weights
+inline vint signed_operands(vint w, vint& a) {
+  a = _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), _mm512_setzero_si512(), a);
+  return _mm512_abs_epi8(w);
+}
+#else
+constexpr int kPanel = 8;
+constexpr int kMaxTileRows = 4;
+typedef __m256i vint;
+typedef __m256 vflt;
+inline vint load_bytes(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline vint splat_bytes(uint8_t b) { return _mm256_set1_epi8((char)b); }
+inline vint splat32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+inline vint shift_right4(vint v) { return _mm256_srli_epi16(v, 4); }
+inline vint bit_and(vint a, vint b) { return _mm256_and_si256(a, b); }
+inline vint add32(vint a, vint b) { return _mm256_add_epi32(a, b); }
+inline vflt to_float(vint v) { return _mm256_cvtepi32_ps(v); }
+inline vflt load_floats(const float* p) { return _mm256_loadu_ps(p); }
+inline void store_floats(float* p, vflt v, int n) {
+  if (n == kPanel) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    float lanes[kPanel];
+    _mm256_storeu_ps(lanes, v);
+    std::memcpy(p, lanes, n * sizeof(float));
+  }
+}
+#if defined(__AVXVNNI__)
+constexpr bool kDpbusd = true;
+inline vint dot4(vint acc, vint w, vint a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
+#else
+constexpr bool kDpbusd = false;
+inline vint dot4(vint acc, vint w, vint a) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+}
+#endif
+inline vint signed_operands(vint w, vint& a) {
+  a = _mm256_sign_epi8(a, w);
+  return _mm256_abs_epi8(w);
+}
+#endif
+
+// int8 weights are stored unsigned where vpdpbusd multiplies them (u8 x s8 in int32); without it,
+// vpmaddubsw's int16 pairs would overflow at 255 x 127 x 2, so they are stored signed (w - 128) and
+// multiplied as |w| by x with w's sign (at most 128 x 127 x 2).
+constexpr bool kSignedInt8 = !kDpbusd;
+
+// The weights in panels: panel p holds outputs p·kPanel ... p·kPanel + kPanel - 1 (zeros past N).
+// int4: 8 values of K per lane in kPanel·4 bytes (lane j's 4 bytes: values k..k+3 in the low
+// nibbles, k+4..k+7 in the high ones); int8: 4 values per lane. Scales and zero points (as float,
+// less the offset the stored values carry) per panel and block, kPanel floats each.
+struct Packed {
+  int64_t K = 0, N = 0, bits = 0, block = 0, blocks = 0, k_padded = 0, panels = 0;
+  std::vector<uint8_t> weights;  // [panels][k_padded / 4][kPanel][4] bytes (int4: two values a byte)
+  std::vector<float> scales, zeros;  // [panels][blocks][kPanel]
+
+  int64_t panel_bytes() const { return k_padded * kPanel * bits / 8; }
+};
+
+// The activations of a call, quantized: q[m][k_padded] (zeros past K), per row and block the scale
+// and Σq.
+struct Quantized {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+};
+
+// The product rounded to float, then to the nearest integer (half to even), as MLAS quantizes: a
+// multiply-add rounding would differ in rare ties, and a value one off moves an output by a step.
+inline vi round_to_int(vf product) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtps_epi32((__m512)product);
+#else
+  return (vi)_mm256_cvtps_epi32((__m256)product);
+#endif
+}
+
+void quantize_rows(const float* x, int64_t rows, const Packed& w, int8_t* q, float* scale, float* sum) {
+  std::vector<float> padded(w.k_padded, 0.0f);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* row = x + m * w.K;
+    if (w.k_padded != w.K) {  // the last block is partial: zeros after K
+      std::memcpy(padded.data(), row, w.K * sizeof(float));
+      row = padded.data();
+    }
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      const float* xb = row + b * w.block;
+      vf amax = {};
+      for (int64_t k = 0; k < w.block; k += kLanes) {
+        const vf v = load(xb + k);
+        const vf a = v < 0.0f ? -v : v;
+        amax = a > amax ? a : amax;
+      }
+      const float s = hmax(amax) / 127.0f, inverse = s > 0.0f ? 1.0f / s : 0.0f;
+      vi total = {};
+      int8_t* qb = q + m * w.k_padded + b * w.block;
+      for (int64_t k = 0; k < w.block; k += kLanes) {
+        const vi v = round_to_int(load(xb + k) * inverse);
+        total += v;
+        typedef int8_t vi8 __attribute__((vector_size(kLanes)));
+        const vi8 bytes = __builtin_convertvector(v, vi8);
+        std::memcpy(qb + k, &bytes, kLanes);
+      }
+      int32_t t = 0;
+      for (int i = 0; i < kLanes; ++i) t += total[i];
+      scale[m * w.blocks + b] = s;
+      sum[m * w.blocks + b] = (float)t;
+    }
+  }
+}
+
+// y[m][n] for MR rows of q (from row m0) and the outputs of panel p (n columns written), BITS-bit
+// weights.
+template <int BITS, int MR>
+void tile(const Packed& w, int64_t p, const Quantized& a, int64_t m0, float* y, int64_t ldy, int n) {
+  const uint8_t* wp = w.weights.data() + p * w.panel_bytes();
+  const float* sp = w.scales.data() + p * w.blocks * kPanel;
+  const float* zp = w.zeros.data() + p * w.blocks * kPanel;
+  const int8_t* q[MR];
+  for (int m = 0; m < MR; ++m) q[m] = a.q.data() + (m0 + m) * w.k_padded;
+  const vint low = splat_bytes(0x0F);
+  vflt out[MR];
+  for (int m = 0; m < MR; ++m) out[m] = vflt{};
+  // Few rows: the two halves of each group of 8 accumulate apart, so that each chain of dependent
+  // multiply-adds is half as long (one row with one chain ran at its latency, not its throughput).
+  constexpr int kChains = MR * 2 <= kMaxTileRows ? 2 : 1;
+  for (int64_t b = 0, k = 0; b < w.blocks; ++b) {
+    vint acc[kChains][MR];
+    for (int c = 0; c < kChains; ++c)
+      for (int m = 0; m < MR; ++m) acc[c][m] = vint{};
+    for (const int64_t end = k + w.block; k < end; k += 8) {
+      vint w0, w1;
+      if constexpr (BITS == 4) {
+        const vint raw = load_bytes(wp);
+        w0 = bit_and(raw, low);
+        w1 = bit_and(shift_right4(raw), low);
+        wp += kPanel * 4;
+      } else {
+        w0 = load_bytes(wp);
+        w1 = load_bytes(wp + kPanel * 4);
+        wp += kPanel * 8;
+      }
+      for (int m = 0; m < MR; ++m) {
+        vint a0 = splat32(q[m] + k), a1 = splat32(q[m] + k + 4), u0 = w0, u1 = w1;
+        if constexpr (BITS == 8 && kSignedInt8) {
+          u0 = signed_operands(w0, a0);
+          u1 = signed_operands(w1, a1);
+        }
+        acc[0][m] = dot4(acc[0][m], u0, a0);
+        acc[kChains - 1][m] = dot4(acc[kChains - 1][m], u1, a1);
+      }
+    }
+    const vflt scale = load_floats(sp + b * kPanel), zero = load_floats(zp + b * kPanel);
+    for (int m = 0; m < MR; ++m) {
+      const int64_t i = (m0 + m) * w.blocks + b;
+      vint total = acc[0][m];
+      if constexpr (kChains == 2) total = add32(total, acc[1][m]);
+      out[m] += (to_float(total) - zero * a.sum[i]) * (scale * a.scale[i]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) store_floats(y + (m0 + m) * ldy, out[m], n);
+}
+
+using TileFn = void (*)(const Packed&, int64_t, const Quantized&, int64_t, float*, int64_t, int);
+
+template <int BITS>
+TileFn tile_for(int rows) {
+  static const TileFn table[8] = {tile<BITS, 1>, tile<BITS, 2>, tile<BITS, 3>, tile<BITS, 4>,
+                                  tile<BITS, 5>, tile<BITS, 6>, tile<BITS, 7>, tile<BITS, 8>};
+  return table[std::min(rows, kMaxTileRows) - 1];
+}
+
+constexpr int64_t kRowBlockBytes = 256 << 10;  // quantized rows a work item keeps in cache
+constexpr int64_t kQuantizeWork = 1 << 15;     // elements a quantizing task handles at least
+constexpr size_t kMaxBatches = 64;             // work items grouped for the thread pool
+
+struct Call {
+  const Packed* w;
+  const float* x;
+  float* y;
+  int64_t M, row_block, items, per_batch, rows_per_task;
+  Quantized a;
+};
+
+void quantize_task(void* data, size_t t) {
+  Call& c = *static_cast<Call*>(data);
+  const int64_t m0 = (int64_t)t * c.rows_per_task, rows = std::min(c.M - m0, c.rows_per_task);
+  quantize_rows(c.x + m0 * c.w->K, rows, *c.w, c.a.q.data() + m0 * c.w->k_padded, c.a.scale.data() + m0 * c.w->blocks,
+                c.a.sum.data() + m0 * c.w->blocks);
+}
+
+// Work items run row block by row block (a thread's consecutive items share its quantized rows),
+// each item one panel of outputs over one block of rows.
+void batch_task(void* data, size_t batch) {
+  const Call& c = *static_cast<const Call*>(data);
+  const Packed& w = *c.w;
+  for (int64_t item = (int64_t)batch * c.per_batch; item < std::min(c.items, ((int64_t)batch + 1) * c.per_batch); ++item) {
+    const int64_t p = item % w.panels, m0 = item / w.panels * c.row_block;
+    const int64_t m1 = std::min(c.M, m0 + c.row_block);
+    const int n = (int)std::min<int64_t>(kPanel, w.N - p * kPanel);
+    for (int64_t m = m0; m < m1; m += kMaxTileRows) {
+      const int rows = (int)std::min<int64_t>(kMaxTileRows, m1 - m);
+      (w.bits == 4 ? tile_for<4>(rows) : tile_for<8>(rows))(w, p, c.a, m, c.y + p * kPanel, w.N, n);
+    }
+  }
+}
+
+// The value at (n, k) of MatMulNBits' b and the zero point of (n, block).
+inline int weight_value(const uint8_t* b, int64_t bits, int64_t k_padded, int64_t n, int64_t k) {
+  if (bits == 8) return b[n * k_padded + k];
+  return (b[(n * k_padded + k) / 2] >> (4 * (k % 2))) & 0x0F;
+}
+
+inline int zero_value(const uint8_t* z, int64_t bits, int64_t blocks, int64_t n, int64_t block) {
+  if (!z) return 1 << (bits - 1);
+  if (bits == 8) return z[n * blocks + block];
+  return (z[n * ((blocks + 1) / 2) + block / 2] >> (4 * (block % 2))) & 0x0F;
+}
+
+void pack(const uint8_t* b, const float* scales, const uint8_t* z, Packed& w) {
+  const int64_t offset = w.bits == 8 && kSignedInt8 ? 128 : 0;  // what the stored values carry
+  w.weights.assign(w.panels * w.panel_bytes(), 0);
+  w.scales.assign(w.panels * w.blocks * kPanel, 0.0f);
+  w.zeros.assign(w.panels * w.blocks * kPanel, 0.0f);
+  for (int64_t p = 0; p < w.panels; ++p) {
+    uint8_t* dst = w.weights.data() + p * w.panel_bytes();
+    for (int j = 0; j < kPanel && p * kPanel + j < w.N; ++j) {
+      const int64_t n = p * kPanel + j;
+      for (int64_t k = 0; k < w.k_padded; ++k) {
+        const int v = weight_value(b, w.bits, w.k_padded, n, k);
+        if (w.bits == 4) {  // group of 8: lane j's byte i holds k = 8g + i (low) and 8g + 4 + i (high)
+          const int64_t g = k / 8, i = k % 4;
+          dst[(g * kPanel + j) * 4 + i] |= (uint8_t)(v << (k % 8 >= 4 ? 4 : 0));
+        } else {
+          dst[(k / 4 * kPanel + j) * 4 + k % 4] = (uint8_t)(v - offset);
+        }
+      }
+      for (int64_t blk = 0; blk < w.blocks; ++blk) {
+        w.scales[(p * w.blocks + blk) * kPanel + j] = scales[n * w.blocks + blk];
+        w.zeros[(p * w.blocks + blk) * kPanel + j] = (float)(zero_value(z, w.bits, w.blocks, n, blk) - offset);
+      }
+    }
+  }
+}
+
+struct WeightOnlyQuantMatMul {
+  static constexpr const char* name = "WeightOnlyQuantMatMul";
+  static constexpr size_t inputs = 4, outputs = 1, required_inputs = 3;
+  static ONNXTensorElementDataType input_type(size_t i) {
+    return i == 1 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  static ONNXTensorElementDataType output_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  static OrtStatus* attribute(const OrtApi* api, const OrtKernelInfo* info, const char* key, int64_t& value,
+                              bool required = true) {
+    if (OrtStatus* s = api->KernelInfoGetAttribute_int64(info, key, &value)) {
+      api->ReleaseStatus(s);
+      if (required) return op_error(api, name, std::string("attribute ") + key + " is missing");
+    }
+    return nullptr;
+  }
+
+  // input i as a constant (an initializer), its data and element count; nullptr data when absent
+  static OrtStatus* constant(const OrtApi* api, const OrtKernelInfo* info, size_t i, const char* what,
+                             const void** data, int64_t* count) {
+    *data = nullptr;
+    *count = 0;
+    int is_constant = 0;
+    const OrtValue* v = nullptr;
+    if (OrtStatus* s = api->KernelInfoGetConstantInput_tensor(info, i, &is_constant, &v)) {
+      api->ReleaseStatus(s);
+      is_constant = 0;
+    }
+    if (!is_constant || !v) {
+      if (i == 3) return nullptr;  // no zero points
+      return op_error(api, name, std::string(what) + " must be an initializer (the weights are packed at load)");
+    }
+    std::vector<int64_t> dims;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, v, dims));
+    *count = element_count(dims);
+    return api->GetTensorData(v, data);
+  }
+
+  static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, WeightOnlyQuantMatMul** out) {
+    auto w = std::make_unique<Packed>();
+    int64_t shared = 0;
+    TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "K", w->K));
+    TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "N", w->N));
+    TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "bits", w->bits));
+    TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "block_size", w->block));
+    TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "weights_shared", shared, false));
+    if (w->bits != 4 && w->bits != 8) return op_error(api, name, "bits must be 4 or 8, not " + std::to_string(w->bits));
+    if (w->block <= 0 || w->block % 16 != 0)
+      return op_error(api, name, "block_size must be a multiple of 16, not " + std::to_string(w->block));
+    if (w->K <= 0 || w->N <= 0) return op_error(api, name, "K and N must be positive");
+    w->blocks = (w->K + w->block - 1) / w->block;
+    w->k_padded = w->blocks * w->block;
+    w->panels = (w->N + kPanel - 1) / kPanel;
+    const void *b, *scales, *z;
+    int64_t b_count, scale_count, z_count;
+    TRTBUILD_RETURN_IF_ERROR(constant(api, info, 1, "b", &b, &b_count));
+    TRTBUILD_RETURN_IF_ERROR(constant(api, info, 2, "scales", &scales, &scale_count));
+    TRTBUILD_RETURN_IF_ERROR(constant(api, info, 3, "zero_points", &z, &z_count));
+    const std::string shape = " (N " + std::to_string(w->N) + ", K " + std::to_string(w->K) + ", bits " +
+                              std::to_string(w->bits) + ", block_size " + std::to_string(w->block) + ")";
+    if (b_count != w->N * w->k_padded * w->bits / 8)
+      return op_error(api, name, "b has " + std::to_string(b_count) + " bytes, not N x blocks x block_size x bits / 8" + shape);
+    if (scale_count != w->N * w->blocks) return op_error(api, name, "scales must be [N, blocks]" + shape);
+    const int64_t z_want = w->N * (w->bits == 4 ? (w->blocks + 1) / 2 : w->blocks);
+    if (z && z_count != z_want) return op_error(api, name, "zero_points must have " + std::to_string(z_want) + " bytes" + shape);
+    pack(static_cast<const uint8_t*>(b), static_cast<const float*>(scales), static_cast<const uint8_t*>(z), *w);
+    if (!shared) {  // none of them is read again
+      drop_file_pages(b, static_cast<const uint8_t*>(b) + b_count);
+      drop_file_pages(scales, static_cast<const float*>(scales) + scale_count);
+      if (z) drop_file_pages(z, static_cast<const uint8_t*>(z) + z_count);
+    }
+    *out = new WeightOnlyQuantMatMul{api, std::move(w)};
+    return nullptr;
+  }
+
+  const OrtApi* api;
+  std::unique_ptr<Packed> w;
+
+  OrtStatus* compute(OrtKernelContext* context) const {
+    const OrtValue* x;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
+    std::vector<int64_t> dims;
+    TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
+    if (dims.empty() || dims.back() != w->K)
+      return op_error(api, name, "x must be [..., K] with K = " + std::to_string(w->K));
+    std::vector<int64_t> y_dims = dims;
+    y_dims.back() = w->N;
+    OrtValue* y;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y));
+    Call c{};
+    c.w = w.get();
+    c.M = element_count(dims) / w->K;
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&c.x)));
+    TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&c.y)));
+    if (c.M == 0) return nullptr;
+    c.a.q.resize(c.M * w->k_padded);
+    c.a.scale.resize(c.M * w->blocks);
+    c.a.sum.resize(c.M * w->blocks);
+    c.rows_per_task = std::max<int64_t>(1, kQuantizeWork / w->k_padded);
+    const size_t quantize_tasks = (size_t)((c.M + c.rows_per_task - 1) / c.rows_per_task);
+    if (quantize_tasks == 1) quantize_task(&c, 0);  // a decode step: not worth waking the thread pool
+    else TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, quantize_task, quantize_tasks, quantize_tasks, &c));
+    c.row_block = std::max<int64_t>(kMaxTileRows, kRowBlockBytes / w->k_padded / kMaxTileRows * kMaxTileRows);
+    c.items = (c.M + c.row_block - 1) / c.row_block * w->panels;
+    const size_t batches = (size_t)std::min<int64_t>(c.items, kMaxBatches);
+    c.per_batch = (c.items + (int64_t)batches - 1) / (int64_t)batches;
+    const size_t used = (size_t)((c.items + c.per_batch - 1) / c.per_batch);
+    return api->KernelContext_ParallelFor(context, batch_task, used, used, &c);
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* weight_only_quant_matmul_op() {
+  static const OpTable<WeightOnlyQuantMatMul> op;
+  return &op;
+}
+
+}  // namespace trtbuild
