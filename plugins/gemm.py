@@ -18,17 +18,17 @@ from trtbuild.onnx_graph import GraphBuilder
 
 def linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
            fused: bool, quant: QuantConfig | None = None, kernels: bool = False,
-           weight_only_activations: str = "int8", weight_only_kernel: bool = False) -> str:
+           weight_only_activations: str = "int8", weight_only_kernel: bool = False, swiglu: bool = False) -> str:
     """Emit the linear layer `prefix` (e.g. transformer.layers.0.attention.qkv) applied to x;
     `kernels`: W8A8 per token quantizes with trtbuild's kernels; `weight_only_activations`: "int8"
     or "float" activations for weight-only GEMMs; `weight_only_kernel`: these run trtbuild's
-    WeightOnlyQuantMatMul (plugins.quant_gemm)."""
+    WeightOnlyQuantMatMul, `swiglu` with x = [fc, gate] of a gated SiLU MLP (plugins.quant_gemm)."""
     if quant is not None and quant.algo is not None:
         from trtbuild.plugins.quant_gemm import quantized_linear
 
         group_size = quant.group_size if quant.per_group else -1
         y = quantized_linear(g, x, tensors, prefix, dtype, fused, quant.algo, group_size, kernels,
-                             weight_only_activations, weight_only_kernel)
+                             weight_only_activations, weight_only_kernel, swiglu)
     else:
         w = g.weight(prefix + ".weight", np.asarray(tensors[prefix + ".weight"], dtype=dtype).T)
         y = g.op("MatMul", [x, w], name=prefix + "/MatMul")

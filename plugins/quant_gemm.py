@@ -85,27 +85,35 @@ def accuracy_level(weight_only_activations: str) -> int:
 
 
 def nbits_matmul(g: GraphBuilder, inputs: list[str], name: str, k: int, n: int, bits: int, block: int,
-                 weight_only_activations: str = "int8", kernel: bool = False, weights_shared: bool = False) -> str:
+                 weight_only_activations: str = "int8", kernel: bool = False, weights_shared: bool = False,
+                 swiglu: bool = False) -> str:
     """x times block-quantized weights: inputs (x, b, scales[, zero_points]) in MatMulNBits' layout
     (docs/CONTRACTS.md), as onnxruntime's MatMulNBits or, with `kernel` (int8 activations only),
     trtbuild's WeightOnlyQuantMatMul, which computes the same and decodes the weights once for all rows
     of a step (trtbuild/kernels/weight_only_matmul.cc). `weights_shared`: another node reads b too (a
-    tied int8 embedding table), so the kernel keeps the file's copy of it resident."""
+    tied int8 embedding table), so the kernel keeps the file's copy of it resident. `swiglu` (the kernel
+    only): x is a gated SiLU MLP's merged fc and gate output [..., 2k], and silu(fc) * gate is what gets
+    multiplied (this is the MLP's proj)."""
     if kernel and block % 16 == 0:  # the kernel's blocks hold whole vectors of x (MatMulNBits' are 16, 32, ...)
         if weight_only_activations != "int8":
             raise TrtbuildError("trtbuild's WeightOnlyQuantMatMul computes with int8 activations only "
                                 f"(--weight_only_activations {weight_only_activations!r})")
         return g.op("WeightOnlyQuantMatMul", inputs, domain="trtbuild", name=name + "/WeightOnlyQuantMatMul",
-                    K=k, N=n, bits=bits, block_size=block, weights_shared=int(weights_shared))
+                    K=k, N=n, bits=bits, block_size=block, weights_shared=int(weights_shared), swiglu=int(swiglu))
+    if swiglu:
+        raise TrtbuildError(f"{name}: a SiLU-gated input needs trtbuild's WeightOnlyQuantMatMul (blocks of 16, 32, ...)")
     return g.op("MatMulNBits", inputs, domain="com.microsoft", name=name + "/MatMulNBits",
                 K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level(weight_only_activations))
 
 
 def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, bits: int,
                        group_size: int, fused: bool, weight_only_activations: str = "int8",
-                       kernel: bool = False) -> str:
+                       kernel: bool = False, swiglu: bool = False) -> str:
     """A weight-only linear: int8/int4 weights (per channel or per group, with zero points) times x
-    (`kernel`: as trtbuild's WeightOnlyQuantMatMul, see nbits_matmul)."""
+    (`kernel`: as trtbuild's WeightOnlyQuantMatMul; `swiglu`: times silu(fc) * gate of x = [fc, gate],
+    see nbits_matmul)."""
+    if swiglu and not (fused and kernel):
+        raise TrtbuildError(f"{prefix}: a SiLU-gated input needs the gemm plugin's WeightOnlyQuantMatMul")
     q, scale, zero = _weight_only_values(tensors, prefix, bits)
     n, k = q.shape
     groups = scale.shape[1]
@@ -117,6 +125,8 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
         scale, zero = np.repeat(scale, blocks, axis=1), np.repeat(zero, blocks, axis=1)
     prequant = _prequant(g, tensors, prefix)
     if prequant is not None:
+        if swiglu:
+            raise TrtbuildError(f"{prefix}: a SiLU-gated input cannot take a prequant_scaling_factor")
         x = g.op("Mul", [x, prequant])
     # symmetric: every zero point is the middle of the unsigned range (8 / 128)
     symmetric = bool(np.all(zero == (1 << (bits - 1))))
@@ -130,7 +140,7 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
             # kernel is 2.2x faster at batch 1 (MLAS' asymmetric path reads and applies zero points)
             zp = _pack_int4(np.pad(zero, ((0, 0), (0, blocks % 2)))) if bits == 4 else zero
             inputs.append(g.weight(prefix + ".zero_points", np.ascontiguousarray(zp)))
-        return nbits_matmul(g, inputs, prefix, k, n, bits, block, weight_only_activations, kernel)
+        return nbits_matmul(g, inputs, prefix, k, n, bits, block, weight_only_activations, kernel, swiglu=swiglu)
     # standard: DequantizeLinear along K of the [K, N] weight; symmetric int4 as signed values with no
     # zero point (the form TensorRT accepts), asymmetric as uint4/uint8 with zero points.
     values = q.T  # [K, N]
@@ -260,9 +270,10 @@ def smoothquant_swiglu_mlp(g: GraphBuilder, x: str, fc_gate: dict[str, np.ndarra
 
 def quantized_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], prefix: str, dtype: np.dtype,
                      fused: bool, algo: QuantAlgo, group_size: int = 128, kernels: bool = False,
-                     weight_only_activations: str = "int8", weight_only_kernel: bool = False) -> str:
-    """Lower one quantized linear holding `algo`'s weights."""
+                     weight_only_activations: str = "int8", weight_only_kernel: bool = False,
+                     swiglu: bool = False) -> str:
+    """Lower one quantized linear holding `algo`'s weights (`swiglu`: weight-only, see weight_only_linear)."""
     if algo.weight_only:
         return weight_only_linear(g, x, tensors, prefix, algo.weight_bits, group_size, fused,
-                                  weight_only_activations, weight_only_kernel)
+                                  weight_only_activations, weight_only_kernel, swiglu)
     return smoothquant_linear(g, x, tensors, prefix, per_token=algo.per_token, fused=fused, kernels=kernels)

@@ -157,13 +157,14 @@ class LayerOps:
     def tensor_parallel(self) -> bool:
         return self.mpi is not None and self.config.mapping.tp_size > 1
 
-    def linear(self, x: str, prefix: str) -> str:
+    def linear(self, x: str, prefix: str, swiglu: bool = False) -> str:
         """The linear `prefix` on x; on a tensor-parallel rank a row-parallel one sums its partial
-        output over the ranks (AllReduce) and adds its bias once, after the sum."""
+        output over the ranks (AllReduce) and adds its bias once, after the sum. `swiglu`: x is a
+        gated SiLU MLP's [fc, gate] and the linear multiplies silu(fc) * gate (see swiglu_in_proj)."""
         o, g = self.options, self.g
         tensors, bias = self._bias_apart(prefix)
         y = linear(g, x, tensors, prefix, self.dtype, o.fused_gemm, self.config.quantization,
-                   o.smooth_quant_kernels, o.weight_only_activations, o.weight_only_kernel)
+                   o.smooth_quant_kernels, o.weight_only_activations, o.weight_only_kernel, swiglu)
         if self.lora_inputs is not None:
             y = o.lora.apply(g, x, y, prefix, self.lora_inputs)
         return self._reduced(y, prefix, bias)
@@ -186,15 +187,31 @@ class LayerOps:
             y = g.op("Add", [y, g.weight(prefix + ".bias", np.asarray(bias, dtype=self.dtype))], name=prefix + "/Add")
         return y
 
-    def linears(self, x: str, prefixes: list[str]) -> list[str]:
-        """Linears sharing input x as one GEMM of their stacked outputs, split after."""
+    def swiglu_in_proj(self, proj: str) -> bool:
+        """A gated SiLU MLP whose proj runs trtbuild's WeightOnlyQuantMatMul takes the merged fc and
+        gate output whole and applies silu(fc) * gate while quantizing it (three nodes a layer less);
+        not with LoRA (each of fc and gate takes its own delta) or a prequant scale on proj (AWQ)."""
+        o = self.options
+        return (self.config.hidden_act == "silu" and o.weight_only_kernel and o.fused_gemm and self.lora_inputs is None
+                and proj + ".weights_scaling_factor" in self.tensors and proj + ".prequant_scaling_factor" not in self.tensors
+                and proj + ".act_scale" not in self.tensors)
+
+    def merged_linear(self, x: str, prefixes: list[str]) -> str | None:
+        """Linears sharing input x as one GEMM of their stacked outputs (None: they cannot merge)."""
         g, o = self.g, self.options
         name = prefixes[0] + "".join("+" + prefix.rsplit(".", 1)[-1] for prefix in prefixes[1:])
         merged = merge_linears(self.tensors, prefixes, name)
         if merged is None:
+            return None
+        return linear(g, x, merged, name, self.dtype, o.fused_gemm, self.config.quantization, o.smooth_quant_kernels,
+                      o.weight_only_activations, o.weight_only_kernel)
+
+    def linears(self, x: str, prefixes: list[str]) -> list[str]:
+        """Linears sharing input x as one GEMM of their stacked outputs, split after."""
+        g, o = self.g, self.options
+        y = self.merged_linear(x, prefixes)
+        if y is None:
             return [self.linear(x, prefix) for prefix in prefixes]
-        y = linear(g, x, merged, name, self.dtype, o.fused_gemm, self.config.quantization, o.smooth_quant_kernels,
-                   o.weight_only_activations, o.weight_only_kernel)
         sizes = [np.asarray(self.tensors[prefix + ".weight"]).shape[0] for prefix in prefixes]
         ys = g.op("Split", [y, g.const(sizes)], num_outputs=len(prefixes), axis=-1)
         if self.lora_inputs is not None:
@@ -244,6 +261,10 @@ class LayerOps:
                 y = smoothquant_swiglu_mlp(g, x, merged, p + "mlp.fc+gate", tensors, p + "mlp.proj")
                 if y is not None:  # None: biases or a proj smoothing scale need the unfused form below
                     return self._reduced(y, p + "mlp.proj", bias)
+        if c.gated_mlp and self.swiglu_in_proj(p + "mlp.proj"):
+            fc_gate = self.merged_linear(x, [p + "mlp.fc", p + "mlp.gate"])
+            if fc_gate is not None:
+                return self.linear(fc_gate, p + "mlp.proj", swiglu=True)
         if c.gated_mlp:
             fc, gate = self.linears(x, [p + "mlp.fc", p + "mlp.gate"])
             hidden = g.op("Mul", [_activation(g, fc, c.hidden_act), gate])

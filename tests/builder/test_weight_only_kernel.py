@@ -19,6 +19,15 @@ from conftest import op_types
 from test_lm_head_kernel import mapped_file_kb
 
 
+def all_nodes(graph):
+    """The nodes of an ONNX graph and of every If branch inside it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attr.g)
+
+
 def random_weights(rng, N: int, K: int, bits: int, block: int, zero_points: bool):
     """MatMulNBits' inputs for random values: (values [N, K_padded] uint8, b, scales, zero_points or None)."""
     blocks = -(-K // block)
@@ -110,6 +119,28 @@ def test_kernel_matches_its_numpy_model_and_matmulnbits(tmp_path, isa, N, K, bit
             np.testing.assert_allclose(y, theirs, rtol=0, atol=2e-6 * scale)
 
 
+def silu_gated(x: np.ndarray) -> np.ndarray:
+    """[..., 2K] = [fc, gate] → silu(fc) * gate, in float32 as the kernel computes it."""
+    fc, gate = np.split(x.astype(np.float64), 2, axis=-1)
+    return (fc / (1 + np.exp(-fc)) * gate).astype(np.float32)
+
+
+@pytest.mark.parametrize("N,K,bits,block", [(40, 96, 4, 32), (24, 200, 8, 64)])
+def test_kernel_swiglu_quantizes_silu_fc_times_gate(tmp_path, isa, N, K, bits, block):
+    """swiglu: x is a gated MLP's [fc, gate] (2K wide) and the op multiplies silu(fc) * gate."""
+    rng = np.random.default_rng(K)
+    values, b, scales, zeros = random_weights(rng, N, K, bits, block, False)
+    s = session("kernel", K, N, bits, block, b, scales, zeros, tmp_path, isa, attributes={"swiglu": 1})
+    for M in [1, 8, 20]:
+        x = (rng.standard_normal((M, 2 * K)) * 3).astype(np.float32)
+        (y,) = s.run(None, {"x": x})
+        want = reference(silu_gated(x), values, scales, zeros, K, bits, block)
+        # silu's exponential (relative error ~2e-7) may move a value across a rounding step of int8
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    with pytest.raises(Exception, match="x must be \\[..., 2K\\] with K = " + str(K)):
+        s.run(None, {"x": np.zeros((1, K), np.float32)})
+
+
 def test_kernel_many_rows_and_batched_input(tmp_path, isa):
     """A prompt's rows past one block of rows (256 KB of int8 activations), given as [batch, seq, K]."""
     rng = np.random.default_rng(11)
@@ -159,7 +190,7 @@ def test_kernel_gives_the_files_pages_back_unless_shared(tmp_path, shared):
 def test_weight_only_engine_kernel_against_matmulnbits(tiny_models, engines, quant):
     """convert (weight-only) → build with and without the kernel → the same greedy tokens and logits
     within float rounding; only the kernel's engine has WeightOnlyQuantMatMul (lm_head too, in int8)
-    and records its flag."""
+    and records its flag, and each gated MLP's proj takes [fc, gate] whole (no Split, SiLU and Mul)."""
     limits = dict(max_batch_size=2, max_input_len=32, max_seq_len=64)
     with_kernel = ModelRunner.from_dir(engines.engine(tiny_models["llama"], BuildConfig(**limits), quant=quant),
                                        num_threads=2)
@@ -171,6 +202,15 @@ def test_weight_only_engine_kernel_against_matmulnbits(tiny_models, engines, qua
               for name, r in (("kernel", with_kernel), ("nbits", nbits))}
     assert "MatMulNBits" not in op_types(graphs["kernel"]) and "WeightOnlyQuantMatMul" in op_types(graphs["kernel"])
     assert "WeightOnlyQuantMatMul" not in op_types(graphs["nbits"]) and "MatMulNBits" in op_types(graphs["nbits"])
+    nodes = list(all_nodes(graphs["kernel"]))
+    swiglu = {n.name for n in nodes if n.op_type == "WeightOnlyQuantMatMul"
+              and any(a.name == "swiglu" and a.i == 1 for a in n.attribute)}
+    layers = with_kernel.config.pretrained_config.num_hidden_layers
+    assert swiglu == {f"transformer.layers.{i}.mlp.proj/WeightOnlyQuantMatMul" for i in range(layers)}, swiglu
+    by_name = {n.name: n for n in nodes}
+    for i in range(layers):  # proj reads the merged fc+gate GEMM's output itself
+        fc_gate = by_name[f"transformer.layers.{i}.mlp.fc+gate/WeightOnlyQuantMatMul"]
+        assert by_name[f"transformer.layers.{i}.mlp.proj/WeightOnlyQuantMatMul"].input[0] == fc_gate.output[0]
     prompts = [[5, 6, 7, 8], [9, 10]]
     ours, theirs = with_kernel.prefill(prompts, all_logits=True), nbits.prefill(prompts, all_logits=True)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * max(1.0, float(np.abs(theirs).max())))

@@ -3,7 +3,11 @@
 //
 // trtbuild::WeightOnlyQuantMatMul(x [..., K] float, b [N, blocks, block_size * bits / 8] uint8,
 //     scales [N, blocks] float, zero_points uint8 optional) -> y [..., N] float
-//   attributes K, N, bits (4 or 8), block_size (a multiple of 8), weights_shared (0 or 1)
+//   attributes K, N, bits (4 or 8), block_size (a multiple of 16), weights_shared (0 or 1), swiglu (0 or 1)
+//
+// With swiglu, x is [..., 2K], a gated SiLU MLP's merged fc and gate outputs (fc first), and the op is
+// its proj: x' = silu(x[..., :K]) * x[..., K:] is what gets quantized, in the same pass (instead of
+// Split, the SiLU and Mul: three nodes and two passes over the row a layer).
 //
 // The inputs and their layout are onnxruntime's MatMulNBits' (docs/CONTRACTS.md): w[n, k] is the
 // k-th value of row n of b (int4: low nibble first), unsigned, with zero point zero_points[n, k /
@@ -146,11 +150,24 @@ inline vi round_to_int(vf product) {
 #endif
 }
 
-void quantize_rows(const float* x, int64_t rows, const Packed& w, int8_t* q, float* scale, float* sum) {
+// silu(g) * u over K values into out
+void swiglu_row(const float* g, const float* u, int64_t K, float* out) {
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    const vf gk = load(g + k);
+    store(out + k, gk / (1.0f + vexp(-gk)) * load(u + k));
+  }
+  for (; k < K; ++k) out[k] = g[k] / (1.0f + std::exp(-g[k])) * u[k];
+}
+
+void quantize_rows(const float* x, int64_t rows, const Packed& w, bool swiglu, int8_t* q, float* scale, float* sum) {
   std::vector<float> padded(w.k_padded, 0.0f);
   for (int64_t m = 0; m < rows; ++m) {
-    const float* row = x + m * w.K;
-    if (w.k_padded != w.K) {  // the last block is partial: zeros after K
+    const float* row = x + m * w.K * (swiglu ? 2 : 1);
+    if (swiglu) {
+      swiglu_row(row, row + w.K, w.K, padded.data());
+      row = padded.data();
+    } else if (w.k_padded != w.K) {  // the last block is partial: zeros after K
       std::memcpy(padded.data(), row, w.K * sizeof(float));
       row = padded.data();
     }
@@ -247,6 +264,7 @@ constexpr size_t kMaxBatches = 64;             // work items grouped for the thr
 
 struct Call {
   const Packed* w;
+  bool swiglu;
   const float* x;
   float* y;
   int64_t M, row_block, items, per_batch, rows_per_task;
@@ -256,7 +274,7 @@ struct Call {
 void quantize_task(void* data, size_t t) {
   Call& c = *static_cast<Call*>(data);
   const int64_t m0 = (int64_t)t * c.rows_per_task, rows = std::min(c.M - m0, c.rows_per_task);
-  quantize_rows(c.x + m0 * c.w->K, rows, *c.w, c.a.q.data() + m0 * c.w->k_padded, c.a.scale.data() + m0 * c.w->blocks,
+  quantize_rows(c.x + m0 * c.w->K * (c.swiglu ? 2 : 1), rows, *c.w, c.swiglu, c.a.q.data() + m0 * c.w->k_padded, c.a.scale.data() + m0 * c.w->blocks,
                 c.a.sum.data() + m0 * c.w->blocks);
 }
 
@@ -354,12 +372,13 @@ struct WeightOnlyQuantMatMul {
 
   static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, WeightOnlyQuantMatMul** out) {
     auto w = std::make_unique<Packed>();
-    int64_t shared = 0;
+    int64_t shared = 0, swiglu = 0;
     TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "K", w->K));
     TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "N", w->N));
     TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "bits", w->bits));
     TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "block_size", w->block));
     TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "weights_shared", shared, false));
+    TRTBUILD_RETURN_IF_ERROR(attribute(api, info, "swiglu", swiglu, false));
     if (w->bits != 4 && w->bits != 8) return op_error(api, name, "bits must be 4 or 8, not " + std::to_string(w->bits));
     if (w->block <= 0 || w->block % 16 != 0)
       return op_error(api, name, "block_size must be a multiple of 16, not " + std::to_string(w->block));
@@ -385,34 +404,37 @@ struct WeightOnlyQuantMatMul {
       drop_file_pages(scales, static_cast<const float*>(scales) + scale_count);
       if (z) drop_file_pages(z, static_cast<const uint8_t*>(z) + z_count);
     }
-    *out = new WeightOnlyQuantMatMul{api, std::move(w)};
+    *out = new WeightOnlyQuantMatMul{api, std::move(w), swiglu != 0};
     return nullptr;
   }
 
   const OrtApi* api;
   std::unique_ptr<Packed> w;
+  bool swiglu;
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue* x;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &x));
     std::vector<int64_t> dims;
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, x, dims));
-    if (dims.empty() || dims.back() != w->K)
-      return op_error(api, name, "x must be [..., K] with K = " + std::to_string(w->K));
+    const int64_t row = w->K * (swiglu ? 2 : 1);
+    if (dims.empty() || dims.back() != row)
+      return op_error(api, name, std::string("x must be [..., ") + (swiglu ? "2K" : "K") + "] with K = " + std::to_string(w->K));
     std::vector<int64_t> y_dims = dims;
     y_dims.back() = w->N;
     OrtValue* y;
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetOutput(context, 0, y_dims.data(), y_dims.size(), &y));
     Call c{};
     c.w = w.get();
-    c.M = element_count(dims) / w->K;
+    c.swiglu = swiglu;
+    c.M = element_count(dims) / row;
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(x, reinterpret_cast<const void**>(&c.x)));
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(y, reinterpret_cast<void**>(&c.y)));
     if (c.M == 0) return nullptr;
     c.a.q.resize(c.M * w->k_padded);
     c.a.scale.resize(c.M * w->blocks);
     c.a.sum.resize(c.M * w->blocks);
-    c.rows_per_task = std::max<int64_t>(1, kQuantizeWork / w->k_padded);
+    c.rows_per_task = std::max<int64_t>(1, kQuantizeWork / row);
     const size_t quantize_tasks = (size_t)((c.M + c.rows_per_task - 1) / c.rows_per_task);
     if (quantize_tasks == 1) quantize_task(&c, 0);  // a decode step: not worth waking the thread pool
     else TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, quantize_task, quantize_tasks, quantize_tasks, &c));
