@@ -78,15 +78,20 @@ def _process_cpu_features() -> dict[str, bool]:
 
 
 def cpu_description() -> str:
-    """What a benchmark figure names as its CPU: model name, vector ISA and VNNI as this process sees
-    them, and the cores it may use, e.g. "Intel(R) Xeon(R) Processor (AVX-512, VNNI; 2 cores)"."""
-    model = next((line.split(":", 1)[1].strip() for line in cpu_signature().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
+    """What a benchmark figure names as its CPU: model name, vector ISA, VNNI and AMX as this process
+    sees them, and the cores it may use, e.g. "Intel(R) Xeon(R) Processor (AVX-512, VNNI, AMX; 2 cores)"."""
+    signature = cpu_signature().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in signature if line.startswith("model name")),
+                 platform.processor() or platform.machine())
     features = _process_cpu_features()
     isa = "AVX-512" if features.get("AVX512F") else "AVX2" if features.get("AVX2") else "no AVX2"
     vnni = "VNNI" if features.get("AVX512VNNI") or features.get("AVXVNNI") else "no VNNI"
+    # numpy does not report AMX: the host's flags, where this process sees the host's AVX-512 (an
+    # emulated AVX2 CPU has no AMX)
+    host_flags = next((line for line in signature if line.startswith("flags")), "").split()
+    amx = ", AMX" if "amx_int8" in host_flags and features.get("AVX512F") else ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({isa}, {vnni}; {cores} cores)"
+    return f"{model} ({isa}, {vnni}{amx}; {cores} cores)"
 
 
 def default_isa() -> str:

@@ -70,6 +70,9 @@ inline vint dot4(vint acc, vint w, vint a) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1)));
 }
 #endif
+inline vint pairs16(vint w, vint a) { return _mm512_maddubs_epi16(w, a); }
+inline vint add16(vint a, vint b) { return _mm512_add_epi16(a, b); }
+inline vint widen_add(vint acc, vint sums16) { return _mm512_add_epi32(acc, _mm512_madd_epi16(sums16, _mm512_set1_epi16(1))); }
 // |w| · (a with w's sign): vpmaddubsw's pairs of u8 x s8 then stay within int16 for s8 weights
 inline vint signed_operands(vint w, vint& a) {
   a = _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), _mm512_setzero_si512(), a);
@@ -110,6 +113,9 @@ inline vint dot4(vint acc, vint w, vint a) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
 }
 #endif
+inline vint pairs16(vint w, vint a) { return _mm256_maddubs_epi16(w, a); }
+inline vint add16(vint a, vint b) { return _mm256_add_epi16(a, b); }
+inline vint widen_add(vint acc, vint sums16) { return _mm256_add_epi32(acc, _mm256_madd_epi16(sums16, _mm256_set1_epi16(1))); }
 inline vint signed_operands(vint w, vint& a) {
   a = _mm256_sign_epi8(a, w);
   return _mm256_abs_epi8(w);
@@ -120,6 +126,10 @@ inline vint signed_operands(vint w, vint& a) {
 // vpmaddubsw's int16 pairs would overflow at 255 x 127 x 2, so they are stored signed (w - 128) and
 // multiplied as |w| by x with w's sign (at most 128 x 127 x 2).
 constexpr bool kSignedInt8 = !kDpbusd;
+// Without vpdpbusd, int4 weights' vpmaddubsw pairs (at most 2 x 15 x 127 = 3810) add up in int16 over
+// 4 groups of 8 (8 pairs: 30480 < 32767) before one vpmaddwd widens them: 2 instructions per 8 inputs
+// and row instead of 6.
+constexpr int kInt16Groups = 4;
 
 // The weights in panels: panel p holds outputs p·kPanel ... p·kPanel + kPanel - 1 (zeros past N).
 // int4: 8 values of K per lane in kPanel·4 bytes (lane j's 4 bytes: values k..k+3 in the low
@@ -216,6 +226,9 @@ void tile(const Packed& w, int64_t p, const Quantized& a, int64_t m0, float* y, 
     vint acc[kChains][MR];
     for (int c = 0; c < kChains; ++c)
       for (int m = 0; m < MR; ++m) acc[c][m] = vint{};
+    vint acc16[MR];
+    for (int m = 0; m < MR; ++m) acc16[m] = vint{};
+    int pending = 0;  // groups in acc16
     for (const int64_t end = k + w.block; k < end; k += 8) {
       vint w0, w1;
       if constexpr (BITS == 4) {
@@ -227,6 +240,18 @@ void tile(const Packed& w, int64_t p, const Quantized& a, int64_t m0, float* y, 
         w0 = load_bytes(wp);
         w1 = load_bytes(wp + kPanel * 4);
         wp += kPanel * 8;
+      }
+      if constexpr (BITS == 4 && !kDpbusd) {
+        for (int m = 0; m < MR; ++m)
+          acc16[m] = add16(acc16[m], add16(pairs16(w0, splat32(q[m] + k)), pairs16(w1, splat32(q[m] + k + 4))));
+        if (++pending == kInt16Groups || k + 8 == end) {
+          for (int m = 0; m < MR; ++m) {
+            acc[0][m] = widen_add(acc[0][m], acc16[m]);
+            acc16[m] = vint{};
+          }
+          pending = 0;
+        }
+        continue;
       }
       for (int m = 0; m < MR; ++m) {
         vint a0 = splat32(q[m] + k), a1 = splat32(q[m] + k + 4), u0 = w0, u1 = w1;
