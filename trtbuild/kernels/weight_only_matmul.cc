@@ -20,7 +20,7 @@
 // of 8 decode rows costs 3-4x one row. Here the weights are repacked once, at load, into panels of
 // kPanel outputs with 4 consecutive values of K per output in each 32-bit lane: one instruction
 // multiplies kPanel outputs by 4 of K with 4 bytes of x broadcast (VNNI's vpdpbusd, or vpmaddubsw +
-// vpmaddwd without it), and weights decoded once serve every row of a tile (up to 8). The file's
+// vpmaddwd without it), and weights decoded once serve every row of a tile (up to 8; 4 on AVX2). The file's
 // pages of b are then dropped (file_pages.h): memory holds the packed copy only, as with MatMulNBits'
 // own prepacking. With weights_shared (a tied int8 embedding table, which a Gather reads too) they
 // stay.
@@ -319,16 +319,29 @@ void batch_task(void* data, size_t batch) {
   }
 }
 
-// The value at (n, k) of MatMulNBits' b and the zero point of (n, block).
-inline int weight_value(const uint8_t* b, int64_t bits, int64_t k_padded, int64_t n, int64_t k) {
-  if (bits == 8) return b[n * k_padded + k];
-  return (b[(n * k_padded + k) / 2] >> (4 * (k % 2))) & 0x0F;
-}
-
+// The zero point of (n, block) in MatMulNBits' zero_points.
 inline int zero_value(const uint8_t* z, int64_t bits, int64_t blocks, int64_t n, int64_t block) {
   if (!z) return 1 << (bits - 1);
   if (bits == 8) return z[n * blocks + block];
   return (z[n * ((blocks + 1) / 2) + block / 2] >> (4 * (block % 2))) & 0x0F;
+}
+
+// Row n of b (MatMulNBits' layout: k_padded values, int4 two a byte, low nibble first) into lane j of
+// its panel (dst: the panel's first byte).
+void pack_row(const uint8_t* row, const Packed& w, int j, int64_t offset, uint8_t* dst) {
+  if (w.bits == 4) {  // group g's 4 source bytes hold k = 8g..8g+7; lane j's byte i gets 8g+i and 8g+4+i
+    for (int64_t g = 0; g < w.k_padded / 8; ++g) {
+      const uint8_t* r = row + 4 * g;
+      uint8_t* d = dst + (g * kPanel + j) * 4;
+      d[0] = (uint8_t)((r[0] & 0x0F) | (r[2] << 4));
+      d[1] = (uint8_t)((r[0] >> 4) | (r[2] & 0xF0));
+      d[2] = (uint8_t)((r[1] & 0x0F) | (r[3] << 4));
+      d[3] = (uint8_t)((r[1] >> 4) | (r[3] & 0xF0));
+    }
+  } else {
+    for (int64_t q = 0; q < w.k_padded / 4; ++q)
+      for (int i = 0; i < 4; ++i) dst[(q * kPanel + j) * 4 + i] = (uint8_t)(row[4 * q + i] - offset);
+  }
 }
 
 void pack(const uint8_t* b, const float* scales, const uint8_t* z, Packed& w) {
@@ -336,19 +349,11 @@ void pack(const uint8_t* b, const float* scales, const uint8_t* z, Packed& w) {
   w.weights.assign(w.panels * w.panel_bytes(), 0);
   w.scales.assign(w.panels * w.blocks * kPanel, 0.0f);
   w.zeros.assign(w.panels * w.blocks * kPanel, 0.0f);
+  const int64_t row_bytes = w.k_padded * w.bits / 8;
   for (int64_t p = 0; p < w.panels; ++p) {
-    uint8_t* dst = w.weights.data() + p * w.panel_bytes();
     for (int j = 0; j < kPanel && p * kPanel + j < w.N; ++j) {
       const int64_t n = p * kPanel + j;
-      for (int64_t k = 0; k < w.k_padded; ++k) {
-        const int v = weight_value(b, w.bits, w.k_padded, n, k);
-        if (w.bits == 4) {  // group of 8: lane j's byte i holds k = 8g + i (low) and 8g + 4 + i (high)
-          const int64_t g = k / 8, i = k % 4;
-          dst[(g * kPanel + j) * 4 + i] |= (uint8_t)(v << (k % 8 >= 4 ? 4 : 0));
-        } else {
-          dst[(k / 4 * kPanel + j) * 4 + k % 4] = (uint8_t)(v - offset);
-        }
-      }
+      pack_row(b + n * row_bytes, w, j, offset, w.weights.data() + p * w.panel_bytes());
       for (int64_t blk = 0; blk < w.blocks; ++blk) {
         w.scales[(p * w.blocks + blk) * kPanel + j] = scales[n * w.blocks + blk];
         w.zeros[(p * w.blocks + blk) * kPanel + j] = (float)(zero_value(z, w.bits, w.blocks, n, blk) - offset);
