@@ -235,6 +235,25 @@ def _trim_engines_after_each_module(engines):
     engines.trim()
 
 
+def kernel_session(graph, path: Path, isa: str | None = None, threads: int = 2):
+    """An onnxruntime session on an ONNX graph saved at `path` with every initializer in an external
+    data file (`path`.data), as in an engine, and trtbuild's kernels registered (`isa`: their form,
+    default this CPU's)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from trtbuild import kernels
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so, None, isa)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def op_types(graph) -> set[str]:
     """Op types of an ONNX graph and of every If branch inside it."""
     import onnx

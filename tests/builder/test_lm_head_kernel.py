@@ -14,7 +14,7 @@ from trtbuild import kernels
 from trtbuild.engine import BuildConfig, PluginConfig
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
-from conftest import op_types
+from conftest import kernel_session, op_types
 
 
 def lm_head_session(w: np.ndarray, tmp_path, isa: str, threads: int = 2) -> ort.InferenceSession:
@@ -23,13 +23,7 @@ def lm_head_session(w: np.ndarray, tmp_path, isa: str, threads: int = 2) -> ort.
     node = helper.make_node("LmHead", ["x", "w"], ["y"], domain=kernels.DOMAIN)
     graph = helper.make_graph([node], "g", [vi("x", TensorProto.FLOAT, ["M", "K"])],
                               [vi("y", TensorProto.FLOAT, None)], initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
-    path = tmp_path / f"lm_head_{isa}_{w.shape[0]}x{w.shape[1]}.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so, None, isa)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return kernel_session(graph, tmp_path / f"lm_head_{isa}_{w.shape[0]}x{w.shape[1]}.onnx", isa, threads)
 
 
 @pytest.mark.parametrize("N,K", [(1000, 576), (37, 64), (5, 8), (301, 67), (2, 3), (130, 1)])
@@ -116,13 +110,7 @@ def test_lm_head_moves_a_large_weight_out_of_the_file_and_a_tied_gather_reads_it
     graph = helper.make_graph(nodes, "g", [vi("ids", TensorProto.INT64, ["R"]), vi("x", TensorProto.FLOAT, ["M", K])],
                               [vi("rows", TensorProto.FLOAT, None), vi("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
-    path = tmp_path / "tied.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="tied.onnx.data", size_threshold=0)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    kernels.register(so)
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session = kernel_session(graph, tmp_path / "tied.onnx")
     ids = np.array([0, 1, 2048, N - 1], np.int64)
     x = rng.standard_normal((3, K)).astype(np.float32)
     rows, y = session.run(None, {"ids": ids, "x": x})

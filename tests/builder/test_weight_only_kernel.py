@@ -15,7 +15,7 @@ from trtbuild import kernels
 from trtbuild.engine import BuildConfig, PluginConfig
 from trtbuild.runtime import ModelRunner, SamplingConfig
 
-from conftest import op_types
+from conftest import kernel_session, op_types
 from test_lm_head_kernel import mapped_file_kb
 
 
@@ -84,14 +84,7 @@ def session(op: str, K: int, N: int, bits: int, block: int, b, scales, zeros, tm
                                 block_size=block, accuracy_level=4)
     graph = helper.make_graph([node], "g", [vi("x", TensorProto.FLOAT, None)], [vi("y", TensorProto.FLOAT, None)],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    path = tmp_path / f"{op}_{isa}_{N}x{K}_{bits}_{block}.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so, None, isa)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return kernel_session(graph, tmp_path / f"{op}_{isa}_{N}x{K}_{bits}_{block}.onnx", isa, threads)
 
 
 # (N, K, bits, block, zero points): panels whole and partial (16 or 8 outputs), K a whole number of
@@ -162,6 +155,14 @@ def test_kernel_rejects_bad_attributes_and_shapes(tmp_path):
         session("kernel", 64, 8, 3, 32, b, scales, None, tmp_path)
     with pytest.raises(Exception, match="WeightOnlyQuantMatMul: block_size must be a multiple of 16, not 24"):
         session("kernel", 64, 8, 4, 24, b, scales, None, tmp_path)
+    vi = helper.make_tensor_value_info
+    node = helper.make_node("WeightOnlyQuantMatMul", ["x", "b", "scales", "z"], ["y"], domain=kernels.DOMAIN,
+                            K=64, N=8, bits=4, block_size=32)
+    graph = helper.make_graph([node], "g", [vi("x", TensorProto.FLOAT, None), vi("z", TensorProto.UINT8, None)],
+                              [vi("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "scales")])
+    with pytest.raises(Exception, match="WeightOnlyQuantMatMul: zero_points must be an initializer"):
+        kernel_session(graph, tmp_path / "graph_zero_points.onnx")
     good = session("kernel", 64, 8, 4, 32, b, scales, None, tmp_path)
     with pytest.raises(Exception, match="WeightOnlyQuantMatMul: x must be \\[..., K\\] with K = 64"):
         good.run(None, {"x": np.zeros((2, 63), np.float32)})

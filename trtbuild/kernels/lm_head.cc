@@ -31,7 +31,6 @@ namespace {
 
 constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows a work item keeps in cache
 constexpr int64_t kColBlockBytes = 64 << 10;   // w rows a work item reads
-constexpr size_t kMaxBatches = 64;             // work items grouped for the thread pool
 constexpr int kMaxTileRows = 8, kMaxTileCols = 4;
 
 // Pairwise sums of the lanes of (a, b): lane i < kLanes / 2 is a[2i] + a[2i + 1], the rest b's.
@@ -128,17 +127,6 @@ void item_task(const Problem& p, int64_t item) {
   }
 }
 
-struct Batches {
-  const Problem* p;
-  int64_t per_batch;
-};
-
-void batch_task(void* data, size_t b) {
-  const Batches& batches = *static_cast<const Batches*>(data);
-  const int64_t first = (int64_t)b * batches.per_batch;
-  for (int64_t i = first; i < std::min(batches.p->items, first + batches.per_batch); ++i) item_task(*batches.p, i);
-}
-
 // Moves the pages of [begin, end) that lie wholly inside it from onnxruntime's private mapping of
 // the engine file into anonymous memory, at the same addresses and with the same bytes, in 2 MB
 // pages where the kernel gives them (transparent huge pages). In 4 KB file pages the weight streams
@@ -222,10 +210,7 @@ struct LmHead {
     p.col_block = std::max<int64_t>(p.tile_cols, kColBlockBytes / row_bytes / p.tile_cols * p.tile_cols);
     p.col_blocks = (p.N + p.col_block - 1) / p.col_block;
     p.items = (p.M + p.row_block - 1) / p.row_block * p.col_blocks;
-    const size_t batches = (size_t)std::min<int64_t>(p.items, kMaxBatches);
-    Batches data{&p, (p.items + (int64_t)batches - 1) / (int64_t)batches};
-    const size_t used = (size_t)((p.items + data.per_batch - 1) / data.per_batch);
-    return api->KernelContext_ParallelFor(context, batch_task, used, used, &data);
+    return run_items<Problem, item_task>(api, context, p, p.items);
   }
 };
 

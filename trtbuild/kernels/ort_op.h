@@ -6,6 +6,7 @@
 // tiles from kLanes and kRegisters.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -97,6 +98,39 @@ inline int64_t element_count(const std::vector<int64_t>& dims) {
   int64_t n = 1;
   for (int64_t d : dims) n *= d;
   return n;
+}
+
+// task(data, t) for t in [0, tasks) on the context's thread pool; a single task runs on this thread
+// (a decode step's: not worth waking the pool).
+inline OrtStatus* run_tasks(const OrtApi* api, OrtKernelContext* context, void (*task)(void*, size_t), size_t tasks,
+                            void* data) {
+  if (tasks == 1) {
+    task(data, 0);
+    return nullptr;
+  }
+  return api->KernelContext_ParallelFor(context, task, tasks, tasks, data);
+}
+
+constexpr int64_t kMaxBatches = 64;  // work items grouped for the thread pool
+
+// Item(problem, i) for every i in [0, items), in at most kMaxBatches batches of consecutive items on
+// the context's thread pool (a thread's consecutive items share what the kernel orders them by).
+template <class P, void (*Item)(const P&, int64_t)>
+OrtStatus* run_items(const OrtApi* api, OrtKernelContext* context, const P& problem, int64_t items) {
+  struct Batches {
+    const P* problem;
+    int64_t items, per_batch;
+  };
+  if (items <= 0) return nullptr;
+  const int64_t batches = std::min(items, kMaxBatches);
+  Batches data{&problem, items, (items + batches - 1) / batches};
+  const size_t used = (size_t)((items + data.per_batch - 1) / data.per_batch);
+  auto batch = [](void* d, size_t b) {
+    const Batches& all = *static_cast<const Batches*>(d);
+    const int64_t first = (int64_t)b * all.per_batch;
+    for (int64_t i = first; i < std::min(all.items, first + all.per_batch); ++i) Item(*all.problem, i);
+  };
+  return api->KernelContext_ParallelFor(context, batch, used, used, &data);
 }
 
 // The OrtCustomOp table of a kernel class K, which provides:

@@ -111,12 +111,7 @@ OrtStatus* run_rows(const OrtApi* api, OrtKernelContext* context, std::vector<in
   r.rows = element_count(lead);
   if (r.rows == 0 || r.K == 0) return nullptr;
   r.per_task = std::max<int64_t>(1, kRowsWork / r.K);
-  const size_t tasks = (size_t)((r.rows + r.per_task - 1) / r.per_task);
-  if (tasks == 1) {  // a decode step: not worth waking the thread pool
-    task(&r, 0);
-    return nullptr;
-  }
-  return api->KernelContext_ParallelFor(context, task, tasks, tasks, &r);
+  return run_tasks(api, context, task, (size_t)((r.rows + r.per_task - 1) / r.per_task), &r);
 }
 
 // What both ops share: float inputs, (u8 values, float row scales) out, no attributes.

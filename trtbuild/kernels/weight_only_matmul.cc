@@ -62,13 +62,8 @@ inline void store_floats(float* p, vflt v, int n) {
   else _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v);
 }
 #if defined(__AVX512VNNI__)
-constexpr bool kDpbusd = true;
-inline vint dot4(vint acc, vint w, vint a) { return _mm512_dpbusd_epi32(acc, w, a); }
-#else
-constexpr bool kDpbusd = false;
-inline vint dot4(vint acc, vint w, vint a) {
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1)));
-}
+#define TRTBUILD_DPBUSD 1
+inline vint dpbusd(vint acc, vint w, vint a) { return _mm512_dpbusd_epi32(acc, w, a); }
 #endif
 inline vint pairs16(vint w, vint a) { return _mm512_maddubs_epi16(w, a); }
 inline vint add16(vint a, vint b) { return _mm512_add_epi16(a, b); }
@@ -105,13 +100,8 @@ inline void store_floats(float* p, vflt v, int n) {
   }
 }
 #if defined(__AVXVNNI__)
-constexpr bool kDpbusd = true;
-inline vint dot4(vint acc, vint w, vint a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
-#else
-constexpr bool kDpbusd = false;
-inline vint dot4(vint acc, vint w, vint a) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
-}
+#define TRTBUILD_DPBUSD 1
+inline vint dpbusd(vint acc, vint w, vint a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
 #endif
 inline vint pairs16(vint w, vint a) { return _mm256_maddubs_epi16(w, a); }
 inline vint add16(vint a, vint b) { return _mm256_add_epi16(a, b); }
@@ -120,6 +110,16 @@ inline vint signed_operands(vint w, vint& a) {
   a = _mm256_sign_epi8(a, w);
   return _mm256_abs_epi8(w);
 }
+#endif
+
+// acc + the sums of 4 products of u8 w and s8 a in each 32-bit lane: VNNI's vpdpbusd, or vpmaddubsw's
+// int16 pairs widened by vpmaddwd
+#if defined(TRTBUILD_DPBUSD)
+constexpr bool kDpbusd = true;
+inline vint dot4(vint acc, vint w, vint a) { return dpbusd(acc, w, a); }
+#else
+constexpr bool kDpbusd = false;
+inline vint dot4(vint acc, vint w, vint a) { return widen_add(acc, pairs16(w, a)); }
 #endif
 
 // int8 weights are stored unsigned where vpdpbusd multiplies them (u8 x s8 in int32); without it,
@@ -285,14 +285,13 @@ TileFn tile_for(int rows) {
 
 constexpr int64_t kRowBlockBytes = 256 << 10;  // quantized rows a work item keeps in cache
 constexpr int64_t kQuantizeWork = 1 << 15;     // elements a quantizing task handles at least
-constexpr size_t kMaxBatches = 64;             // work items grouped for the thread pool
 
 struct Call {
   const Packed* w;
   bool swiglu;
   const float* x;
   float* y;
-  int64_t M, row_block, items, per_batch, rows_per_task;
+  int64_t M, row_block, rows_per_task;
   Quantized a;
 };
 
@@ -305,17 +304,14 @@ void quantize_task(void* data, size_t t) {
 
 // Work items run row block by row block (a thread's consecutive items share its quantized rows),
 // each item one panel of outputs over one block of rows.
-void batch_task(void* data, size_t batch) {
-  const Call& c = *static_cast<const Call*>(data);
+void item_task(const Call& c, int64_t item) {
   const Packed& w = *c.w;
-  for (int64_t item = (int64_t)batch * c.per_batch; item < std::min(c.items, ((int64_t)batch + 1) * c.per_batch); ++item) {
-    const int64_t p = item % w.panels, m0 = item / w.panels * c.row_block;
-    const int64_t m1 = std::min(c.M, m0 + c.row_block);
-    const int n = (int)std::min<int64_t>(kPanel, w.N - p * kPanel);
-    for (int64_t m = m0; m < m1; m += kMaxTileRows) {
-      const int rows = (int)std::min<int64_t>(kMaxTileRows, m1 - m);
-      (w.bits == 4 ? tile_for<4>(rows) : tile_for<8>(rows))(w, p, c.a, m, c.y + p * kPanel, w.N, n);
-    }
+  const int64_t p = item % w.panels, m0 = item / w.panels * c.row_block;
+  const int64_t m1 = std::min(c.M, m0 + c.row_block);
+  const int n = (int)std::min<int64_t>(kPanel, w.N - p * kPanel);
+  for (int64_t m = m0; m < m1; m += kMaxTileRows) {
+    const int rows = (int)std::min<int64_t>(kMaxTileRows, m1 - m);
+    (w.bits == 4 ? tile_for<4>(rows) : tile_for<8>(rows))(w, p, c.a, m, c.y + p * kPanel, w.N, n);
   }
 }
 
@@ -381,19 +377,20 @@ struct WeightOnlyQuantMatMul {
 
   // input i as a constant (an initializer), its data and element count; nullptr data when absent
   static OrtStatus* constant(const OrtApi* api, const OrtKernelInfo* info, size_t i, const char* what,
-                             const void** data, int64_t* count) {
+                             const void** data, int64_t* count, bool optional = false) {
     *data = nullptr;
     *count = 0;
+    size_t inputs = 0;
+    TRTBUILD_RETURN_IF_ERROR(api->KernelInfo_GetInputCount(info, &inputs));
+    if (optional && i >= inputs) return nullptr;  // not given
     int is_constant = 0;
     const OrtValue* v = nullptr;
     if (OrtStatus* s = api->KernelInfoGetConstantInput_tensor(info, i, &is_constant, &v)) {
       api->ReleaseStatus(s);
       is_constant = 0;
     }
-    if (!is_constant || !v) {
-      if (i == 3) return nullptr;  // no zero points
+    if (!is_constant || !v)
       return op_error(api, name, std::string(what) + " must be an initializer (the weights are packed at load)");
-    }
     std::vector<int64_t> dims;
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, v, dims));
     *count = element_count(dims);
@@ -420,7 +417,7 @@ struct WeightOnlyQuantMatMul {
     int64_t b_count, scale_count, z_count;
     TRTBUILD_RETURN_IF_ERROR(constant(api, info, 1, "b", &b, &b_count));
     TRTBUILD_RETURN_IF_ERROR(constant(api, info, 2, "scales", &scales, &scale_count));
-    TRTBUILD_RETURN_IF_ERROR(constant(api, info, 3, "zero_points", &z, &z_count));
+    TRTBUILD_RETURN_IF_ERROR(constant(api, info, 3, "zero_points", &z, &z_count, true));
     const std::string shape = " (N " + std::to_string(w->N) + ", K " + std::to_string(w->K) + ", bits " +
                               std::to_string(w->bits) + ", block_size " + std::to_string(w->block) + ")";
     if (b_count != w->N * w->k_padded * w->bits / 8)
@@ -466,14 +463,9 @@ struct WeightOnlyQuantMatMul {
     c.a.sum.resize(c.M * w->blocks);
     c.rows_per_task = std::max<int64_t>(1, kQuantizeWork / row);
     const size_t quantize_tasks = (size_t)((c.M + c.rows_per_task - 1) / c.rows_per_task);
-    if (quantize_tasks == 1) quantize_task(&c, 0);  // a decode step: not worth waking the thread pool
-    else TRTBUILD_RETURN_IF_ERROR(api->KernelContext_ParallelFor(context, quantize_task, quantize_tasks, quantize_tasks, &c));
+    TRTBUILD_RETURN_IF_ERROR(run_tasks(api, context, quantize_task, quantize_tasks, &c));
     c.row_block = std::max<int64_t>(kMaxTileRows, kRowBlockBytes / w->k_padded / kMaxTileRows * kMaxTileRows);
-    c.items = (c.M + c.row_block - 1) / c.row_block * w->panels;
-    const size_t batches = (size_t)std::min<int64_t>(c.items, kMaxBatches);
-    c.per_batch = (c.items + (int64_t)batches - 1) / (int64_t)batches;
-    const size_t used = (size_t)((c.items + c.per_batch - 1) / c.per_batch);
-    return api->KernelContext_ParallelFor(context, batch_task, used, used, &c);
+    return run_items<Call, item_task>(api, context, c, (c.M + c.row_block - 1) / c.row_block * w->panels);
   }
 };
 
