@@ -131,6 +131,10 @@ constexpr bool kSignedInt8 = !kDpbusd;
 // and row instead of 6.
 constexpr int kInt16Groups = 4;
 
+// The weights a tile reads next are prefetched this far ahead: the hardware's own prefetch left a
+// decode step's 8 rows 1.3x and one row 1.25x slower on an Intel Xeon (weights not in cache).
+constexpr int kPrefetchBytes = 4096;
+
 // The weights in panels: panel p holds outputs p·kPanel ... p·kPanel + kPanel - 1 (zeros past N).
 // int4: 8 values of K per lane in kPanel·4 bytes (lane j's 4 bytes: values k..k+3 in the low
 // nibbles, k+4..k+7 in the high ones); int8: 4 values per lane. Scales and zero points (as float,
@@ -216,6 +220,7 @@ void tile(const Packed& w, int64_t p, const Quantized& a, int64_t m0, float* y, 
   const float* zp = w.zeros.data() + p * w.blocks * kPanel;
   const int8_t* q[MR];
   for (int m = 0; m < MR; ++m) q[m] = a.q.data() + (m0 + m) * w.k_padded;
+  constexpr int kGroupBytes = kPanel * BITS;  // the panel's bytes for 8 values of K
   const vint low = splat_bytes(0x0F);
   vflt out[MR];
   for (int m = 0; m < MR; ++m) out[m] = vflt{};
@@ -231,6 +236,7 @@ void tile(const Packed& w, int64_t p, const Quantized& a, int64_t m0, float* y, 
     int pending = 0;  // groups in acc16
     for (const int64_t end = k + w.block; k < end; k += 8) {
       vint w0, w1;
+      for (int line = 0; line < kGroupBytes; line += 64) _mm_prefetch((const char*)wp + kPrefetchBytes + line, _MM_HINT_T0);
       if constexpr (BITS == 4) {
         const vint raw = load_bytes(wp);
         w0 = bit_and(raw, low);
