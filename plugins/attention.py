@@ -212,7 +212,7 @@ def _qk_normed(g: GraphBuilder, qkv: str, config: PretrainedConfig, qk_norm: QKN
 
 def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, shared: AttentionInputs,
               cache_type: int, kv_scales: np.ndarray | None, present: tuple[str, str] | None = None,
-              prompt: str | None = None, qk_norm: QKNorm | None = None) -> str:
+              prompt: str | None = None, qk_norm: QKNorm | None = None, generation: bool = False) -> str:
     """Self-attention of one layer over packed qkv [batch, seq, (H + 2 KV) * D] → [batch, seq, H * D].
 
     Reads the layer's past KV graph inputs and writes `present` (default: the present graph
@@ -226,6 +226,8 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
     overwritten while decoding. `qk_norm`: q and k normalized per head before RoPE. A layer with
     an attention window (config.window) attends to its last `window` tokens with its own RoPE
     caches; its prompts take GroupQueryAttention (local_window_size), the kernel having no window.
+    `generation` (fused form, `prompt` None): trtbuild's GenerationAttention kernel instead of
+    GroupQueryAttention, for the steps after a prompt (not for a layer with a window).
     """
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
     past_k, past_v, present_k, present_v = kv_io_names(layer)
@@ -238,6 +240,7 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
     scale = {"scale": float(config.attention_scale)} if config.attention_scale is not None else {}
     if window and prompt == "fmha":
         prompt = None
+    generation = generation and prompt is None and not window
     p = f"transformer.layers.{layer}.attention"
     k_scale = v_scale = None
     if kv_scales is not None:
@@ -264,6 +267,13 @@ def attention(g: GraphBuilder, qkv: str, layer: int, config: PretrainedConfig, s
             return g.op(op, [qkv, past_k, *scales, *([cos, sin] if rope else [])], num_outputs=3,
                         domain="trtbuild", name=f"{p}/fmha", outputs=[g.fresh(f"{p}/fmha/out"), present_k, present_v],
                         num_heads=H, kv_num_heads=KV, **scale)[0]
+        if generation:
+            op, scales = ("GenerationAttention", []) if kv_scales is None else \
+                ("GenerationAttentionInt8KV", [k_scale, v_scale])
+            return g.op(op, [qkv, past_k, past_v, shared.seqlens_k, shared.total_sequence_length, *scales,
+                             *([cos, sin] if rope else [])], num_outputs=3, domain="trtbuild", name=f"{p}/generation",
+                        outputs=[g.fresh(f"{p}/generation/out"), present_k, present_v], num_heads=H, kv_num_heads=KV,
+                        **scale)[0]
         if prompt != "split":
             return gqa(qkv, (past_k, past_v), shared.seqlens_k, shared.total_sequence_length,
                        [g.fresh(f"{p}/GQA/out"), present_k, present_v])

@@ -58,6 +58,9 @@ class NetworkOptions:
     quantize_lm_head: bool = True
     # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)
     weight_only_activations: str = "int8"
+    # fused attention with the prompt kernel ("fmha"): every other step as trtbuild's
+    # GenerationAttention kernel, not GroupQueryAttention (layers without a window)
+    generation_attention: bool = False
     lora: LoraNetworkOptions | None = None
 
 
@@ -131,6 +134,9 @@ class LayerOps:
     # True for steps that are prompts the prompt attention form serves (plugins.attention); None:
     # every step takes the decode form
     prompt_condition: str | None = None
+    # "fmha" engines: the runtime's choice of prompt form on its CPU (USE_PROMPT_KERNEL), an If
+    # inside the prompt branch: the kernel or GroupQueryAttention
+    use_prompt_kernel: str | None = None
     mpi: str | None = None  # a tensor-parallel rank's MPI handles input (trtbuild.ranks)
 
     def w(self, name: str) -> str:
@@ -229,25 +235,39 @@ class LayerOps:
         prompt = self.options.prompt_attention if self.prompt_condition is not None else None
         if prompt == "fmha" and c.window(i):
             prompt = None  # the kernel has no window: both branches would be the decode form
+        generation = self.options.generation_attention and prompt == "fmha"
+
+        def branch(form: str | None, use_kernel: str | None = None, generation: bool = False) -> tuple[list, list[str]]:
+            """An If branch: the attention of `form` into fresh present names (with `use_kernel`:
+            an If of its own between the kernel and GroupQueryAttention, for prompts)."""
+            with g.subgraph() as nodes:
+                outputs = [g.fresh(present[0]), g.fresh(present[1])]
+                if use_kernel is None:
+                    y = attention(g, qkv, i, c, self.shared, self.cache_type, kv_scales, tuple(outputs), form, qk_norm,
+                                  generation=generation)
+                else:
+                    y, *outputs = g.if_op(use_kernel, [branch(form), branch(None)],
+                                          self._attention_outputs(p, tuple(outputs)), name=p + "attention/prompt_kernel")
+            return nodes, [y, *outputs]
+
         if prompt is None:
             attn = attention(g, qkv, i, c, self.shared, self.cache_type, kv_scales, present, None, qk_norm)
         else:
             # An If around the attention alone, not around the layers: weights read in two branches
             # stay resident beside their prepacked copies while onnxruntime loads the engine
             # (SmolLM2 fp32: peak 1115 MB against 685), and an If costs ~1 us a step.
-            branches = []
-            for form in (prompt, None):
-                with g.subgraph() as nodes:
-                    outputs = [g.fresh(present[0]), g.fresh(present[1])]
-                    y = attention(g, qkv, i, c, self.shared, self.cache_type, kv_scales, tuple(outputs), form, qk_norm)
-                branches.append((nodes, [y, *outputs]))
-            kv_shape = ["batch_size", c.num_key_value_heads, "max_sequence_length", c.head_size]
-            attn = g.if_op(self.prompt_condition, branches, [
-                (g.fresh(p + "attention/out"), NP_TO_ONNX[self.dtype],
-                 ["batch_size", "sequence_length", c.num_attention_heads * c.head_size]),
-                (present[0], self.cache_type, kv_shape), (present[1], self.cache_type, kv_shape)],
-                name=p + "attention/prompt_attention")[0]
+            use_kernel = self.use_prompt_kernel if prompt == "fmha" and generation else None
+            attn = g.if_op(self.prompt_condition, [branch(prompt, use_kernel), branch(None, generation=generation)],
+                           self._attention_outputs(p, present), name=p + "attention/prompt_attention")[0]
         return self.linear(attn, p + "attention.dense")
+
+    def _attention_outputs(self, p: str, present: tuple[str, str]) -> list[tuple[str, int, list]]:
+        """An attention If's outputs: (output, present key, present value) with types and shapes."""
+        c = self.config
+        kv_shape = ["batch_size", c.num_key_value_heads, "max_sequence_length", c.head_size]
+        return [(self.g.fresh(p + "attention/out"), NP_TO_ONNX[self.dtype],
+                 ["batch_size", "sequence_length", c.num_attention_heads * c.head_size]),
+                (present[0], self.cache_type, kv_shape), (present[1], self.cache_type, kv_shape)]
 
     def mlp(self, x: str, i: int) -> str:
         """fc → activation (× gate) → proj; W8A8 per token with trtbuild's kernels: a gated SiLU
@@ -345,9 +365,12 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             fmha = options.prompt_attention == "fmha"
             window = (1, None) if fmha else options.context_split
             cond = prompt_condition(g, input_ids, shared, *window, single=not fmha)
+            use_kernel = None
             if fmha:  # the runtime says whether the kernel is the faster form on its CPU
-                cond = g.op("And", [cond, g.input(USE_PROMPT_KERNEL, TensorProto.BOOL, [])], name="use_prompt_kernel")
-            ops = dataclasses.replace(ops, prompt_condition=cond)
+                use_kernel = g.input(USE_PROMPT_KERNEL, TensorProto.BOOL, [])
+                if not options.generation_attention:  # else: an If inside the prompt branch
+                    cond = g.op("And", [cond, use_kernel], name="use_prompt_kernel")
+            ops = dataclasses.replace(ops, prompt_condition=cond, use_prompt_kernel=use_kernel)
         pending, residual = None, h  # the last block's output, still to be added to the residual
         for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer", disable=not progress):
             pending, residual = family.onnx_layer(ops, i, pending, residual)

@@ -1,5 +1,6 @@
 """Prompt attention: prompts into an empty cache take an If branch of the engine where they run
-trtbuild's causal kernel (--context_fmha, the default; batches too) or, without it, GroupQueryAttention
+trtbuild's causal kernel (--context_fmha, the default; batches too; every other step then runs its
+generation kernel) or, without it, GroupQueryAttention
 in two causal halves (one prompt in the --context_split window). Every output (prefill logits,
 scores, generated tokens, the KV cache it leaves behind) equals the one-call engine's, at batch 1,
 for ragged batches and with an int8 KV cache."""
@@ -50,6 +51,14 @@ def test_prompt_engines_have_the_two_branch_if(runners):
     # an int8 KV engine's kernel writes the int8 cache and attends over what it holds
     kernel = "CausalPromptAttentionInt8KV" if runners["int8_kv"] else "CausalPromptAttention"
     assert kernel in op_types(fmha) and "CausalPromptAttention" not in op_types(split)
+    # every other step runs trtbuild's generation kernel; the prompt branch holds an If of its own
+    # on the runtime's choice (use_context_fmha): the prompt kernel or GroupQueryAttention
+    generation = "GenerationAttentionInt8KV" if runners["int8_kv"] else "GenerationAttention"
+    assert generation in op_types(fmha) and generation not in op_types(split)
+    layer_if = next(n for n in fmha.node if n.op_type == "If")
+    then, orelse = (next(a.g for a in layer_if.attribute if a.name == name) for name in ("then_branch", "else_branch"))
+    assert [n.op_type for n in then.node] == ["If"] and generation in {n.op_type for n in orelse.node}
+    assert {kernel, "GroupQueryAttention"} <= op_types(then)
     assert runners["fmha"].config.build_config.plugin_config.context_fmha
     assert not runners["split"].config.build_config.plugin_config.context_fmha
 

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized to int8 per block of 32 (or of the group; onnxruntime's fast kernel), or by "
                         "float activations (exactly A16, ~8x slower decode than fp32 on CPU)")
     p.add_argument("--context_fmha", default=enabled(d.plugin_config.context_fmha), choices=["enable", "disable"],
-                   help="attention plugin: prompts into an empty cache run trtbuild's causal attention kernel "
-                        "(compiled for this machine on first use; needs g++)")
+                   help="attention plugin: prompts into an empty cache run trtbuild's causal attention kernel, "
+                        "every step after its generation attention kernel (compiled for this machine on first "
+                        "use; needs g++)")
     p.add_argument("--smooth_quant_plugins", default=enabled(d.plugin_config.smooth_quant_plugins), choices=["enable", "disable"],
                    help="gemm plugin, SmoothQuant W8A8 per token: quantize activations with trtbuild's per-token "
                         "kernels (one pass per row; compiled on first use, needs g++)")

@@ -30,9 +30,9 @@ from trtbuild.errors import TrtbuildError
 
 DOMAIN = "trtbuild"
 KERNEL_DIR_ENV = "TRTBUILD_KERNEL_DIR"
-SOURCES = ("register.cc", "causal_attention.cc", "per_token_quant.cc", "collectives.cc", "lm_head.cc",
-           "weight_only_matmul.cc")
-# head sizes CausalPromptAttention is compiled for (attend_for in causal_attention.cc)
+SOURCES = ("register.cc", "causal_attention.cc", "generation_attention.cc", "per_token_quant.cc", "collectives.cc",
+           "lm_head.cc", "weight_only_matmul.cc")
+# head sizes the attention kernels are compiled for (for_head_size in attention_math.h)
 FMHA_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 _HERE = Path(__file__).resolve().parent
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]

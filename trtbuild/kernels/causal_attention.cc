@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "ort_op.h"
+#include "attention_math.h"
 
 namespace trtbuild {
 namespace {
@@ -50,30 +50,6 @@ struct Problem {
   int S, H, KV, D, rotary_dim, M, Sp, blocks;
   float scale;
 };
-
-// An int8 cache row: q = saturate(round_half_even(x / scale)), and x replaced by q * scale.
-void quantize_row(float* x, int8_t* q, int D, float scale) {
-  for (int i = 0; i < D; ++i) {
-    const float r = std::min(127.0f, std::max(-128.0f, std::nearbyint(x[i] / scale)));
-    q[i] = (int8_t)r;
-    x[i] = r * scale;
-  }
-}
-
-// The weighted sum of values: a head's D floats are ND vectors, summed in chunks of NC vectors;
-// each call holds RM rows x NC accumulators plus NC value vectors in registers.
-constexpr int kValueAccumulators = kRegisters / 2;
-constexpr int value_chunk(int nd) { return nd / ((nd + kValueAccumulators - 1) / kValueAccumulators); }
-constexpr int rows_per_pv(int nc) { return nc >= kValueAccumulators ? 1 : std::min(8, kValueAccumulators / nc); }
-
-void rope(const float* in, float* out, const float* c, const float* s, int rotary_dim, int D, float mul) {
-  const int half = rotary_dim / 2;
-  for (int i = 0; i < half; ++i) {
-    out[i] = (in[i] * c[i] - in[i + half] * s[i]) * mul;
-    out[i + half] = (in[i + half] * c[i] + in[i] * s[i]) * mul;
-  }
-  for (int i = rotary_dim; i < D; ++i) out[i] = in[i] * mul;
-}
 
 // Tokens [64 b, 64 b + 64): rotary on queries (scaled) and keys, keys and values into the cache,
 // keys transposed into kt for the score tiles.
@@ -122,25 +98,6 @@ inline void score_tile(const float* q, const float* kt, int D, int Sp, float* sc
   }
 }
 
-// out[r][0, NC kLanes) = inv[r] * sum_j P[r][j] v_j[0, NC kLanes) for `rows` (<= RM) rows over
-// keys [0, keys); value rows are ldv floats apart.
-template <int NC>
-inline void weighted_values(const float* P, int ld, const float* v, int ldv, int keys, const float* inv, int rows,
-                            float* out, int ldo) {
-  constexpr int RM = rows_per_pv(NC);
-  vf acc[RM][NC] = {};
-  for (int j = 0; j < keys; ++j) {
-    vf vj[NC];
-    for (int n = 0; n < NC; ++n) vj[n] = load(v + (size_t)j * ldv + n * kLanes);
-    for (int r = 0; r < RM; ++r) {
-      const vf pj = splat(P[r * ld + j]);
-      for (int n = 0; n < NC; ++n) acc[r][n] += pj * vj[n];
-    }
-  }
-  for (int r = 0; r < rows; ++r)
-    for (int n = 0; n < NC; ++n) store(out + (size_t)r * ldo + n * kLanes, acc[r][n] * inv[r]);
-}
-
 // Query block qb of head h, for heads of ND vectors.
 template <int ND>
 void attend_block(const Problem& p, int h, int qb) {
@@ -164,25 +121,8 @@ void attend_block(const Problem& p, int h, int qb) {
     float* row = scores + (size_t)i * ld;
     const int n = r0 + i + 1;                                  // keys query r0 + i sees
     const int zero_to = std::min(r0 + (i / RM + 1) * RM, r1);  // keys its row group sums over
-    vf mv = splat(-INFINITY);
-    int j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      const vf r = load(row + j);
-      mv = r > mv ? r : mv;
-    }
-    float m = hmax(mv);
-    for (; j < n; ++j) m = std::max(m, row[j]);
-    vf sum = {};
-    j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      const vf e = vexp(load(row + j) - m);
-      store(row + j, e);
-      sum += e;
-    }
-    float s = hsum(sum);
-    for (; j < n; ++j) s += row[j] = std::exp(row[j] - m);
-    for (; j < zero_to; ++j) row[j] = 0.0f;
-    inv[i] = 1.0f / s;
+    inv[i] = softmax_row(row, n);
+    for (int j = n; j < zero_to; ++j) row[j] = 0.0f;
   }
   const float* v = p.v + kv_head * p.kv_head_stride;
   for (int i = 0; i < rows; i += RM)
@@ -216,31 +156,7 @@ void attend_task(void* data, size_t i) {
 using Task = void (*)(void*, size_t);
 
 Task attend_for(int D) {
-  if (D % kLanes != 0) return nullptr;
-  switch (D / kLanes) {  // the head sizes FMHA_HEAD_SIZES (trtbuild/kernels/__init__.py) lists
-#if defined(__AVX512F__)
-    case 1: return attend_task<1>;
-    case 2: return attend_task<2>;
-    case 3: return attend_task<3>;
-    case 4: return attend_task<4>;
-    case 5: return attend_task<5>;
-    case 6: return attend_task<6>;
-    case 7: return attend_task<7>;
-    case 8: return attend_task<8>;
-    case 16: return attend_task<16>;
-#else
-    case 2: return attend_task<2>;
-    case 4: return attend_task<4>;
-    case 6: return attend_task<6>;
-    case 8: return attend_task<8>;
-    case 10: return attend_task<10>;
-    case 12: return attend_task<12>;
-    case 14: return attend_task<14>;
-    case 16: return attend_task<16>;
-    case 32: return attend_task<32>;
-#endif
-    default: return nullptr;
-  }
+  return for_head_size(D, [](auto nd) -> Task { return attend_task<decltype(nd)::value>; });
 }
 
 // kInt8: CausalPromptAttentionInt8KV, the same over an int8 cache with static per-tensor scales:

@@ -33,27 +33,6 @@ constexpr int64_t kRowBlockBytes = 256 << 10;  // x rows a work item keeps in ca
 constexpr int64_t kColBlockBytes = 64 << 10;   // w rows a work item reads
 constexpr int kMaxTileRows = 8, kMaxTileCols = 4;
 
-// Pairwise sums of the lanes of (a, b): lane i < kLanes / 2 is a[2i] + a[2i + 1], the rest b's.
-inline vf pair_sums(vf a, vf b) {
-  typedef int32_t mask __attribute__((vector_size(kLanes * 4)));
-  constexpr auto lanes = [](int offset) {
-    mask m{};
-    for (int i = 0; i < kLanes; ++i) m[i] = 2 * i + offset;
-    return m;
-  };
-  return __builtin_shuffle(a, b, lanes(0)) + __builtin_shuffle(a, b, lanes(1));
-}
-
-// The sums of the lanes of acc[0..3] at once (summing four vectors lane by lane costs as much as
-// a short dot product): after two halvings r's lanes are kLanes / 4 partial sums of acc[0], then as
-// many of acc[1], acc[2], acc[3]; halving r with itself until one each is left gives the four sums
-// in lanes 0..3.
-inline void sum4(const vf* acc, float* out) {
-  vf r = pair_sums(pair_sums(acc[0], acc[1]), pair_sums(acc[2], acc[3]));
-  for (int partial = kLanes / 4; partial > 1; partial /= 2) r = pair_sums(r, r);
-  for (int n = 0; n < 4; ++n) out[n] = r[n];
-}
-
 // y[m][n] = x[m] · w[n] for MR rows of x (stride ldx) and NR rows of w (stride K).
 template <int MR, int NR>
 void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {

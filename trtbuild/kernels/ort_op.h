@@ -51,6 +51,27 @@ inline float hmax(vf v) {
   return m;
 }
 
+// Pairwise sums of the lanes of (a, b): lane i < kLanes / 2 is a[2i] + a[2i + 1], the rest b's.
+inline vf pair_sums(vf a, vf b) {
+  typedef int32_t mask __attribute__((vector_size(kLanes * 4)));
+  constexpr auto lanes = [](int offset) {
+    mask m{};
+    for (int i = 0; i < kLanes; ++i) m[i] = 2 * i + offset;
+    return m;
+  };
+  return __builtin_shuffle(a, b, lanes(0)) + __builtin_shuffle(a, b, lanes(1));
+}
+
+// The sums of the lanes of acc[0..3] at once (summing four vectors lane by lane costs as much as
+// a short dot product): after two halvings r's lanes are kLanes / 4 partial sums of acc[0], then as
+// many of acc[1], acc[2], acc[3]; halving r with itself until one each is left gives the four sums
+// in lanes 0..3.
+inline void sum4(const vf* acc, float* out) {
+  vf r = pair_sums(pair_sums(acc[0], acc[1]), pair_sums(acc[2], acc[3]));
+  for (int partial = kLanes / 4; partial > 1; partial /= 2) r = pair_sums(r, r);
+  for (int n = 0; n < 4; ++n) out[n] = r[n];
+}
+
 // e^x, 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (relative error ~2e-7), x clamped
 // to [-87, 88] (e^-87 ~ 1e-38: nothing a sum of exponentials can resolve; e^88 < FLT_MAX).
 inline vf vexp(vf x) {
@@ -174,6 +195,8 @@ struct OpTable : OrtCustomOp {
 // Each kernel source defines one of these; register.cc adds them all to the "trtbuild" domain.
 const OrtCustomOp* causal_prompt_attention_op();
 const OrtCustomOp* causal_prompt_attention_int8_kv_op();
+const OrtCustomOp* generation_attention_op();
+const OrtCustomOp* generation_attention_int8_kv_op();
 const OrtCustomOp* per_token_quantize_op();
 const OrtCustomOp* swiglu_quantize_op();
 const OrtCustomOp* all_reduce_op();

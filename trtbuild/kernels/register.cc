@@ -10,6 +10,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   // The domain must outlive every session that uses it: it lives as long as the process.
   TRTBUILD_RETURN_IF_ERROR(api->CreateCustomOpDomain("trtbuild", &domain));
   for (const OrtCustomOp* op : {trtbuild::causal_prompt_attention_op(), trtbuild::causal_prompt_attention_int8_kv_op(),
+                                trtbuild::generation_attention_op(), trtbuild::generation_attention_int8_kv_op(),
                                 trtbuild::per_token_quantize_op(), trtbuild::swiglu_quantize_op(),
                                 trtbuild::all_reduce_op(), trtbuild::all_gather_op(),
                                 trtbuild::pipeline_send_op(), trtbuild::pipeline_recv_op(),

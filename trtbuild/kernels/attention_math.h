@@ -1,0 +1,121 @@
+// What trtbuild's two attention kernels share (causal_attention.cc for prompts into an empty cache,
+// generation_attention.cc for every step after): rotary embedding, the int8 cache's rounding, the
+// softmax of a row of scores, the weighted sum of values, and the head sizes they are compiled for.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "ort_op.h"
+
+namespace trtbuild {
+
+// f(std::integral_constant<int, ND>) for a head of ND vectors of kLanes floats (D = ND kLanes):
+// the head sizes FMHA_HEAD_SIZES (trtbuild/kernels/__init__.py) lists; nullptr for any other D.
+template <class F>
+auto for_head_size(int D, F f) -> decltype(f(std::integral_constant<int, 1>{})) {
+  if (D % kLanes != 0) return nullptr;
+  switch (D / kLanes) {
+#if defined(__AVX512F__)
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+#else
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 10: return f(std::integral_constant<int, 10>{});
+    case 12: return f(std::integral_constant<int, 12>{});
+    case 14: return f(std::integral_constant<int, 14>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+#endif
+    default: return nullptr;
+  }
+}
+
+// GPT-NeoX rotary embedding (rotate half, not interleaved) over the first rotary_dim of D values,
+// at the position whose cos / sin rows are c / s (nullptr: no rotary), times mul.
+inline void rope(const float* in, float* out, const float* c, const float* s, int rotary_dim, int D, float mul) {
+  const int half = c ? rotary_dim / 2 : 0;
+  for (int i = 0; i < half; ++i) {
+    out[i] = (in[i] * c[i] - in[i + half] * s[i]) * mul;
+    out[i + half] = (in[i + half] * c[i] + in[i] * s[i]) * mul;
+  }
+  for (int i = 2 * half; i < D; ++i) out[i] = in[i] * mul;
+}
+
+// An int8 cache row: q = saturate(round_half_even(x / scale)), and x replaced by q * scale.
+inline void quantize_row(float* x, int8_t* q, int D, float scale) {
+  for (int i = 0; i < D; ++i) {
+    const float r = std::min(127.0f, std::max(-128.0f, std::nearbyint(x[i] / scale)));
+    q[i] = (int8_t)r;
+    x[i] = r * scale;
+  }
+}
+
+// row[0, n) replaced by e^(row - max); returns 1 / their sum.
+inline float softmax_row(float* row, int n) {
+  vf mv = splat(-INFINITY);
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf r = load(row + j);
+    mv = r > mv ? r : mv;
+  }
+  float m = hmax(mv);
+  for (; j < n; ++j) m = std::max(m, row[j]);
+  vf sum = {};
+  j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf e = vexp(load(row + j) - m);
+    store(row + j, e);
+    sum += e;
+  }
+  float s = hsum(sum);
+  for (; j < n; ++j) s += row[j] = std::exp(row[j] - m);
+  return 1.0f / s;
+}
+
+// kLanes values of a cache row as floats: a float cache's, or an int8 cache's (times its scale later).
+inline vf load_values(const float* p) { return load(p); }
+inline vf load_values(const int8_t* p) {
+  typedef int8_t vi8 __attribute__((vector_size(kLanes)));
+  vi8 q;
+  std::memcpy(&q, p, sizeof q);
+  return __builtin_convertvector(__builtin_convertvector(q, vi), vf);
+}
+
+// The weighted sum of values: a head's D floats are ND vectors, summed in chunks of NC vectors;
+// each call holds RM rows x NC accumulators plus NC value vectors in registers.
+constexpr int kValueAccumulators = kRegisters / 2;
+constexpr int value_chunk(int nd) { return nd / ((nd + kValueAccumulators - 1) / kValueAccumulators); }
+constexpr int rows_per_pv(int nc) { return nc >= kValueAccumulators ? 1 : std::min(8, kValueAccumulators / nc); }
+
+// out[r][0, NC kLanes) = inv[r] * sum_j P[r][j] v_j[0, NC kLanes) for `rows` (<= RM) rows over
+// keys [0, keys); value rows are ldv values apart (float, or int8 with its scale folded into inv).
+template <int NC, class V>
+inline void weighted_values(const float* P, int ld, const V* v, int ldv, int keys, const float* inv, int rows,
+                            float* out, int ldo) {
+  constexpr int RM = rows_per_pv(NC);
+  vf acc[RM][NC] = {};
+  for (int j = 0; j < keys; ++j) {
+    vf vj[NC];
+    for (int n = 0; n < NC; ++n) vj[n] = load_values(v + (size_t)j * ldv + n * kLanes);
+    for (int r = 0; r < RM; ++r) {
+      const vf pj = splat(P[r * ld + j]);
+      for (int n = 0; n < NC; ++n) acc[r][n] += pj * vj[n];
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int n = 0; n < NC; ++n) store(out + (size_t)r * ldo + n * kLanes, acc[r][n] * inv[r]);
+}
+
+}  // namespace trtbuild
