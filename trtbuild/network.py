@@ -387,7 +387,10 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = ops.norm(picked, "transformer.ln_f")
         flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
+        shaped = False  # logits already [batch, num_logits, vocab]: no Reshape, which copies into the bound output
         if quantize_lm_head(config, options):
+            if tp == 1:  # these ops take [..., hidden] and keep its leading dims
+                flat, shaped = h, True
             lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
             tied_table = int8_table if config.tie_word_embeddings else None  # already quantized: reuse it
             block = EMBEDDING_BLOCK if config.hidden_size % EMBEDDING_BLOCK == 0 else config.hidden_size
@@ -410,8 +413,9 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             logits = g.op("AllGather", [logits, mpi], domain="trtbuild", name="lm_head/AllGather")
             logits = g.op("Slice", [logits, g.const([0]), g.const([config.vocab_size]), g.const([1])],
                           name="lm_head/unpad")
-        shape = g.op("Concat", [g.op("Shape", [logits_positions]), g.const([config.vocab_size])], axis=0)
-        logits = g.op("Reshape", [logits, shape])
+        if not shaped:
+            shape = g.op("Concat", [g.op("Shape", [logits_positions]), g.const([config.vocab_size])], axis=0)
+            logits = g.op("Reshape", [logits, shape])
         if dtype != np.float32 and tp == 1:
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
         g.op("Identity", [logits], outputs=[LOGITS])
