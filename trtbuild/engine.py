@@ -90,7 +90,7 @@ class BuildConfig:
     backend: str = "onnxruntime"
     compute_dtype: str | None = None  # set by the build: float32 on onnxruntime, the checkpoint's (or float16) on tensorrt
     trt_compute_capabilities: tuple[str, ...] | None = None  # tensorrt: the GPU targets (None: the default set)
-    quantize_lm_head: bool = True  # int8 lm_head in weight-only engines
+    quantize_lm_head: bool = True  # int8 lm_head (and embedding table) in engines with quantized linears
     # weight-only engines (W8A16, W4A16*): "int8" multiplies the int8/int4 weights by activations
     # quantized to int8 per block of 32 (or of the weights' group) with onnxruntime's fast kernel
     # (MatMulNBits accuracy_level 4); "float" by float activations (accuracy_level 0: exactly

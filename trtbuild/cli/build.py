@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime (CPU) or tensorrt (NVIDIA GPUs; builds without one)")
     p.add_argument("--trt_compute_capabilities", nargs="+", default=d.trt_compute_capabilities, help="tensorrt backend: SM targets")
     p.add_argument("--no_quantize_lm_head", action="store_true",
-                   help="weight-only engines: keep lm_head in floating point (default: int8 per channel)")
+                   help="engines with quantized linears (weight-only, SmoothQuant): keep lm_head and the embedding "
+                        "table in floating point (default: int8 in blocks of 32 along the hidden size)")
     p.add_argument("--weight_only_activations", default=d.weight_only_activations, choices=["int8", "float"],
                    help="weight-only engines (W8A16, W4A16*): multiply the int8/int4 weights by activations "
                         "quantized to int8 per block of 32 (or of the group; onnxruntime's fast kernel), or by "
