@@ -388,11 +388,11 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         # Only the requested positions go through the final norm and lm_head.
         picked = g.op("GatherND", [h, g.op("Unsqueeze", [logits_positions, g.const([2])])], batch_dims=1)
         h = ops.norm(picked, "transformer.ln_f")
-        flat = g.op("Reshape", [h, g.const([-1, config.hidden_size])])
-        shaped = False  # logits already [batch, num_logits, vocab]: no Reshape, which copies into the bound output
+        # an int8 lm_head's ops take [..., hidden] and keep its leading dims: its logits come out as
+        # [batch, num_logits, vocab], with no Reshape after them (which copies into the bound output)
+        shaped = quantize_lm_head(config, options) and tp == 1
+        flat = h if shaped else g.op("Reshape", [h, g.const([-1, config.hidden_size])])
         if quantize_lm_head(config, options):
-            if tp == 1:  # these ops take [..., hidden] and keep its leading dims
-                flat, shaped = h, True
             lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
             tied_table = int8_table if config.tie_word_embeddings else None  # already quantized: reuse it
             block = EMBEDDING_BLOCK if config.hidden_size % EMBEDDING_BLOCK == 0 else config.hidden_size
