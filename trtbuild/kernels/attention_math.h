@@ -5,41 +5,67 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "ort_op.h"
 
 namespace trtbuild {
 
-// f(std::integral_constant<int, ND>) for a head of ND vectors of kLanes floats (D = ND kLanes):
-// the head sizes FMHA_HEAD_SIZES (trtbuild/kernels/__init__.py) lists; nullptr for any other D.
+// The head sizes the attention kernels are compiled for: FMHA_HEAD_SIZES (trtbuild/kernels/__init__.py).
+using HeadSizes = std::integer_sequence<int, 16, 32, 48, 64, 80, 96, 112, 128, 256>;
+
+template <class F, int... Ds>
+auto for_head_size(int D, F f, std::integer_sequence<int, Ds...>) -> decltype(f(std::integral_constant<int, 1>{})) {
+  decltype(f(std::integral_constant<int, 1>{})) picked = nullptr;
+  ((D == Ds ? (picked = f(std::integral_constant<int, Ds / kLanes>{}), true) : false) || ...);
+  return picked;
+}
+
+// f(std::integral_constant<int, ND>) for a head of D = ND kLanes floats, one of HeadSizes; nullptr
+// for any other D.
 template <class F>
-auto for_head_size(int D, F f) -> decltype(f(std::integral_constant<int, 1>{})) {
-  if (D % kLanes != 0) return nullptr;
-  switch (D / kLanes) {
-#if defined(__AVX512F__)
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 16: return f(std::integral_constant<int, 16>{});
-#else
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 10: return f(std::integral_constant<int, 10>{});
-    case 12: return f(std::integral_constant<int, 12>{});
-    case 14: return f(std::integral_constant<int, 14>{});
-    case 16: return f(std::integral_constant<int, 16>{});
-    case 32: return f(std::integral_constant<int, 32>{});
-#endif
-    default: return nullptr;
+auto for_head_size(int D, F f) {
+  return for_head_size(D, f, HeadSizes{});
+}
+
+// The attributes both attention ops take: num_heads, kv_num_heads, scale (optional; 0: 1 / sqrt(D)).
+struct HeadAttributes {
+  int64_t num_heads = 0, kv_num_heads = 0;
+  float scale = 0.0f;
+
+  OrtStatus* read(const OrtApi* api, const OrtKernelInfo* info) {
+    TRTBUILD_RETURN_IF_ERROR(api->KernelInfoGetAttribute_int64(info, "num_heads", &num_heads));
+    TRTBUILD_RETURN_IF_ERROR(api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kv_num_heads));
+    if (OrtStatus* missing = api->KernelInfoGetAttribute_float(info, "scale", &scale)) {
+      api->ReleaseStatus(missing);  // optional
+      scale = 0.0f;
+    }
+    return nullptr;
   }
+  // What is wrong with the heads (empty: nothing)
+  std::string heads_error() const {
+    if (num_heads > 0 && kv_num_heads > 0 && num_heads % kv_num_heads == 0) return "";
+    return "num_heads " + std::to_string(num_heads) + " is not a multiple of kv_num_heads " + std::to_string(kv_num_heads);
+  }
+  float scale_for(int D) const { return scale > 0 ? scale : 1.0f / std::sqrt((float)D); }
+};
+
+// An int8 cache's static scale, input i of the op's context: one value > 0 (`what` names it).
+inline OrtStatus* cache_scale(const OrtApi* api, OrtKernelContext* context, size_t i, const char* op,
+                              const std::string& what, float* out) {
+  const OrtValue* value;
+  std::vector<int64_t> dims;
+  const float* data;
+  TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, i, &value));
+  TRTBUILD_RETURN_IF_ERROR(shape_of(api, value, dims));
+  if (element_count(dims) != 1) return op_error(api, op, what + " must hold one value");
+  TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(value, reinterpret_cast<const void**>(&data)));
+  if (!(*data > 0.0f)) return op_error(api, op, what + " must be > 0");
+  *out = *data;
+  return nullptr;
 }
 
 // GPT-NeoX rotary embedding (rotate half, not interleaved) over the first rotary_dim of D values,

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "attention_math.h"
 
@@ -174,22 +175,12 @@ struct CausalPromptAttention {
   }
 
   const OrtApi* api;
-  int64_t num_heads = 0, kv_num_heads = 0;
-  float scale = 0.0f;  // 0: 1 / sqrt(D)
+  HeadAttributes heads;
 
   static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, CausalPromptAttention** out) {
-    auto* k = new CausalPromptAttention{api};
-    OrtStatus* s = api->KernelInfoGetAttribute_int64(info, "num_heads", &k->num_heads);
-    if (!s) s = api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_num_heads);
-    if (s) {
-      delete k;
-      return s;
-    }
-    if (OrtStatus* missing = api->KernelInfoGetAttribute_float(info, "scale", &k->scale)) {
-      api->ReleaseStatus(missing);  // optional
-      k->scale = 0.0f;
-    }
-    *out = k;
+    auto k = std::make_unique<CausalPromptAttention>(CausalPromptAttention{api});
+    TRTBUILD_RETURN_IF_ERROR(k->heads.read(api, info));
+    *out = k.release();
     return nullptr;
   }
 
@@ -208,10 +199,9 @@ struct CausalPromptAttention {
     std::vector<int64_t> x, cache, rot;
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, qkv, x));
     TRTBUILD_RETURN_IF_ERROR(shape_of(api, past_key, cache));
-    const int H = (int)num_heads, KV = (int)kv_num_heads;
+    const int H = (int)heads.num_heads, KV = (int)heads.kv_num_heads;
     if (x.size() != 3 || x[0] < 1) return error("qkv must be [B, S, (H + 2 KV) * D]");
-    if (H <= 0 || KV <= 0 || H % KV != 0)
-      return error("num_heads " + std::to_string(H) + " is not a multiple of kv_num_heads " + std::to_string(KV));
+    if (const std::string bad = heads.heads_error(); !bad.empty()) return error(bad);
     if (x[2] % (H + 2 * KV) != 0) return error("qkv's last dim is not (num_heads + 2 kv_num_heads) * head_size");
     const int B = (int)x[0], S = (int)x[1], D = (int)(x[2] / (H + 2 * KV));
     if (!attend_for(D)) return error("head size " + std::to_string(D) + " has no kernel (16..128 by 16, 256)");
@@ -226,7 +216,7 @@ struct CausalPromptAttention {
     }
     Problem p{};
     p.S = S, p.H = H, p.KV = KV, p.D = D, p.rotary_dim = rotary_dim, p.M = (int)cache[2];
-    p.scale = scale > 0 ? scale : 1.0f / std::sqrt((float)D);
+    p.scale = heads.scale_for(D);
     p.blocks = (S + kBlock - 1) / kBlock;
     p.Sp = p.blocks * kBlock;
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(qkv, reinterpret_cast<const void**>(&p.qkv)));
@@ -245,17 +235,8 @@ struct CausalPromptAttention {
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_v, &v_cache));
     if (kInt8) {
       p.k8 = static_cast<int8_t*>(k_cache), p.v8 = static_cast<int8_t*>(v_cache);
-      for (int i : {2, 3}) {
-        const OrtValue* value;
-        std::vector<int64_t> dims;
-        const float* data;
-        TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, i, &value));
-        TRTBUILD_RETURN_IF_ERROR(shape_of(api, value, dims));
-        if (element_count(dims) != 1) return error(i == 2 ? "k_scale must hold one value" : "v_scale must hold one value");
-        TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(value, reinterpret_cast<const void**>(&data)));
-        if (!(*data > 0.0f)) return error(i == 2 ? "k_scale must be > 0" : "v_scale must be > 0");
-        (i == 2 ? p.k_scale : p.v_scale) = *data;
-      }
+      TRTBUILD_RETURN_IF_ERROR(cache_scale(api, context, 2, name, "k_scale", &p.k_scale));
+      TRTBUILD_RETURN_IF_ERROR(cache_scale(api, context, 3, name, "v_scale", &p.v_scale));
     } else {
       p.k = static_cast<float*>(k_cache), p.v = static_cast<float*>(v_cache);
     }

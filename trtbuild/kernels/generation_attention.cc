@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -65,7 +66,8 @@ struct Step {
 template <bool kInt8>
 void write_kv(const Step& p, int b, int kv_head) {
   const int D = p.D, past = p.past(b);
-  std::vector<float> row(kInt8 ? 2 * D : 0);
+  thread_local std::vector<float> row;  // int8: the rotated key and the value before rounding
+  if constexpr (kInt8) row.resize(2 * D);
   for (int s = 0; s < p.S; ++s) {
     const int pos = past + s;
     const float* x = p.qkv + ((size_t)b * p.S + s) * p.width();
@@ -190,25 +192,13 @@ struct GenerationAttention {
   }
 
   const OrtApi* api;
-  int64_t num_heads = 0, kv_num_heads = 0;
-  float scale = 0.0f;  // 0: 1 / sqrt(D)
+  HeadAttributes heads;
 
   static OrtStatus* create(const OrtApi* api, const OrtKernelInfo* info, GenerationAttention** out) {
-    auto* k = new GenerationAttention{api};
-    OrtStatus* s = api->KernelInfoGetAttribute_int64(info, "num_heads", &k->num_heads);
-    if (!s) s = api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_num_heads);
-    if (!s && (k->num_heads <= 0 || k->kv_num_heads <= 0 || k->num_heads % k->kv_num_heads != 0))
-      s = op_error(api, name, "num_heads " + std::to_string(k->num_heads) + " is not a multiple of kv_num_heads " +
-                                  std::to_string(k->kv_num_heads));
-    if (s) {
-      delete k;
-      return s;
-    }
-    if (OrtStatus* missing = api->KernelInfoGetAttribute_float(info, "scale", &k->scale)) {
-      api->ReleaseStatus(missing);  // optional
-      k->scale = 0.0f;
-    }
-    *out = k;
+    auto k = std::make_unique<GenerationAttention>(GenerationAttention{api});
+    TRTBUILD_RETURN_IF_ERROR(k->heads.read(api, info));
+    if (const std::string bad = k->heads.heads_error(); !bad.empty()) return op_error(api, name, bad);
+    *out = k.release();
     return nullptr;
   }
 
@@ -217,18 +207,6 @@ struct GenerationAttention {
   OrtStatus* input(OrtKernelContext* context, size_t i, const OrtValue** value, std::vector<int64_t>& dims) const {
     TRTBUILD_RETURN_IF_ERROR(api->KernelContext_GetInput(context, i, value));
     return shape_of(api, *value, dims);
-  }
-
-  OrtStatus* scalar(OrtKernelContext* context, size_t i, const char* what, float* out) const {
-    const OrtValue* value;
-    std::vector<int64_t> dims;
-    const float* data;
-    TRTBUILD_RETURN_IF_ERROR(input(context, i, &value, dims));
-    if (element_count(dims) != 1) return error(std::string(what) + " must hold one value");
-    TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(value, reinterpret_cast<const void**>(&data)));
-    if (!(*data > 0.0f)) return error(std::string(what) + " must be > 0");
-    *out = *data;
-    return nullptr;
   }
 
   OrtStatus* compute(OrtKernelContext* context) const {
@@ -241,7 +219,7 @@ struct GenerationAttention {
     TRTBUILD_RETURN_IF_ERROR(input(context, 2, &past_v, v_cache));
     TRTBUILD_RETURN_IF_ERROR(input(context, 3, &seqlens, lens));
     TRTBUILD_RETURN_IF_ERROR(input(context, 4, &total, total_dims));
-    const int H = (int)num_heads, KV = (int)kv_num_heads;
+    const int H = (int)heads.num_heads, KV = (int)heads.kv_num_heads;
     if (x.size() != 3) return error("qkv must be [B, S, (H + 2 KV) * D]");
     if (x[2] % (H + 2 * KV) != 0) return error("qkv's last dim is not (num_heads + 2 kv_num_heads) * head_size");
     Step p{};
@@ -264,8 +242,8 @@ struct GenerationAttention {
       TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(sin, reinterpret_cast<const void**>(&p.sin)));
     }
     if (kInt8) {
-      TRTBUILD_RETURN_IF_ERROR(scalar(context, 5, "k_scale", &p.k_scale));
-      TRTBUILD_RETURN_IF_ERROR(scalar(context, 6, "v_scale", &p.v_scale));
+      TRTBUILD_RETURN_IF_ERROR(cache_scale(api, context, 5, name, "k_scale", &p.k_scale));
+      TRTBUILD_RETURN_IF_ERROR(cache_scale(api, context, 6, name, "v_scale", &p.v_scale));
     }
     const int32_t* total_len;
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorData(qkv, reinterpret_cast<const void**>(&p.qkv)));
@@ -290,7 +268,7 @@ struct GenerationAttention {
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(out, reinterpret_cast<void**>(&p.out)));
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_k, &p.k_cache));
     TRTBUILD_RETURN_IF_ERROR(api->GetTensorMutableData(present_v, &p.v_cache));
-    p.scale = scale > 0 ? scale : 1.0f / std::sqrt((float)p.D);
+    p.scale = heads.scale_for(p.D);
     if (p.B == 0 || p.S == 0) return nullptr;
     const size_t value_bytes = kInt8 ? 1 : sizeof(float);
     for (auto [from, to] : {std::pair<const OrtValue*, void*>{past_k, p.k_cache}, {past_v, p.v_cache}}) {
