@@ -45,7 +45,8 @@ class NetworkOptions:
     fused_norm: bool = True
     max_seq_len: int = 2048
     # fused attention: how prompts into an empty cache attend (plugins.attention, `prompt`):
-    # "fmha" (trtbuild's kernel, every length and batch), "split" (GroupQueryAttention in halves, one
+    # "fmha" (trtbuild's kernel, every length and batch; every other step then runs its
+    # GenerationAttention kernel), "split" (GroupQueryAttention in halves, one
     # prompt of context_split[0] <= tokens < context_split[1]) or None (as every other step)
     prompt_attention: str | None = None
     context_split: tuple[int, int] = (0, 0)
@@ -58,9 +59,6 @@ class NetworkOptions:
     quantize_lm_head: bool = True
     # weight-only GEMMs: "int8" (activations quantized per block, fast) or "float" (exact A16)
     weight_only_activations: str = "int8"
-    # fused attention with the prompt kernel ("fmha"): every other step as trtbuild's
-    # GenerationAttention kernel, not GroupQueryAttention (layers without a window)
-    generation_attention: bool = False
     lora: LoraNetworkOptions | None = None
 
 
@@ -237,7 +235,7 @@ class LayerOps:
         prompt = self.options.prompt_attention if self.prompt_condition is not None else None
         if prompt == "fmha" and c.window(i):
             prompt = None  # the kernel has no window: both branches would be the decode form
-        generation = self.options.generation_attention and prompt == "fmha"
+        generation = prompt == "fmha"  # trtbuild's kernels: GenerationAttention for every other step
 
         def branch(form: str | None, use_kernel: str | None = None, generation: bool = False) -> tuple[list, list[str]]:
             """An If branch: the attention of `form` into fresh present names (with `use_kernel`:
@@ -258,7 +256,7 @@ class LayerOps:
             # An If around the attention alone, not around the layers: weights read in two branches
             # stay resident beside their prepacked copies while onnxruntime loads the engine
             # (SmolLM2 fp32: peak 1115 MB against 685), and an If costs ~1 us a step.
-            use_kernel = self.use_prompt_kernel if prompt == "fmha" and generation else None
+            use_kernel = self.use_prompt_kernel if generation else None
             attn = g.if_op(self.prompt_condition, [branch(prompt, use_kernel), branch(None, generation=generation)],
                            self._attention_outputs(p, present), name=p + "attention/prompt_attention")[0]
         return self.linear(attn, p + "attention.dense")
@@ -367,11 +365,9 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
             fmha = options.prompt_attention == "fmha"
             window = (1, None) if fmha else options.context_split
             cond = prompt_condition(g, input_ids, shared, *window, single=not fmha)
-            use_kernel = None
-            if fmha:  # the runtime says whether the kernel is the faster form on its CPU
-                use_kernel = g.input(USE_PROMPT_KERNEL, TensorProto.BOOL, [])
-                if not options.generation_attention:  # else: an If inside the prompt branch
-                    cond = g.op("And", [cond, use_kernel], name="use_prompt_kernel")
+            # fmha: the runtime says whether the kernel is the faster prompt form on its CPU (an If
+            # inside the prompt branch)
+            use_kernel = g.input(USE_PROMPT_KERNEL, TensorProto.BOOL, []) if fmha else None
             ops = dataclasses.replace(ops, prompt_condition=cond, use_prompt_kernel=use_kernel)
         pending, residual = None, h  # the last block's output, still to be added to the residual
         for i in tqdm(range(config.num_hidden_layers), desc="network", unit="layer", disable=not progress):

@@ -143,6 +143,5 @@ def network_options(build: BuildConfig) -> NetworkOptions:
                           weight_only_activations=build.weight_only_activations, context_split=split,
                           smooth_quant_kernels=pc.smooth_quant_plugins, lm_head_kernel=pc.lm_head_plugin,
                           weight_only_kernel=pc.weight_only_quant_matmul_plugin,
-                          generation_attention=pc.context_fmha,
                           prompt_attention="fmha" if pc.context_fmha else
                           ("split" if fused_attention and 0 < lo < hi else None))
