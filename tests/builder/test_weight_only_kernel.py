@@ -1,7 +1,8 @@
 """trtbuild's WeightOnlyQuantMatMul kernel (weight-only int4/int8 linears, int8 activations): exact
 against a numpy model of what it computes and against onnxruntime's MatMulNBits at accuracy_level 4
-(the op it replaces), in the library built for this machine and in the AVX2 form; its weights leave
-the file once packed; and a weight-only engine built with it gives MatMulNBits' engine's logits."""
+(the op it replaces), in the library built for this machine, in the AVX2 form and, on a machine with
+AMX, without AMX; the same bits in every form; its weights leave the file once packed; and a
+weight-only engine built with it gives MatMulNBits' engine's logits."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ from trtbuild.runtime import ModelRunner, SamplingConfig
 
 from conftest import kernel_session, op_types
 from test_lm_head_kernel import mapped_file_kb
+
+
+# The kernel's forms here: this machine's, the AVX2 one and, where this machine has AMX (tiles of
+# kAmxMinRows rows or more then run TDPBSUD), this machine's without it, as an AVX-512 VNNI CPU runs it.
+FORMS = ["native", "avx2", *(["native-no-amx"] if kernels.host_has_amx() else [])]
+
+
+@pytest.fixture(params=FORMS)
+def isa(request) -> str:
+    return request.param
 
 
 def all_nodes(graph):
@@ -99,8 +110,9 @@ def test_kernel_matches_its_numpy_model_and_matmulnbits(tmp_path, isa, N, K, bit
     values, b, scales, zeros = random_weights(rng, N, K, bits, block, zero_points)
     kernel = session("kernel", K, N, bits, block, b, scales, zeros, tmp_path, isa)
     nbits = session("nbits", K, N, bits, block, b, scales, zeros, tmp_path)
-    # decode steps' rows (1..8: one tile on AVX-512, two on AVX2), many rows, and none
-    for M in [1, 2, 3, 5, 8, 9, 13, 0]:
+    # decode steps' rows (1..8: one tile on AVX-512, two on AVX2), many rows (AMX at blocks of 64 and
+    # 128: tiles of 8 to 16 rows; 21, 35: full ones, then 5 or 3 for the vector tiles), and none
+    for M in [1, 2, 3, 5, 8, 9, 13, 16, 21, 24, 35, 0]:
         x = rng.standard_normal((M, K)).astype(np.float32)
         (y,) = kernel.run(None, {"x": x})
         assert y.shape == (M, N) and y.dtype == np.float32
@@ -110,6 +122,73 @@ def test_kernel_matches_its_numpy_model_and_matmulnbits(tmp_path, isa, N, K, bit
         if M:  # MatMulNBits at accuracy_level 4 computes the same (its own order of float sums)
             (theirs,) = nbits.run(None, {"x": x})
             np.testing.assert_allclose(y, theirs, rtol=0, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("N,K,bits,block,zero_points", [CASES[0], CASES[2], CASES[3], CASES[5]])
+def test_kernel_gives_the_same_bits_in_every_form(tmp_path, N, K, bits, block, zero_points):
+    """Every form sums the same int32 products and scales them in the same order, so every CPU gives
+    the same outputs: AVX2 and AVX-512 tiles, vpdpbusd or not, AMX or not."""
+    rng = np.random.default_rng(N + K)
+    _, b, scales, zeros = random_weights(rng, N, K, bits, block, zero_points)
+    sessions = {isa: session("kernel", K, N, bits, block, b, scales, zeros, tmp_path, isa) for isa in FORMS}
+    for M in [1, 4, 8, 16, 37]:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        outputs = {isa: s.run(None, {"x": x})[0] for isa, s in sessions.items()}
+        for isa, y in outputs.items():
+            np.testing.assert_array_equal(y, outputs["native"], err_msg=f"{isa} against native, {M} rows")
+
+
+TILES_HELPER = r"""
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cstdint>
+struct alignas(64) Config { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+// MLAS's configuration for its AMX GEMMs: every tile 16 rows of 64 bytes (the process asks for the
+// tiles first, as MLAS does)
+extern "C" void load_gemm_config() {
+  syscall(SYS_arch_prctl, 0x1023, 18);
+  Config config = {1};
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  asm volatile("ldtilecfg %0" : : "m"(config));
+}
+extern "C" void release_tiles() { asm volatile("tilerelease"); }
+extern "C" void read_config(Config* out) { asm volatile("sttilecfg %0" : "=m"(*out)); }
+"""
+
+
+@pytest.mark.skipif(not kernels.host_has_amx(), reason="no AMX here: the kernel uses no tile registers")
+def test_kernel_gives_other_amx_users_their_tiles_back(tmp_path):
+    """onnxruntime's own u8 x s8 GEMMs (MLAS) load their AMX tile configuration once per thread and
+    count on finding it there at every later call (a W8A8 engine runs them beside the kernel, its
+    lm_head): the kernel leaves each thread's tile configuration as it found it, loaded or none."""
+    import ctypes
+    import subprocess
+
+    source = tmp_path / "tiles.cc"
+    source.write_text(TILES_HELPER)
+    subprocess.run([kernels.find_compiler(), "-O2", "-shared", "-fPIC", str(source), "-o",
+                    str(tmp_path / "tiles.so")], check=True)
+    tiles = ctypes.CDLL(str(tmp_path / "tiles.so"))
+    rng = np.random.default_rng(5)
+    N, K, bits, block = 64, 256, 4, 64  # blocks of 64, 8 rows: AMX's tiles
+    values, b, scales, zeros = random_weights(rng, N, K, bits, block, False)
+    ours = session("kernel", K, N, bits, block, b, scales, zeros, tmp_path, threads=1)  # on this thread
+    x = rng.standard_normal((8, K)).astype(np.float32)
+    want = reference(x, values, scales, zeros, K, bits, block)
+
+    def config() -> bytes:
+        out = ctypes.create_string_buffer(64)
+        tiles.read_config(out)
+        return out.raw
+
+    for setup in (tiles.load_gemm_config, tiles.release_tiles):
+        setup()
+        before = config()
+        np.testing.assert_allclose(ours.run(None, {"x": x})[0], want, rtol=0, atol=2e-6 * np.abs(want).max())
+        assert config() == before, f"the kernel left the tiles configured otherwise after {setup.__name__}"
 
 
 def silu_gated(x: np.ndarray) -> np.ndarray:

@@ -38,8 +38,10 @@ _HERE = Path(__file__).resolve().parent
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 # What the library is compiled for: "native" (the machine it runs on: what engines use) or "avx2",
 # the form an AVX2 machine without AVX-512 gets, which runs on any x86-64 with AVX2: tests run it on
-# an AVX-512 machine too, so both forms are checked wherever the suite runs.
-ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma"]}
+# an AVX-512 machine too, so both forms are checked wherever the suite runs. "native-no-amx" is the
+# form of a machine like this one without AMX (tile registers), which tests run on an AMX machine.
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma"],
+             "native-no-amx": ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]}
 ISA_ENV = "TRTBUILD_KERNEL_ISA"
 
 
@@ -86,10 +88,7 @@ def cpu_description() -> str:
     features = _process_cpu_features()
     isa = "AVX-512" if features.get("AVX512F") else "AVX2" if features.get("AVX2") else "no AVX2"
     vnni = "VNNI" if features.get("AVX512VNNI") or features.get("AVXVNNI") else "no VNNI"
-    # numpy does not report AMX: the host's flags, where this process sees the host's AVX-512 (an
-    # emulated AVX2 CPU has no AMX)
-    host_flags = next((line for line in signature if line.startswith("flags")), "").split()
-    amx = ", AMX" if "amx_int8" in host_flags and features.get("AVX512F") else ""
+    amx = ", AMX" if host_has_amx() else ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model} ({isa}, {vnni}{amx}; {cores} cores)"
 
@@ -114,9 +113,16 @@ def isa_flags(isa: str) -> list[str]:
     if isa not in ISA_FLAGS:
         raise TrtbuildError(f"kernel ISA {isa!r} is not one of {', '.join(ISA_FLAGS)}")
     host_flags = next((line for line in cpu_signature().splitlines() if line.startswith("flags")), "").split()
-    if isa == "native" and "avx512f" in host_flags and not _process_cpu_features().get("AVX512F"):
+    if isa.startswith("native") and "avx512f" in host_flags and not _process_cpu_features().get("AVX512F"):
         return ISA_FLAGS["avx2"]
     return ISA_FLAGS[isa]
+
+
+def host_has_amx() -> bool:
+    """Whether this process's "native" form has AMX (the host's flags, as -march=native reads them,
+    where this process sees the host's AVX-512: an emulated AVX2 CPU gets the AVX2 form)."""
+    host_flags = next((line for line in cpu_signature().splitlines() if line.startswith("flags")), "").split()
+    return "amx_int8" in host_flags and isa_flags("native") == ISA_FLAGS["native"]
 
 
 def _missing_sources() -> list[str]:

@@ -134,20 +134,29 @@ inline OrtStatus* run_tasks(const OrtApi* api, OrtKernelContext* context, void (
 
 constexpr int64_t kMaxBatches = 64;  // work items grouped for the thread pool
 
-// Item(problem, i) for every i in [0, items), in at most kMaxBatches batches of consecutive items on
-// the context's thread pool (a thread's consecutive items share what the kernel orders them by).
-template <class P, void (*Item)(const P&, int64_t)>
-OrtStatus* run_items(const OrtApi* api, OrtKernelContext* context, const P& problem, int64_t items) {
+// What a batch of work items holds while it runs: nothing (see run_items).
+struct NoScope {
+  template <class P>
+  explicit NoScope(const P&) {}
+};
+
+// Item(problem, i) for every i in [0, items), in at most max_batches batches of consecutive items on
+// the context's thread pool (a thread's consecutive items share what the kernel orders them by),
+// each batch inside a Scope(problem): what its thread sets up for the items and restores after them.
+template <class P, void (*Item)(const P&, int64_t), class Scope = NoScope>
+OrtStatus* run_items(const OrtApi* api, OrtKernelContext* context, const P& problem, int64_t items,
+                     int64_t max_batches = kMaxBatches) {
   struct Batches {
     const P* problem;
     int64_t items, per_batch;
   };
   if (items <= 0) return nullptr;
-  const int64_t batches = std::min(items, kMaxBatches);
+  const int64_t batches = std::min(items, max_batches);
   Batches data{&problem, items, (items + batches - 1) / batches};
   const size_t used = (size_t)((items + data.per_batch - 1) / data.per_batch);
   auto batch = [](void* d, size_t b) {
     const Batches& all = *static_cast<const Batches*>(d);
+    const Scope scope(*all.problem);
     const int64_t first = (int64_t)b * all.per_batch;
     for (int64_t i = first; i < std::min(all.items, first + all.per_batch); ++i) Item(*all.problem, i);
   };

@@ -24,6 +24,13 @@
 // pages of b are then dropped (file_pages.h): memory holds the packed copy only, as with MatMulNBits'
 // own prepacking. With weights_shared (a tied int8 embedding table, which a Gather reads too) they
 // stay.
+//
+// On a CPU with AMX (Intel's tile registers; compiled in where -march=native has them and used where
+// the OS grants them), tiles of kAmxMinRows rows or more run TDPBSUD instead where blocks are whole
+// multiples of 64 values of K: an int8 panel is
+// already the B tile's layout (K / 4 rows of kPanel outputs x 4 values), an int4 one is unpacked into
+// it, and one instruction multiplies up to 16 rows by 64 values of K for all the panel's outputs. The
+// int32 sums are the same, so the outputs are too.
 
 #include <immintrin.h>
 
@@ -36,6 +43,12 @@
 
 #include "file_pages.h"
 #include "ort_op.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+#define TRTBUILD_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace trtbuild {
 namespace {
@@ -289,6 +302,152 @@ TileFn tile_for(int rows) {
   return table[std::min(rows, kMaxTileRows) - 1];
 }
 
+#if defined(TRTBUILD_AMX)
+constexpr int kAmxRows = 16;     // rows of an A tile at most
+constexpr int kTileBytes = 64;   // a tile row: the values of K one TDPBSUD multiplies
+// Fewer rows, or blocks of K that are not whole tile rows (32, 16: a multiply, a store and the
+// scaling per block), and the vector tiles were as fast or faster (Intel Xeon, AMX: 4 rows 0.7x,
+// 8 rows 1.2x, 16 1.35x, 512 1.5x at block 128; block 32 level at every row count).
+constexpr int kAmxMinRows = 8;
+constexpr int kAmxChunk = 512;   // values of K whose weights are unpacked, then multiplied, at once
+constexpr int64_t kAmxBatches = 8;  // batches of a call's work items: each loads the tiles' configuration
+static_assert(kPanel * 4 == kTileBytes, "a panel's group of 4 values of K is one B tile row");
+
+// Tile registers: a full tile of kAmxRows rows of q in tmm0 (A, rows x 64 bytes) with its sums in
+// tmm1 and tmm2 (C, rows x kPanel int32, for even and odd blocks: consecutive blocks' multiplies do
+// not wait for each other); a call's last, shorter tile in tmm3, tmm4, tmm5; the weights (B, 16
+// rows of kPanel x 4 bytes) alternately in tmm6 and tmm7.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// ldtilecfg / sttilecfg on the whole 64 bytes: GCC 12's _tile_loadconfig and _tile_storeconfig tell
+// the compiler they read or write 8 of them, which lets it drop or reorder the others' stores.
+inline void load_tile_config(const TileConfig& config) { asm volatile("ldtilecfg %0" : : "m"(config)); }
+inline void store_tile_config(TileConfig& config) { asm volatile("sttilecfg %0" : "=m"(config)); }
+
+// The OS must grant a process the tiles' state before it may use them (Linux >= 5.16).
+bool amx_granted() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+
+// The tile configuration for a call of last_rows (1..16) rows in its last tile.
+TileConfig tile_config(int last_rows) {
+  TileConfig config;
+  const int rows[8] = {kAmxRows, kAmxRows, kAmxRows, last_rows, last_rows, last_rows, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = (uint8_t)rows[t];
+    config.colsb[t] = kTileBytes;
+  }
+  return config;
+}
+
+// A thread's tile configuration while it runs a batch of a call's work items, and the one it had
+// back after them: other code on the thread pool's threads keeps its own in the registers between
+// its calls (MLAS's AMX GEMMs load theirs once per thread), and would run on ours. Loading one costs
+// ~50 ns, reading one back 5: neither is done per item.
+class TileScope {
+ public:
+  template <class Problem>
+  explicit TileScope(const Problem& c) : active_(c.amx) {
+    if (!active_) return;
+    store_tile_config(saved_);  // all zeros where none is loaded
+    const TileConfig want = tile_config((int)((c.M - 1) % kAmxRows) + 1);
+    changed_ = std::memcmp(&saved_, &want, sizeof want) != 0;
+    if (changed_) load_tile_config(want);
+  }
+  ~TileScope() {
+    if (!changed_) return;
+    if (saved_.palette == 0) _tile_release();
+    else load_tile_config(saved_);
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  bool active_, changed_ = false;
+  TileConfig saved_;
+};
+
+// The int32 sums of blocks [b0, b1) for rows of q (tile rows at q, a row every k_padded bytes) and
+// the B tile rows at weights (64 bytes each), into sums[block - b0][row][kPanel]. The intrinsics name
+// their tile register in an asm string: LAST (the call's last tile) picks the registers by hand.
+template <bool LAST>
+void amx_sums(const int8_t* q, int64_t k_padded, const uint8_t* weights, int64_t block, int64_t b0, int64_t b1,
+              int32_t* sums, int rows) {
+  int64_t k = b0 * block;
+  int step = 0;  // multiplies so far: which B register is next
+  for (int64_t b = b0; b < b1; ++b) {
+    const bool odd = (b - b0) % 2;
+    if constexpr (LAST) { if (odd) _tile_zero(5); else _tile_zero(4); }
+    else { if (odd) _tile_zero(2); else _tile_zero(1); }
+    for (const int64_t end = k + block; k < end; k += kTileBytes, weights += 16 * kTileBytes, ++step) {
+      if (step % 2) _tile_loadd(7, weights, kTileBytes); else _tile_loadd(6, weights, kTileBytes);
+      if constexpr (LAST) {
+        _tile_loadd(3, q + k, k_padded);
+        if (odd) { if (step % 2) _tile_dpbsud(5, 3, 7); else _tile_dpbsud(5, 3, 6); }
+        else { if (step % 2) _tile_dpbsud(4, 3, 7); else _tile_dpbsud(4, 3, 6); }
+      } else {
+        _tile_loadd(0, q + k, k_padded);
+        if (odd) { if (step % 2) _tile_dpbsud(2, 0, 7); else _tile_dpbsud(2, 0, 6); }
+        else { if (step % 2) _tile_dpbsud(1, 0, 7); else _tile_dpbsud(1, 0, 6); }
+      }
+    }
+    int32_t* out = sums + (b - b0) * rows * kPanel;
+    if constexpr (LAST) { if (odd) _tile_stored(5, out, kTileBytes); else _tile_stored(4, out, kTileBytes); }
+    else { if (odd) _tile_stored(2, out, kTileBytes); else _tile_stored(1, out, kTileBytes); }
+  }
+}
+
+// y[m][n] for the rows m0 .. m0 + rows - 1 and the outputs of panel p, as tile<BITS, rows> computes
+// them: per chunk of kAmxChunk values of K, an int4 panel's weights are unpacked into B tile rows
+// (group g's low nibbles are row 2g, values 8g..8g+3; its high ones row 2g + 1), the chunk's
+// blocks multiplied, then scaled; an int8 panel is B tile rows as it is.
+template <int BITS, bool LAST>
+void amx_tile(const Packed& w, int64_t p, const Quantized& a, int64_t m0, int rows, float* y, int64_t ldy, int n) {
+  const int64_t chunk_blocks = std::max<int64_t>(1, kAmxChunk / w.block);
+  const uint8_t* wp = w.weights.data() + p * w.panel_bytes();
+  const float* sp = w.scales.data() + p * w.blocks * kPanel;
+  const float* zp = w.zeros.data() + p * w.blocks * kPanel;
+  const int8_t* q = a.q.data() + m0 * w.k_padded;
+  alignas(64) uint8_t unpacked[kAmxChunk / 4 * kTileBytes];
+  alignas(64) int32_t sums[kAmxChunk / kTileBytes * kAmxRows * kPanel];
+  const vint low = splat_bytes(0x0F);
+  vflt out[kAmxRows];
+  for (int m = 0; m < rows; ++m) out[m] = vflt{};
+  for (int64_t b0 = 0; b0 < w.blocks; b0 += chunk_blocks) {
+    const int64_t b1 = std::min(w.blocks, b0 + chunk_blocks), values = (b1 - b0) * w.block;
+    const uint8_t* weights = wp + b0 * w.block * kPanel * BITS / 8;
+    if constexpr (BITS == 4) {
+      for (int64_t g = 0; g < values / 8; ++g) {
+        const uint8_t* raw_at = weights + g * kTileBytes;
+        _mm_prefetch((const char*)raw_at + kPrefetchBytes, _MM_HINT_T0);
+        const vint raw = load_bytes(raw_at);
+        _mm512_store_si512(unpacked + 2 * g * kTileBytes, bit_and(raw, low));
+        _mm512_store_si512(unpacked + (2 * g + 1) * kTileBytes, bit_and(shift_right4(raw), low));
+      }
+      weights = unpacked;
+    } else {
+      for (int64_t line = 0; line < values * kPanel; line += 64) _mm_prefetch((const char*)weights + kPrefetchBytes + line, _MM_HINT_T0);
+    }
+    amx_sums<LAST>(q, w.k_padded, weights, w.block, b0, b1, sums, rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      const vflt scale = load_floats(sp + b * kPanel), zero = load_floats(zp + b * kPanel);
+      const int32_t* block_sums = sums + (b - b0) * rows * kPanel;
+      for (int m = 0; m < rows; ++m) {
+        const int64_t i = (m0 + m) * w.blocks + b;
+        out[m] += (to_float(load_bytes(block_sums + m * kPanel)) - zero * a.sum[i]) * (scale * a.scale[i]);
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m) store_floats(y + (m0 + m) * ldy, out[m], n);
+}
+#endif
+
 constexpr int64_t kRowBlockBytes = 256 << 10;  // quantized rows a work item keeps in cache
 constexpr int64_t kQuantizeWork = 1 << 15;     // elements a quantizing task handles at least
 
@@ -298,6 +457,7 @@ struct Call {
   const float* x;
   float* y;
   int64_t M, row_block, rows_per_task;
+  bool amx;  // tiles of kAmxMinRows rows or more run on AMX
   Quantized a;
 };
 
@@ -315,7 +475,19 @@ void item_task(const Call& c, int64_t item) {
   const int64_t p = item % w.panels, m0 = item / w.panels * c.row_block;
   const int64_t m1 = std::min(c.M, m0 + c.row_block);
   const int n = (int)std::min<int64_t>(kPanel, w.N - p * kPanel);
-  for (int64_t m = m0; m < m1; m += kMaxTileRows) {
+  int64_t m = m0;
+#if defined(TRTBUILD_AMX)
+  if (c.amx) {  // row blocks are whole tiles of kAmxRows but the call's last: one shape of last tile
+    for (; m1 - m >= kAmxMinRows; m += kAmxRows) {
+      const int rows = (int)std::min<int64_t>(kAmxRows, m1 - m);
+      if (rows == kAmxRows)
+        (w.bits == 4 ? amx_tile<4, false> : amx_tile<8, false>)(w, p, c.a, m, rows, c.y + p * kPanel, w.N, n);
+      else
+        (w.bits == 4 ? amx_tile<4, true> : amx_tile<8, true>)(w, p, c.a, m, rows, c.y + p * kPanel, w.N, n);
+    }
+  }
+#endif
+  for (; m < m1; m += kMaxTileRows) {
     const int rows = (int)std::min<int64_t>(kMaxTileRows, m1 - m);
     (w.bits == 4 ? tile_for<4>(rows) : tile_for<8>(rows))(w, p, c.a, m, c.y + p * kPanel, w.N, n);
   }
@@ -437,13 +609,18 @@ struct WeightOnlyQuantMatMul {
       drop_file_pages(scales, static_cast<const float*>(scales) + scale_count);
       if (z) drop_file_pages(z, static_cast<const uint8_t*>(z) + z_count);
     }
-    *out = new WeightOnlyQuantMatMul{api, std::move(w), swiglu != 0};
+    bool amx = false;
+#if defined(TRTBUILD_AMX)
+    amx = amx_granted();
+#endif
+    *out = new WeightOnlyQuantMatMul{api, std::move(w), swiglu != 0, amx};
     return nullptr;
   }
 
   const OrtApi* api;
   std::unique_ptr<Packed> w;
   bool swiglu;
+  bool amx;  // AMX compiled in and granted by the OS
 
   OrtStatus* compute(OrtKernelContext* context) const {
     const OrtValue* x;
@@ -470,8 +647,17 @@ struct WeightOnlyQuantMatMul {
     c.rows_per_task = std::max<int64_t>(1, kQuantizeWork / row);
     const size_t quantize_tasks = (size_t)((c.M + c.rows_per_task - 1) / c.rows_per_task);
     TRTBUILD_RETURN_IF_ERROR(run_tasks(api, context, quantize_task, quantize_tasks, &c));
-    c.row_block = std::max<int64_t>(kMaxTileRows, kRowBlockBytes / w->k_padded / kMaxTileRows * kMaxTileRows);
-    return run_items<Call, item_task>(api, context, c, (c.M + c.row_block - 1) / c.row_block * w->panels);
+    int64_t tile_rows = kMaxTileRows;
+#if defined(TRTBUILD_AMX)
+    c.amx = amx && c.M >= kAmxMinRows && w->block % kTileBytes == 0 && w->block <= kAmxChunk;
+    if (c.amx) tile_rows = kAmxRows;
+#endif
+    c.row_block = std::max<int64_t>(tile_rows, kRowBlockBytes / w->k_padded / tile_rows * tile_rows);
+    const int64_t items = (c.M + c.row_block - 1) / c.row_block * w->panels;
+#if defined(TRTBUILD_AMX)
+    if (c.amx) return run_items<Call, item_task, TileScope>(api, context, c, items, kAmxBatches);
+#endif
+    return run_items<Call, item_task>(api, context, c, items);
   }
 };
 
