@@ -69,6 +69,11 @@ def cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def _host_flags() -> list[str]:
+    """The host's CPU flags (/proc/cpuinfo: what -march=native reads, even in an emulated process)."""
+    return next((line for line in cpu_signature().splitlines() if line.startswith("flags")), "").split()
+
+
 def _process_cpu_features() -> dict[str, bool]:
     """The features this process's CPUID reports (numpy asks the CPU itself, so an emulated CPU such
     as qemu's Haswell shows its own features where /proc/cpuinfo shows the host's)."""
@@ -112,8 +117,7 @@ def isa_flags(isa: str) -> list[str]:
     qemu's Haswell), the host's instructions would be illegal here, so "native" gets the AVX2 form."""
     if isa not in ISA_FLAGS:
         raise TrtbuildError(f"kernel ISA {isa!r} is not one of {', '.join(ISA_FLAGS)}")
-    host_flags = next((line for line in cpu_signature().splitlines() if line.startswith("flags")), "").split()
-    if isa.startswith("native") and "avx512f" in host_flags and not _process_cpu_features().get("AVX512F"):
+    if isa.startswith("native") and "avx512f" in _host_flags() and not _process_cpu_features().get("AVX512F"):
         return ISA_FLAGS["avx2"]
     return ISA_FLAGS[isa]
 
@@ -121,8 +125,7 @@ def isa_flags(isa: str) -> list[str]:
 def host_has_amx() -> bool:
     """Whether this process's "native" form has AMX (the host's flags, as -march=native reads them,
     where this process sees the host's AVX-512: an emulated AVX2 CPU gets the AVX2 form)."""
-    host_flags = next((line for line in cpu_signature().splitlines() if line.startswith("flags")), "").split()
-    return "amx_int8" in host_flags and isa_flags("native") == ISA_FLAGS["native"]
+    return "amx_int8" in _host_flags() and isa_flags("native") == ISA_FLAGS["native"]
 
 
 def _missing_sources() -> list[str]:

@@ -353,8 +353,8 @@ TileConfig tile_config(int last_rows) {
 class TileScope {
  public:
   template <class Problem>
-  explicit TileScope(const Problem& c) : active_(c.amx) {
-    if (!active_) return;
+  explicit TileScope(const Problem& c) {
+    if (!c.amx) return;
     store_tile_config(saved_);  // all zeros where none is loaded
     const TileConfig want = tile_config((int)((c.M - 1) % kAmxRows) + 1);
     changed_ = std::memcmp(&saved_, &want, sizeof want) != 0;
@@ -369,7 +369,7 @@ class TileScope {
   TileScope& operator=(const TileScope&) = delete;
 
  private:
-  bool active_, changed_ = false;
+  bool changed_ = false;
   TileConfig saved_;
 };
 
