@@ -170,63 +170,67 @@ def profile_trtbuild(engine_dir: Path, batch: int, new_tokens: int, threads: int
 
     # 2. onnxruntime's profile of decode steps and of one prefill
     prof_dir = Path(tempfile.mkdtemp(prefix="trtbuild-prof-"))
-    runner = open_runner(engine_dir, threads, profile_prefix=prof_dir / "trtbuild")
-    prompts = [[(1000 + 37 * i + j) % runner.vocab_size for j in range(32)] for i in range(batch)]
-    runner.generate(prompts, SamplingConfig(max_new_tokens=4, end_id=None))  # warm-up: 4 runs
-    warm_runs = 4
-    runner.generate(prompts, SamplingConfig(max_new_tokens=new_tokens, end_id=None))
-    decode_runs = new_tokens
-    long_prompt = [(2000 + 13 * j) % runner.vocab_size for j in range(prefill_len)]
-    runner.prefill([long_prompt])  # warm-up of the prefill shapes
-    runner.prefill([long_prompt])
-    path = Path(runner.session.end_profiling())
-    first = warm_runs + 1  # +1: the generation's prefill
-    by_op, nodes, run_total, nruns = summarize_profile(path, first, top, first + decode_runs - 1)
-    print_table("trtbuild onnxruntime profile, decode", by_op, nodes, run_total, nruns)
-    if nruns:
-        print(f"(the profiler's own cost: {run_total / nruns / 1000 - t['run']:.2f} ms a step over session.run "
-              f"without it, spread over every node: small nodes' figures are inflated most)")
-    by_op, nodes, run_total, nruns = summarize_profile(path, -1, top)  # the last run: the second prefill
-    print_table(f"trtbuild onnxruntime profile, one {prefill_len}-token prefill", by_op, nodes, run_total, nruns,
-                "prefill")
-    shutil.rmtree(prof_dir, ignore_errors=True)
+    try:
+        runner = open_runner(engine_dir, threads, profile_prefix=prof_dir / "trtbuild")
+        prompts = [[(1000 + 37 * i + j) % runner.vocab_size for j in range(32)] for i in range(batch)]
+        runner.generate(prompts, SamplingConfig(max_new_tokens=4, end_id=None))  # warm-up: 4 runs
+        warm_runs = 4
+        runner.generate(prompts, SamplingConfig(max_new_tokens=new_tokens, end_id=None))
+        decode_runs = new_tokens
+        long_prompt = [(2000 + 13 * j) % runner.vocab_size for j in range(prefill_len)]
+        runner.prefill([long_prompt])  # warm-up of the prefill shapes
+        runner.prefill([long_prompt])
+        path = Path(runner.session.end_profiling())
+        first = warm_runs + 1  # +1: the generation's prefill
+        by_op, nodes, run_total, nruns = summarize_profile(path, first, top, first + decode_runs - 1)
+        print_table("trtbuild onnxruntime profile, decode", by_op, nodes, run_total, nruns)
+        if nruns:
+            print(f"(the profiler's own cost: {run_total / nruns / 1000 - t['run']:.2f} ms a step over session.run "
+                  f"without it, spread over every node: small nodes' figures are inflated most)")
+        by_op, nodes, run_total, nruns = summarize_profile(path, -1, top)  # the last run: the second prefill
+        print_table(f"trtbuild onnxruntime profile, one {prefill_len}-token prefill", by_op, nodes, run_total, nruns,
+                    "prefill")
+    finally:  # an interrupted or failed profile leaves nothing in the temp dir
+        shutil.rmtree(prof_dir, ignore_errors=True)
 
 
 def profile_ortgenai(model_dir: Path, batch: int, new_tokens: int, threads: int, top: int) -> None:
     import onnxruntime_genai as og
 
     prof_dir = Path(tempfile.mkdtemp(prefix="ortgenai-prof-"))
-    config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
-        "enable_profiling": str(prof_dir / "ortgenai")}}}}))
-    model = og.Model(config)
-    prompts = np.array([[(1000 + 37 * i + j) % 49152 for j in range(32)] for i in range(batch)], np.int32)
+    try:
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+            "enable_profiling": str(prof_dir / "ortgenai")}}}}))
+        model = og.Model(config)
+        prompts = np.array([[(1000 + 37 * i + j) % 49152 for j in range(32)] for i in range(batch)], np.int32)
 
-    def run(n):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=32 + n, min_length=32 + n, batch_size=batch, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompts)
-        while not gen.is_done():
-            gen.generate_next_token()
+        def run(n):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=32 + n, min_length=32 + n, batch_size=batch, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(prompts)
+            while not gen.is_done():
+                gen.generate_next_token()
 
-    run(4)
-    start = time.perf_counter()
-    run(new_tokens)
-    total = time.perf_counter() - start
-    print(f"\n# onnxruntime-genai {model_dir}: {batch * new_tokens / total:.1f} tok/s (profiler on)")
-    del model  # the profile file is written when the session closes
-    import gc
+        run(4)
+        start = time.perf_counter()
+        run(new_tokens)
+        total = time.perf_counter() - start
+        print(f"\n# onnxruntime-genai {model_dir}: {batch * new_tokens / total:.1f} tok/s (profiler on)")
+        del model  # the profile file is written when the session closes
+        import gc
 
-    gc.collect()
-    files = sorted(prof_dir.glob("*.json"), key=os.path.getmtime)
-    if not files:
-        print("(no profile written)")
-    else:
-        by_op, nodes, run_total, nruns = summarize_profile(files[-1], 4 + 1, top)
-        print_table("onnxruntime-genai profile", by_op, nodes, run_total, nruns)
-    shutil.rmtree(prof_dir, ignore_errors=True)  # as the trtbuild profile's dir
+        gc.collect()
+        files = sorted(prof_dir.glob("*.json"), key=os.path.getmtime)
+        if not files:
+            print("(no profile written)")
+        else:
+            by_op, nodes, run_total, nruns = summarize_profile(files[-1], 4 + 1, top)
+            print_table("onnxruntime-genai profile", by_op, nodes, run_total, nruns)
+    finally:  # an interrupted or failed profile leaves nothing in the temp dir
+        shutil.rmtree(prof_dir, ignore_errors=True)
 
 
 def main(argv=None) -> int:
