@@ -47,9 +47,7 @@ void quantize_row(const float* x, int64_t K, uint8_t* xq, float* scale) {
     vf r = (load(x + k) / s + magic) - magic;
     r = r < -128.0f ? splat(-128.0f) : r;
     r = r > 127.0f ? splat(127.0f) : r;
-    const vi q = __builtin_convertvector(r, vi) + 128;
-    const vu8 b = __builtin_convertvector(q, vu8);
-    std::memcpy(xq + k, &b, kLanes);
+    store_bytes(xq + k, __builtin_convertvector(r, vi) + 128);
   }
   for (; k < K; ++k) xq[k] = (uint8_t)(std::clamp(std::nearbyint(x[k] / s), -128.0f, 127.0f) + 128);
 }

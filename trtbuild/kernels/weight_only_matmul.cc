@@ -212,9 +212,7 @@ void quantize_rows(const float* x, int64_t rows, const Packed& w, bool swiglu, i
       for (int64_t k = 0; k < w.block; k += kLanes) {
         const vi v = round_to_int(load(xb + k) * inverse);
         total += v;
-        typedef int8_t vi8 __attribute__((vector_size(kLanes)));
-        const vi8 bytes = __builtin_convertvector(v, vi8);
-        std::memcpy(qb + k, &bytes, kLanes);
+        store_bytes(qb + k, v);
       }
       int32_t t = 0;
       for (int i = 0; i < kLanes; ++i) t += total[i];
