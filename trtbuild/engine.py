@@ -73,6 +73,7 @@ class LoraConfig:
 EXTRA_LORA_SLOTS = 4
 DEFAULT_MAX_DRAFT_LEN = 4
 SPECULATIVE_MODES = ("prompt_lookup", "draft_tokens_external")
+LM_HEAD_PRECISIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class BuildConfig:
     compute_dtype: str | None = None  # set by the build: float32 on onnxruntime, the checkpoint's (or float16) on tensorrt
     trt_compute_capabilities: tuple[str, ...] | None = None  # tensorrt: the GPU targets (None: the default set)
     quantize_lm_head: bool = True  # int8 lm_head (and embedding table) in engines with quantized linears
+    # that quantized lm_head's weights: "int8" or "int4" (blocks of 32 along the hidden size: half the
+    # bytes a decode step reads for it, the largest single weight; the embedding table stays int8)
+    lm_head_precision: str = "int8"
     # weight-only engines (W8A16, W4A16*): "int8" multiplies the int8/int4 weights by activations
     # quantized to int8 per block of 32 (or of the weights' group) with onnxruntime's fast kernel
     # (MatMulNBits accuracy_level 4); "float" by float activations (accuracy_level 0: exactly

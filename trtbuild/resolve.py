@@ -11,9 +11,9 @@ import logging
 from dataclasses import replace
 
 from trtbuild.checkpoint import PretrainedConfig
-from trtbuild.engine import DEFAULT_MAX_DRAFT_LEN, SPECULATIVE_MODES, BuildConfig, PluginConfig
+from trtbuild.engine import DEFAULT_MAX_DRAFT_LEN, LM_HEAD_PRECISIONS, SPECULATIVE_MODES, BuildConfig, PluginConfig
 from trtbuild.errors import TrtbuildError
-from trtbuild.network import NetworkOptions, lm_head_in_int8
+from trtbuild.network import LM_HEAD_INT4_BLOCK, NetworkOptions, lm_head_in_int8
 from trtbuild.plugins.quant_gemm import accuracy_level
 from trtbuild.quant_algo import QuantAlgo
 
@@ -125,8 +125,25 @@ def resolve_kernels(config: PretrainedConfig, build: BuildConfig, algo: QuantAlg
 def resolve_build(config: PretrainedConfig, build: BuildConfig, algo: QuantAlgo | None) -> BuildConfig:
     """The build that happens for this checkpoint whose linears end as `algo` (LoRA capacity is
     resolved with the adapters, trtbuild.lora_engine)."""
+    check_lm_head_precision(config, build, algo)
     build = resolve_plugins(config, resolve_limits(config, build))
     return replace(build, plugin_config=resolve_kernels(config, build, algo))
+
+
+def check_lm_head_precision(config: PretrainedConfig, build: BuildConfig, algo: QuantAlgo | None) -> None:
+    """--lm_head_precision: int8, or int4 where lm_head is quantized and in whole blocks."""
+    precision = build.lm_head_precision
+    if precision not in LM_HEAD_PRECISIONS:
+        raise TrtbuildError(f"--lm_head_precision {precision!r} is not one of {', '.join(LM_HEAD_PRECISIONS)}")
+    if precision == "int8":
+        return
+    if not lm_head_in_int8(algo, build.quantize_lm_head):
+        why = "--no_quantize_lm_head keeps it in floating point" if algo is not None else \
+            "this engine's linears are not quantized (add --use_weight_only or --smoothquant)"
+        raise TrtbuildError(f"--lm_head_precision {precision} quantizes lm_head, but {why}")
+    if config.hidden_size % LM_HEAD_INT4_BLOCK:
+        raise TrtbuildError(f"--lm_head_precision {precision}: hidden_size {config.hidden_size} is not a multiple of "
+                            f"its blocks of {LM_HEAD_INT4_BLOCK}; use int8")
 
 
 def network_options(build: BuildConfig) -> NetworkOptions:
@@ -140,6 +157,7 @@ def network_options(build: BuildConfig) -> NetworkOptions:
     return NetworkOptions(dtype=build.compute_dtype, fused_attention=fused_attention,
                           fused_gemm=pc.gemm_plugin is not None, fused_norm=pc.norm_plugin is not None,
                           max_seq_len=build.max_seq_len, quantize_lm_head=build.quantize_lm_head,
+                          lm_head_precision=build.lm_head_precision,
                           weight_only_activations=build.weight_only_activations, context_split=split,
                           smooth_quant_kernels=pc.smooth_quant_plugins, lm_head_kernel=pc.lm_head_plugin,
                           weight_only_kernel=pc.weight_only_quant_matmul_plugin,

@@ -234,3 +234,46 @@ def test_weight_only_engines_store_the_vocabulary_table_in_int8_once(arch, tiny_
     assert shared == int(tied), shared
     names = {i.name for i in model.graph.initializer}
     assert "transformer.vocab_embedding.weight" not in names and "lm_head.weight" not in names
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3"])  # tied, untied lm_head
+def test_int4_lm_head_reads_its_own_int4_weights(arch, tiny_models, engines):
+    """--lm_head_precision int4: lm_head multiplies its own int4 weights in blocks of 32 (tied or not:
+    the embedding table stays int8, for the Gather alone), the kernel's logits equal the standard
+    DequantizeLinear form's to the int8 activations' rounding, and they stay near the int8 lm_head's."""
+    dirs = {}
+    for name, form, precision in (("fused", "auto", "int4"), ("standard", "disable", "int4"), ("int8", "auto", "int8")):
+        plugins = PluginConfig(gemm_plugin=form, gpt_attention_plugin=form, norm_plugin=form)
+        build = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, plugin_config=plugins,
+                            lm_head_precision=precision)
+        dirs[name] = engines.engine(tiny_models[arch], build, quant=RECIPES["w4a16"], keep_onnx=name == "standard")
+    graph = onnx.load(str(dirs["fused"] / "rank0.engine"), load_external_data=False).graph
+    lm_head = next(n for n in graph.node if n.name == "lm_head/WeightOnlyQuantMatMul")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lm_head.attribute}
+    assert (attrs["bits"], attrs["block_size"], attrs["weights_shared"]) == (4, 32, 0), attrs
+    gather = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather) == 1 and lm_head.input[1] not in gather[0].input
+    assert load_engine_config(dirs["fused"]).build_config.lm_head_precision == "int4"
+    scores = {"fused": ModelRunner.from_dir(dirs["fused"], num_threads=1).score(PROMPTS),
+              "standard": unoptimized_runner(dirs["standard"]).score(PROMPTS),
+              "int8": ModelRunner.from_dir(dirs["int8"], num_threads=1).score(PROMPTS)}
+    for i, p in enumerate(PROMPTS):
+        np.testing.assert_allclose(scores["fused"][i, :len(p)], scores["standard"][i, :len(p)], atol=1e-2, rtol=0,
+                                   err_msg=f"int4 lm_head: fused != standard, prompt {i}")
+        gap = np.abs(scores["fused"][i, :len(p)] - scores["int8"][i, :len(p)]).max()
+        assert 0 < gap < 0.2, f"int4 against int8 lm_head, prompt {i}: {gap}"
+
+
+@pytest.mark.parametrize("quant, build, match", [
+    ([], {}, "linears are not quantized"),
+    (RECIPES["w4a16"], {"quantize_lm_head": False}, "--no_quantize_lm_head"),
+    (RECIPES["w4a16"], {"lm_head_precision": "int2"}, "--lm_head_precision 'int2' is not one of int8, int4"),
+])
+def test_bad_lm_head_precision_named(quant, build, match, tiny_models, engines, tmp_path):
+    from trtbuild.errors import TrtbuildError
+
+    ckpt = engines.checkpoint(tiny_models["llama"], quant=quant)
+    with pytest.raises(TrtbuildError, match=match):
+        build_engine(ckpt, tmp_path / "e", BuildConfig(max_input_len=32, max_seq_len=64,
+                                                       **{"lm_head_precision": "int4", **build}), progress=False)
+    assert not (tmp_path / "e").exists()

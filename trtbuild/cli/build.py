@@ -6,7 +6,7 @@ import argparse
 
 from trtbuild.builder import build_engine
 from trtbuild.cli.helpformat import HelpFormatter
-from trtbuild.engine import EXTRA_LORA_SLOTS, PLUGIN_CHOICES, BuildConfig, LoraConfig, PluginConfig
+from trtbuild.engine import EXTRA_LORA_SLOTS, LM_HEAD_PRECISIONS, PLUGIN_CHOICES, BuildConfig, LoraConfig, PluginConfig
 from trtbuild.errors import cli_entry, setup_logging
 from trtbuild.resolve import BACKENDS, DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_SEQ_LEN
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_quantize_lm_head", action="store_true",
                    help="engines with quantized linears (weight-only, SmoothQuant): keep lm_head and the embedding "
                         "table in floating point (default: int8 in blocks of 32 along the hidden size)")
+    p.add_argument("--lm_head_precision", default=d.lm_head_precision, choices=list(LM_HEAD_PRECISIONS),
+                   help="engines with quantized linears: lm_head's weights in int8 or int4 (blocks of 32 along "
+                        "the hidden size: half the bytes a decode step reads for lm_head, at some accuracy: "
+                        "see the README's quantization table); the embedding table stays int8")
     p.add_argument("--weight_only_activations", default=d.weight_only_activations, choices=["int8", "float"],
                    help="weight-only engines (W8A16, W4A16*): multiply the int8/int4 weights by activations "
                         "quantized to int8 per block of 32 (or of the group; onnxruntime's fast kernel), or by "
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         lora_config=LoraConfig(lora_dir=args.lora_dir, max_lora_rank=args.max_lora_rank,
                                lora_target_modules=args.lora_target_modules, max_loras=args.max_loras),
         backend=args.backend, trt_compute_capabilities=args.trt_compute_capabilities,
-        quantize_lm_head=not args.no_quantize_lm_head, weight_only_activations=args.weight_only_activations,
+        quantize_lm_head=not args.no_quantize_lm_head, lm_head_precision=args.lm_head_precision,
+        weight_only_activations=args.weight_only_activations,
         context_split_min_len=args.context_split_min_len,
         context_split_max_len=args.context_split_max_len,
         speculative_decoding_mode=args.speculative_decoding_mode, max_draft_len=args.max_draft_len)

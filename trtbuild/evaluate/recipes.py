@@ -33,6 +33,8 @@ RECIPES: dict[str, list[str]] = {
                        "128"],
     "awq_int4_g128": ["--use_weight_only", "--weight_only_precision", "int4_awq", "--per_group", "--group_size",
                       "128"],
+    "rtn_int4_g128_int4_lm_head": ["--use_weight_only", "--weight_only_precision", "int4", "--per_group",
+                                   "--group_size", "128", "--lm_head_precision", "int4"],
 }
 
 
@@ -84,7 +86,8 @@ def build_recipe(ckpt_dir: Path, engine_dir: Path, flags: list[str], calib_file:
                                          "--calib_max_seq_length", str(calib_max_seq_length)] if flags else [])])
     start = time.time()
     build = BuildConfig(max_batch_size=4, max_input_len=max_seq_len, max_seq_len=max_seq_len,
-                        weight_only_activations=args.weight_only_activations)
+                        weight_only_activations=args.weight_only_activations,
+                        lm_head_precision=args.lm_head_precision)
     build_engine(ckpt_dir, engine_dir, build, force=True, progress=False, recipe=recipe_from_args(args))
     return time.time() - start
 
