@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm_head_precision", default=d.lm_head_precision, choices=list(LM_HEAD_PRECISIONS),
                    help="engines with quantized linears: lm_head's weights in int8 or int4 (blocks of 32 along "
                         "the hidden size: half the bytes a decode step reads for lm_head, at some accuracy: "
-                        "see the README's quantization table); the embedding table stays int8")
+                        "see the README's Quantization section); the embedding table stays int8")
     p.add_argument("--weight_only_activations", default=d.weight_only_activations, choices=["int8", "float"],
                    help="weight-only engines (W8A16, W4A16*): multiply the int8/int4 weights by activations "
                         "quantized to int8 per block of 32 (or of the group; onnxruntime's fast kernel), or by "
