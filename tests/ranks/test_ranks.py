@@ -247,6 +247,19 @@ def test_every_quantization_recipe_at_tp2(recipe, tiny_models, engines, tmp_path
 
 
 
+def test_int4_lm_head_at_tp2(tiny_models, engines, tmp_path):
+    """--lm_head_precision int4 over 2 ranks: each quantizes its vocabulary rows alone, which are the
+    one-rank engine's rows, so the gathered logits are the one-rank engine's."""
+    model, flags = tiny_models["llama"], QUANT_RECIPES["w4a16"]
+    limits = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, lm_head_precision="int4")
+    want = engines.runner(model, limits, quant=flags).score(PROMPTS)
+    engine = tmp_path / "tp2"
+    build_engine(engines.checkpoint(model), engine, limits, progress=False, recipe=engines.recipe(flags), tp_size=2)
+    got = run_ranks(engine, 2, tmp_path / "out.npz")
+    for b, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(got["scores_0"][b, :len(prompt)], want[b, :len(prompt)], atol=1e-2, rtol=0)
+
+
 LONG_RUN = """
 import os, sys
 from pathlib import Path
