@@ -222,6 +222,21 @@ def test_tiny_recipe_builds_and_matches_fused_engine(recipe, tiny_models, calib_
 
 
 @needs_trt
+@needs_polygraphy
+def test_int4_lm_head_builds_and_matches_fused_engine(tiny_models, tmp_path):
+    """--lm_head_precision int4 on the tensorrt backend: lm_head as a blocked INT4 DequantizeLinear,
+    the network TensorRT compiled agreeing with the fused onnxruntime engine built alike."""
+    ckpt = convert(tiny_models["llama"], tmp_path / "ckpt", *TINY_RECIPES["w4a16_g32"])
+    limits = {**TINY_LIMITS, "lm_head_precision": "int4"}
+    trt_build("--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "trt"), "--backend", "tensorrt",
+              "--keep_onnx", *limit_args(limits))
+    assert json.loads((tmp_path / "trt" / "config.json").read_text())["build_config"]["lm_head_precision"] == "int4"
+    stats = fused_vs_tensorrt_network(ckpt, tmp_path / "trt", tmp_path, limits, atol=0.03, decode=False)
+    report("int4 lm_head", stats)
+    assert stats["prefill"]["argmax_agree"] == 1.0
+
+
+@needs_trt
 def test_engine_dir_records_build_info_and_verbose_log_has_layers(tiny_models, tmp_path, caplog):
     ckpt = convert(tiny_models["llama"], tmp_path / "ckpt", "--use_weight_only", "--weight_only_precision", "int4")
     caplog.set_level(logging.DEBUG, logger="trtbuild")
