@@ -42,7 +42,7 @@ def _unpack_int4(packed: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pack_int4(values: np.ndarray) -> np.ndarray:
+def pack_int4(values: np.ndarray) -> np.ndarray:
     """[..., 2n] uint8 values in [0, 15] → [..., n] bytes, low nibble first."""
     return (values[..., 0::2] & 0x0F) | (values[..., 1::2] << 4)
 
@@ -133,12 +133,12 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
     if fused:
         padded = np.zeros((n, blocks * block), np.uint8)
         padded[:, :k] = q
-        blob = _pack_int4(padded) if bits == 4 else padded
+        blob = pack_int4(padded) if bits == 4 else padded
         b = g.weight(prefix + ".qweight", blob.reshape(n, blocks, block * bits // 8))
         inputs = [x, b, g.weight(prefix + ".scales", scale)]
         if not symmetric:  # without the input MatMulNBits takes 2^(bits-1): the same values, but its
             # kernel is 2.2x faster at batch 1 (MLAS' asymmetric path reads and applies zero points)
-            zp = _pack_int4(np.pad(zero, ((0, 0), (0, blocks % 2)))) if bits == 4 else zero
+            zp = pack_int4(np.pad(zero, ((0, 0), (0, blocks % 2)))) if bits == 4 else zero
             inputs.append(g.weight(prefix + ".zero_points", np.ascontiguousarray(zp)))
         return nbits_matmul(g, inputs, prefix, k, n, bits, block, weight_only_activations, kernel, swiglu=swiglu)
     # standard: DequantizeLinear along K of the [K, N] weight; symmetric int4 as signed values with no
@@ -153,7 +153,7 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
         data = values
     if bits == 4:
         flat = data.reshape(-1) & 0x0F
-        raw = _pack_int4(np.pad(flat, (0, flat.size % 2))[None, :])[0].tobytes()
+        raw = pack_int4(np.pad(flat, (0, flat.size % 2))[None, :])[0].tobytes()
     else:
         raw = np.ascontiguousarray(data).tobytes()
     w = g.raw_weight(prefix + ".qweight", raw, raw_type, [k, n])
@@ -162,7 +162,7 @@ def weight_only_linear(g: GraphBuilder, x: str, tensors: dict[str, np.ndarray], 
         zt = np.ascontiguousarray(zero.T)
         if bits == 4:
             zflat = zt.reshape(-1)
-            zraw = _pack_int4(np.pad(zflat, (0, zflat.size % 2))[None, :])[0].tobytes()
+            zraw = pack_int4(np.pad(zflat, (0, zflat.size % 2))[None, :])[0].tobytes()
             dq_inputs.append(g.raw_weight(prefix + ".zero_points", zraw, TensorProto.UINT4, list(zt.shape)))
         else:
             dq_inputs.append(g.weight(prefix + ".zero_points", zt))

@@ -27,7 +27,7 @@ from trtbuild.plugins.attention import (AttentionInputs, QKNorm, add_graph_input
                                         prompt_condition)
 from trtbuild.plugins.gemm import linear, merge_linears
 from trtbuild.plugins.norm import add_norm, norm
-from trtbuild.plugins.quant_gemm import nbits_matmul, smoothquant_swiglu_mlp, weight_only_linear
+from trtbuild.plugins.quant_gemm import nbits_matmul, pack_int4, smoothquant_swiglu_mlp, weight_only_linear
 from trtbuild.ranks import RankPlace
 
 if TYPE_CHECKING:
@@ -393,16 +393,14 @@ def build_network(config: PretrainedConfig, tensors: dict[str, np.ndarray], opti
         # [batch, num_logits, vocab], with no Reshape after them (which copies into the bound output)
         shaped = quantize_lm_head(config, options) and tp == 1
         flat = h if shaped else g.op("Reshape", [h, g.const([-1, config.hidden_size])])
+        lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
         if quantize_lm_head(config, options) and options.lm_head_precision == "int4":
             # its own int4 copy even where tied: the embedding table's int8 rows are gathered, not read whole
-            lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
             q, scales = rtn_blocks(tensors[lm_head_name], LM_HEAD_INT4_BLOCK, bits=4)
-            packed = q[:, 0::2] | (q[:, 1::2] << 4)  # the checkpoint's int4 form: low nibble first
-            logits = weight_only_linear(g, flat, {"lm_head.weight": packed, "lm_head.weights_scaling_factor": scales},
-                                        "lm_head", 4, LM_HEAD_INT4_BLOCK, options.fused_gemm,
+            int4 = {"lm_head.weight": pack_int4(q), "lm_head.weights_scaling_factor": scales}
+            logits = weight_only_linear(g, flat, int4, "lm_head", 4, LM_HEAD_INT4_BLOCK, options.fused_gemm,
                                         options.weight_only_activations, options.weight_only_kernel)
         elif quantize_lm_head(config, options):
-            lm_head_name = "transformer.vocab_embedding.weight" if config.tie_word_embeddings else "lm_head.weight"
             tied_table = int8_table if config.tie_word_embeddings else None  # already quantized: reuse it
             block = EMBEDDING_BLOCK if config.hidden_size % EMBEDDING_BLOCK == 0 else config.hidden_size
             q, scales = tied_table if tied_table is not None else rtn_blocks(tensors[lm_head_name], block)

@@ -118,13 +118,13 @@ def _weight_only_model(path, shapes: dict[str, tuple[int, int, int]], rng) -> di
     from onnx import TensorProto
 
     from trtbuild.onnx_graph import GraphBuilder
-    from trtbuild.plugins.quant_gemm import _pack_int4, weight_only_linear
+    from trtbuild.plugins.quant_gemm import pack_int4, weight_only_linear
 
     g = GraphBuilder(path)
     feeds = {}
     for name, (k, n, bits) in shapes.items():
         q = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
-        tensors = {f"{name}.weight": _pack_int4(q) if bits == 4 else q,
+        tensors = {f"{name}.weight": pack_int4(q) if bits == 4 else q,
                    f"{name}.weights_scaling_factor": (rng.random((n, 1)) * 0.02 + 0.001).astype(np.float32)}
         for rows in (1, 8, 128):
             x = g.input(f"{name}_x{rows}", TensorProto.FLOAT, [rows, k])
