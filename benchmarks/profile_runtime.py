@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -169,8 +168,9 @@ def profile_trtbuild(engine_dir: Path, batch: int, new_tokens: int, threads: int
           f"(wake-up on every kernel): {times[False]['wall']:.2f} ms")
 
     # 2. onnxruntime's profile of decode steps and of one prefill
-    prof_dir = Path(tempfile.mkdtemp(prefix="trtbuild-prof-"))
-    try:
+    # the profile files go in a temporary dir, removed however the profile ends
+    with tempfile.TemporaryDirectory(prefix="trtbuild-prof-", ignore_cleanup_errors=True) as tmp:
+        prof_dir = Path(tmp)
         runner = open_runner(engine_dir, threads, profile_prefix=prof_dir / "trtbuild")
         prompts = [[(1000 + 37 * i + j) % runner.vocab_size for j in range(32)] for i in range(batch)]
         runner.generate(prompts, SamplingConfig(max_new_tokens=4, end_id=None))  # warm-up: 4 runs
@@ -190,15 +190,14 @@ def profile_trtbuild(engine_dir: Path, batch: int, new_tokens: int, threads: int
         by_op, nodes, run_total, nruns = summarize_profile(path, -1, top)  # the last run: the second prefill
         print_table(f"trtbuild onnxruntime profile, one {prefill_len}-token prefill", by_op, nodes, run_total, nruns,
                     "prefill")
-    finally:  # an interrupted or failed profile leaves nothing in the temp dir
-        shutil.rmtree(prof_dir, ignore_errors=True)
 
 
 def profile_ortgenai(model_dir: Path, batch: int, new_tokens: int, threads: int, top: int) -> None:
     import onnxruntime_genai as og
 
-    prof_dir = Path(tempfile.mkdtemp(prefix="ortgenai-prof-"))
-    try:
+    # the profile files go in a temporary dir, removed however the profile ends
+    with tempfile.TemporaryDirectory(prefix="ortgenai-prof-", ignore_cleanup_errors=True) as tmp:
+        prof_dir = Path(tmp)
         config = og.Config(str(model_dir))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads, "inter_op_num_threads": 1,
@@ -229,8 +228,6 @@ def profile_ortgenai(model_dir: Path, batch: int, new_tokens: int, threads: int,
         else:
             by_op, nodes, run_total, nruns = summarize_profile(files[-1], 4 + 1, top)
             print_table("onnxruntime-genai profile", by_op, nodes, run_total, nruns)
-    finally:  # an interrupted or failed profile leaves nothing in the temp dir
-        shutil.rmtree(prof_dir, ignore_errors=True)
 
 
 def main(argv=None) -> int:
