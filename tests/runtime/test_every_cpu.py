@@ -57,12 +57,13 @@ AVX2_PROCESS = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def cpu_engines(tiny_models, engines):
     """W8A8 per token (trtbuild's quantize kernels) and static, weight-only int8 and int4 (MatMulNBits'
-    int8 compute), and an fp32 prompt kernel engine (calibrated: on conftest's calib_file, 4 samples
+    int8 compute), an int8 KV cache (the attention kernels' int8 reads and writes), and an fp32 prompt kernel engine (calibrated: on conftest's calib_file, 4 samples
     of 64 tokens, the factory's)."""
     recipes = {"sq_per_token": ["--smoothquant", "0.5", "--per_channel", "--per_token"],
                "sq_static": ["--smoothquant", "0.5", "--per_channel"],
                "w8a16": ["--use_weight_only", "--weight_only_precision", "int8"],
                "w4a16_g32": ["--use_weight_only", "--weight_only_precision", "int4", "--per_group", "--group_size", "32"],
+               "int8_kv": ["--int8_kv_cache"],
                "fp32": []}
     build = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64)
     return {name: engines.engine(tiny_models["llama"], build, quant=flags) for name, flags in recipes.items()}
